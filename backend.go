@@ -1,0 +1,77 @@
+// Package evenergy is a Vault secrets engine that holds ev.energy OAuth 2 client credentials and
+// hands out ev.energy API access tokens.
+package evenergy
+
+import (
+	"context"
+	"strings"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/locksutil"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+const backendHelp = `
+The ev.energy secrets engine stores an ev.energy OAuth 2 client and issues ev.energy API access
+tokens: client-credentials tokens as leases revoked at ev.energy when the lease ends, and tokens
+of ev.energy users who authorized the client through the authorization-code flow with PKCE,
+whose refresh tokens stay sealed in Vault.
+
+Configure the client at "config", then read "token".
+`
+
+type backend struct {
+	*framework.Backend
+
+	// locks serialize work on one user's grant (ev.energy rotates its refresh token on each refresh)
+	// or on one pending authorization.
+	locks []*locksutil.LockEntry
+}
+
+// Factory returns a configured ev.energy secrets engine.
+func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend, error) {
+	b := newBackend()
+	if err := b.Setup(ctx, conf); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+func newBackend() *backend {
+	b := &backend{locks: locksutil.CreateLocks()}
+	b.Backend = &framework.Backend{
+		Help:        strings.TrimSpace(backendHelp),
+		BackendType: logical.TypeLogical,
+		PathsSpecial: &logical.Paths{
+			SealWrapStorage: []string{configPath, "users/", authRequestPrefix},
+			Unauthenticated: []string{"callback"},
+		},
+		Paths: framework.PathAppend(
+			[]*framework.Path{pathConfig(b), pathRevoke(b), pathAuthURL(b), pathCallback(b)},
+			pathRoles(b),
+			pathToken(b),
+			pathUsers(b),
+		),
+		Secrets:      []*framework.Secret{secretAccessToken(b), secretUserToken()},
+		PeriodicFunc: b.refreshDueUsers,
+	}
+	return b
+}
+
+// getJSON decodes the storage entry at key; nil when there is none.
+func getJSON[T any](ctx context.Context, s logical.Storage, key string) (*T, error) {
+	entry, err := s.Get(ctx, key)
+	if err != nil || entry == nil {
+		return nil, err
+	}
+	v := new(T)
+	return v, entry.DecodeJSON(v)
+}
+
+func putJSON(ctx context.Context, s logical.Storage, key string, v any) error {
+	entry, err := logical.StorageEntryJSON(key, v)
+	if err != nil {
+		return err
+	}
+	return s.Put(ctx, entry)
+}

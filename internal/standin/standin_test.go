@@ -1,0 +1,589 @@
+package standin
+
+import (
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+const (
+	scopes   = "charging_session:read vehicle:read"
+	callback = "https://vault.example/v1/evenergy/callback"
+	mobileCB = "com.example.app:/callback"
+	verifier = "dBjftJeZ4CVP-mJ92K9f6MUnDDbL8x-5Dn69tEURGB8"
+	// challenge is the S256 code challenge of verifier, computed with Python's hashlib and base64.
+	challenge = "pNzBllRSGziDpknqObIcSs9BMX0OJqEuseQKbppHync"
+)
+
+var tokenValue = regexp.MustCompile(`^[A-Za-z0-9]{30}$`)
+
+// newStandin serves a stand-in with a confidential client "vault", a second confidential client
+// "other" and a public client "mobile" limited to one redirect URI.
+func newStandin(t *testing.T) (*Server, *httptest.Server) {
+	t.Helper()
+	s := New()
+	s.AddClient(Client{ID: "vault", Secret: "vault-secret", Scopes: strings.Fields(scopes)})
+	s.AddClient(Client{ID: "other", Secret: "other-secret", Scopes: strings.Fields(scopes)})
+	s.AddClient(Client{ID: "mobile", Scopes: []string{"vehicle:read"}, RedirectURIs: []string{mobileCB}})
+	ts := httptest.NewServer(s)
+	t.Cleanup(ts.Close)
+	return s, ts
+}
+
+type reply struct {
+	status int
+	header http.Header
+	body   string
+	fields map[string]any
+}
+
+func (r reply) str(name string) string {
+	v, _ := r.fields[name].(string)
+	return v
+}
+
+// post POSTs form to path, with HTTP Basic credentials when basic is id and secret.
+func post(t *testing.T, ts *httptest.Server, path string, form url.Values, basic ...string) reply {
+	t.Helper()
+	req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, ts.URL+path, strings.NewReader(form.Encode()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	if len(basic) == 2 {
+		req.SetBasicAuth(basic[0], basic[1])
+	}
+	return do(t, req)
+}
+
+func do(t *testing.T, req *http.Request) reply {
+	t.Helper()
+	resp, err := http.DefaultTransport.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := reply{status: resp.StatusCode, header: resp.Header, body: string(body)}
+	if strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") {
+		if err := json.Unmarshal(body, &r.fields); err != nil {
+			t.Fatalf("bad JSON %q: %v", body, err)
+		}
+	}
+	return r
+}
+
+func wantError(t *testing.T, r reply, status int, code string) {
+	t.Helper()
+	if r.status != status || r.str("error") != code {
+		t.Fatalf("got %d %s, want %d with error %q", r.status, r.body, status, code)
+	}
+	if ct := r.header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("error Content-Type %q", ct)
+	}
+}
+
+func wantTokens(t *testing.T, r reply, scope string, refresh bool) {
+	t.Helper()
+	if r.status != http.StatusOK {
+		t.Fatalf("got %d %s", r.status, r.body)
+	}
+	if !tokenValue.MatchString(r.str("access_token")) || r.fields["expires_in"] != 36000.0 ||
+		r.str("token_type") != "Bearer" || r.str("scope") != scope {
+		t.Errorf("token response %s", r.body)
+	}
+	if _, has := r.fields["refresh_token"]; has != refresh || (refresh && !tokenValue.MatchString(r.str("refresh_token"))) {
+		t.Errorf("refresh_token in %s, want one: %v", r.body, refresh)
+	}
+	if r.header.Get("Cache-Control") != "no-store" {
+		t.Errorf("Cache-Control %q", r.header.Get("Cache-Control"))
+	}
+}
+
+func clientCredentials(extra ...string) url.Values {
+	form := url.Values{"grant_type": {"client_credentials"}}
+	for i := 0; i+1 < len(extra); i += 2 {
+		form.Set(extra[i], extra[i+1])
+	}
+	return form
+}
+
+// authorizeURL builds the URL the contract tells users to open, with params added.
+func authorizeURL(ts *httptest.Server, clientID, redirectURI string, params ...string) string {
+	q := url.Values{"response_type": {"code"}, "client_id": {clientID}, "redirect_uri": {redirectURI}}
+	for i := 0; i+1 < len(params); i += 2 {
+		q.Set(params[i], params[i+1])
+	}
+	return ts.URL + "/o/authorize/?" + q.Encode()
+}
+
+// code has driver@example.com authorize the request and returns the code.
+func code(t *testing.T, s *Server, target string) string {
+	t.Helper()
+	loc, err := s.Authorize(t.Context(), target, "driver@example.com", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := loc.Query().Get("code")
+	if !tokenValue.MatchString(c) {
+		t.Fatalf("no code in %s", loc)
+	}
+	return c
+}
+
+func exchange(code, redirectURI string, fields ...string) url.Values {
+	form := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {redirectURI}}
+	for i := 0; i+1 < len(fields); i += 2 {
+		form.Set(fields[i], fields[i+1])
+	}
+	return form
+}
+
+func TestClientCredentials(t *testing.T) {
+	s, ts := newStandin(t)
+	for _, path := range []string{"/o/token", "/o/token/"} {
+		r := post(t, ts, path, clientCredentials(), "vault", "vault-secret")
+		wantTokens(t, r, scopes, false)
+		info, ok := s.Token(r.str("access_token"))
+		if !ok || info.Kind != "access" || info.ClientID != "vault" || info.User != "" ||
+			info.Grant != "client_credentials" || info.Scope != scopes || !s.Active(info.Value) {
+			t.Errorf("%s: token info %+v", path, info)
+		}
+	}
+	r := post(t, ts, "/o/token", clientCredentials("scope", "vehicle:read"), "vault", "vault-secret")
+	wantTokens(t, r, "vehicle:read", false)
+	wantError(t, post(t, ts, "/o/token", clientCredentials("scope", "vehicle:write"), "vault", "vault-secret"), 400, "invalid_scope")
+}
+
+func TestClientCredentialsAuthenticatesByBasicOnly(t *testing.T) {
+	s, ts := newStandin(t)
+	for name, r := range map[string]reply{
+		"form credentials": post(t, ts, "/o/token", clientCredentials("client_id", "vault", "client_secret", "vault-secret")),
+		"wrong secret":     post(t, ts, "/o/token", clientCredentials(), "vault", "other-secret"),
+		"unknown client":   post(t, ts, "/o/token", clientCredentials(), "nobody", "vault-secret"),
+		"public client":    post(t, ts, "/o/token", clientCredentials(), "mobile", ""),
+	} {
+		t.Run(name, func(t *testing.T) { wantError(t, r, 401, "invalid_client") })
+	}
+	if n := len(s.Tokens()); n != 0 {
+		t.Errorf("%d tokens issued to failed requests", n)
+	}
+}
+
+func TestTokenEndpointRequests(t *testing.T) {
+	_, ts := newStandin(t)
+	wantError(t, post(t, ts, "/o/token", url.Values{}, "vault", "vault-secret"), 400, "unsupported_grant_type")
+	wantError(t, post(t, ts, "/o/token", url.Values{"grant_type": {"password"}}, "vault", "vault-secret"), 400, "unsupported_grant_type")
+	wantError(t, post(t, ts, "/o/token?grant_type=client_credentials", url.Values{}, "vault", "vault-secret"), 400, "invalid_request")
+	wantError(t, post(t, ts, "/o/token", url.Values{"grant_type": {"client_credentials"}, "scope": {"vehicle:read", "vehicle:write"}}, "vault", "vault-secret"), 400, "invalid_request")
+
+	r := post(t, ts, "/o/token", url.Values{"grant_type": {"authorization_code"}, "client_id": {"vault"}, "client_secret": {"vault-secret"}, "redirect_uri": {callback}})
+	wantError(t, r, 400, "invalid_request")
+	if !strings.Contains(r.str("error_description"), "code") {
+		t.Errorf("description %q does not name code", r.str("error_description"))
+	}
+	r = post(t, ts, "/o/token", url.Values{"grant_type": {"refresh_token"}, "client_id": {"vault"}, "client_secret": {"vault-secret"}})
+	wantError(t, r, 400, "invalid_request")
+	if !strings.Contains(r.str("error_description"), "refresh_token") {
+		t.Errorf("description %q does not name refresh_token", r.str("error_description"))
+	}
+
+	for _, method := range []string{http.MethodGet, http.MethodPut} {
+		req, _ := http.NewRequestWithContext(t.Context(), method, ts.URL+"/o/token/", nil)
+		if r := do(t, req); r.status != http.StatusMethodNotAllowed {
+			t.Errorf("%s /o/token/: %d", method, r.status)
+		}
+	}
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, ts.URL+"/o/tokens", nil)
+	if r := do(t, req); r.status != http.StatusNotFound {
+		t.Errorf("GET /o/tokens: %d", r.status)
+	}
+}
+
+func TestAuthorizationCodeFlow(t *testing.T) {
+	s, ts := newStandin(t)
+	target := authorizeURL(ts, "vault", callback, "state", "st&te=1", "scope", "vehicle:read")
+	loc, err := s.Authorize(t.Context(), target, "alice@example.com", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := loc.Scheme + "://" + loc.Host + loc.Path; got != callback || loc.Query().Get("state") != "st&te=1" {
+		t.Fatalf("redirected to %s", loc)
+	}
+	form := exchange(loc.Query().Get("code"), callback, "client_id", "vault", "client_secret", "vault-secret")
+	r := post(t, ts, "/o/token", form)
+	wantTokens(t, r, "vehicle:read", true)
+	access, _ := s.Token(r.str("access_token"))
+	refresh, _ := s.Token(r.str("refresh_token"))
+	if access.User != "alice@example.com" || access.Grant != "authorization_code" || refresh.Kind != "refresh" ||
+		refresh.User != "alice@example.com" || !refresh.ExpiresAt.IsZero() || refresh.Scope != "vehicle:read" {
+		t.Errorf("tokens %+v %+v", access, refresh)
+	}
+	wantError(t, post(t, ts, "/o/token", form), 400, "invalid_grant") // a code is single use
+}
+
+func TestAuthorizationCodeChecks(t *testing.T) {
+	s, ts := newStandin(t)
+	target := authorizeURL(ts, "vault", callback)
+	creds := []string{"client_id", "vault", "client_secret", "vault-secret"}
+	for name, tc := range map[string]struct {
+		form   func(code string) url.Values
+		status int
+		err    string
+	}{
+		"wrong secret": {func(c string) url.Values { return exchange(c, callback, "client_id", "vault", "client_secret", "x") }, 401, "invalid_client"},
+		"no secret":    {func(c string) url.Values { return exchange(c, callback, "client_id", "vault") }, 401, "invalid_client"},
+		"other client": {func(c string) url.Values {
+			return exchange(c, callback, "client_id", "other", "client_secret", "other-secret")
+		}, 400, "invalid_grant"},
+		"other redirect":   {func(c string) url.Values { return exchange(c, callback+"/x", creds...) }, 400, "invalid_grant"},
+		"unknown code":     {func(string) url.Values { return exchange("i8u3oRHEXajKcwzPgmujDbtMvDpaDs", callback, creds...) }, 400, "invalid_grant"},
+		"missing redirect": {func(c string) url.Values { f := exchange(c, "", creds...); f.Del("redirect_uri"); return f }, 400, "invalid_request"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			c := code(t, s, target)
+			wantError(t, post(t, ts, "/o/token", tc.form(c)), tc.status, tc.err)
+			// A failed exchange leaves the code usable, as in DOT.
+			wantTokens(t, post(t, ts, "/o/token", exchange(c, callback, creds...)), scopes, true)
+		})
+	}
+}
+
+func TestAuthorizationCodeLifetime(t *testing.T) {
+	s, ts := newStandin(t)
+	creds := []string{"client_id", "vault", "client_secret", "vault-secret"}
+	c := code(t, s, authorizeURL(ts, "vault", callback))
+	s.Advance(59 * time.Second)
+	wantTokens(t, post(t, ts, "/o/token", exchange(c, callback, creds...)), scopes, true)
+
+	c = code(t, s, authorizeURL(ts, "vault", callback))
+	s.Advance(61 * time.Second)
+	wantError(t, post(t, ts, "/o/token", exchange(c, callback, creds...)), 400, "invalid_grant")
+}
+
+func TestPKCE(t *testing.T) {
+	s, ts := newStandin(t)
+	pkce := []string{"code_challenge", challenge, "code_challenge_method", "S256"}
+
+	// A public client gets tokens with client_id and the verifier alone.
+	c := code(t, s, authorizeURL(ts, "mobile", mobileCB, pkce...))
+	wantTokens(t, post(t, ts, "/o/token", exchange(c, mobileCB, "client_id", "mobile", "code_verifier", verifier)), "vehicle:read", true)
+
+	// A confidential client that used PKCE must present the verifier too.
+	creds := []string{"client_id", "vault", "client_secret", "vault-secret"}
+	c = code(t, s, authorizeURL(ts, "vault", callback, pkce...))
+	r := post(t, ts, "/o/token", exchange(c, callback, creds...))
+	wantError(t, r, 400, "invalid_request")
+	if !strings.Contains(r.str("error_description"), "code_verifier") {
+		t.Errorf("description %q does not name code_verifier", r.str("error_description"))
+	}
+	otherVerifier := strings.Repeat("A", 43)
+	wantError(t, post(t, ts, "/o/token", exchange(c, callback, append(creds, "code_verifier", otherVerifier)...)), 400, "invalid_grant")
+	wantTokens(t, post(t, ts, "/o/token", exchange(c, callback, append(creds, "code_verifier", verifier)...)), scopes, true)
+
+	// The verifier must be 43 to 128 unreserved characters even when its hash matches.
+	for _, bad := range []string{strings.Repeat("a", 42), strings.Repeat("a", 129), strings.Repeat("a", 42) + "="} {
+		sum := sha256.Sum256([]byte(bad))
+		c := code(t, s, authorizeURL(ts, "vault", callback, "code_challenge", base64.RawURLEncoding.EncodeToString(sum[:]), "code_challenge_method", "S256"))
+		wantError(t, post(t, ts, "/o/token", exchange(c, callback, append(creds, "code_verifier", bad)...)), 400, "invalid_grant")
+	}
+}
+
+func TestAuthorizeRedirectsErrorsToClient(t *testing.T) {
+	s, ts := newStandin(t)
+	for name, tc := range map[string]struct {
+		target, err string
+	}{
+		"public client without PKCE": {authorizeURL(ts, "mobile", mobileCB, "state", "s1"), "invalid_request"},
+		"plain PKCE":                 {authorizeURL(ts, "vault", callback, "state", "s1", "code_challenge", verifier, "code_challenge_method", "plain"), "invalid_request"},
+		"PKCE without method":        {authorizeURL(ts, "vault", callback, "state", "s1", "code_challenge", challenge), "invalid_request"},
+		"scope not granted":          {authorizeURL(ts, "vault", callback, "state", "s1", "scope", "vehicle:write"), "invalid_scope"},
+		"implicit grant":             {authorizeURL(ts, "vault", callback, "state", "s1", "response_type", "token"), "unsupported_response_type"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			loc, err := s.Authorize(t.Context(), tc.target, "driver@example.com", true)
+			if err == nil || loc == nil || loc.Query().Get("error") != tc.err || loc.Query().Get("state") != "s1" || loc.Query().Has("code") {
+				t.Fatalf("got %v, %v; want a redirect with error %s", loc, err, tc.err)
+			}
+		})
+	}
+}
+
+func TestAuthorizeRefusesBadClientOrRedirect(t *testing.T) {
+	s, ts := newStandin(t)
+	for name, tc := range map[string]struct {
+		target, message string
+	}{
+		"unknown client":      {authorizeURL(ts, "nobody", callback), "Invalid client_id"},
+		"missing client":      {ts.URL + "/o/authorize/?response_type=code&redirect_uri=" + url.QueryEscape(callback), "Missing client_id"},
+		"disallowed redirect": {authorizeURL(ts, "mobile", "https://evil.example/cb", "code_challenge", challenge, "code_challenge_method", "S256"), "Mismatching redirect URI"},
+		"missing redirect":    {ts.URL + "/o/authorize/?response_type=code&client_id=vault", "Missing redirect URI"},
+		"relative redirect":   {authorizeURL(ts, "vault", "/callback"), "Mismatching redirect URI"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, tc.target, nil)
+			r := do(t, req)
+			if r.status != http.StatusBadRequest || r.header.Get("Location") != "" || !strings.Contains(r.body, tc.message) {
+				t.Errorf("GET: %d %q", r.status, r.body)
+			}
+			if _, err := s.Authorize(t.Context(), tc.target, "driver@example.com", true); err == nil || !strings.Contains(err.Error(), tc.message) {
+				t.Errorf("Authorize: %v", err)
+			}
+		})
+	}
+}
+
+func TestConsentPage(t *testing.T) {
+	_, ts := newStandin(t)
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, authorizeURL(ts, "vault", callback, "state", `"><b>`), nil)
+	r := do(t, req)
+	for _, want := range []string{
+		"Authorize vault?", "<li>charging_session:read</li>", "<li>vehicle:read</li>", `action="/o/authorize/"`,
+		`id="user" value="driver@example.com"`, `<button type="submit" name="allow" value="Authorize" id="authorize">Authorize</button>`,
+		`name="state" value="&#34;&gt;&lt;b&gt;"`,
+	} {
+		if !strings.Contains(r.body, want) {
+			t.Errorf("consent page lacks %q:\n%s", want, r.body)
+		}
+	}
+	if r.status != http.StatusOK {
+		t.Errorf("status %d", r.status)
+	}
+}
+
+func TestAuthorizeDeny(t *testing.T) {
+	s, ts := newStandin(t)
+	loc, err := s.Authorize(t.Context(), authorizeURL(ts, "vault", callback+"?tenant=1", "state", "s2"), "driver@example.com", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := loc.Query()
+	if q.Get("error") != "access_denied" || q.Get("state") != "s2" || q.Get("tenant") != "1" || q.Has("code") {
+		t.Errorf("redirected to %s", loc)
+	}
+}
+
+func TestAuthorizePostNeedsUser(t *testing.T) {
+	s, ts := newStandin(t)
+	if _, err := s.Authorize(t.Context(), authorizeURL(ts, "vault", callback), " ", true); err == nil || !strings.Contains(err.Error(), "user") {
+		t.Errorf("Authorize without a user: %v", err)
+	}
+	// The POST is validated like the GET.
+	r := post(t, ts, "/o/authorize/", url.Values{"client_id": {"vault"}, "response_type": {"code"}, "redirect_uri": {"ftp"}, "user": {"u"}, "allow": {"Authorize"}})
+	if r.status != http.StatusBadRequest {
+		t.Errorf("POST with a bad redirect_uri: %d", r.status)
+	}
+}
+
+// tokenPair runs the authorization code flow for client vault.
+func tokenPair(t *testing.T, s *Server, ts *httptest.Server) (access, refresh string) {
+	t.Helper()
+	r := post(t, ts, "/o/token", exchange(code(t, s, authorizeURL(ts, "vault", callback)), callback, "client_id", "vault", "client_secret", "vault-secret"))
+	wantTokens(t, r, scopes, true)
+	return r.str("access_token"), r.str("refresh_token")
+}
+
+func refreshForm(token string, fields ...string) url.Values {
+	form := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {token}}
+	for i := 0; i+1 < len(fields); i += 2 {
+		form.Set(fields[i], fields[i+1])
+	}
+	return form
+}
+
+func TestRefreshRotates(t *testing.T) {
+	s, ts := newStandin(t)
+	access, refresh := tokenPair(t, s, ts)
+	creds := []string{"client_id", "vault", "client_secret", "vault-secret"}
+
+	wantError(t, post(t, ts, "/o/token", refreshForm(refresh, "client_id", "vault")), 401, "invalid_client")
+	wantError(t, post(t, ts, "/o/token", refreshForm(refresh, "client_id", "other", "client_secret", "other-secret")), 400, "invalid_grant")
+	wantError(t, post(t, ts, "/o/token", refreshForm(access, creds...)), 400, "invalid_grant")
+	wantError(t, post(t, ts, "/o/token", refreshForm(refresh, append(creds, "scope", "vehicle:write")...)), 400, "invalid_scope")
+	if !s.Active(access) || !s.Active(refresh) {
+		t.Fatal("failed refreshes revoked tokens")
+	}
+
+	r := post(t, ts, "/o/token", refreshForm(refresh, creds...))
+	wantTokens(t, r, scopes, true)
+	if s.Active(access) || s.Active(refresh) {
+		t.Error("the old pair is still active after a refresh")
+	}
+	if !s.Active(r.str("access_token")) || !s.Active(r.str("refresh_token")) {
+		t.Error("the new pair is not active")
+	}
+	info, _ := s.Token(r.str("refresh_token"))
+	if info.Grant != "refresh_token" || info.User != "driver@example.com" {
+		t.Errorf("new refresh token %+v", info)
+	}
+	wantError(t, post(t, ts, "/o/token", refreshForm(refresh, creds...)), 400, "invalid_grant") // no grace period
+
+	narrowed := post(t, ts, "/o/token", refreshForm(r.str("refresh_token"), append(creds, "scope", "vehicle:read")...))
+	wantTokens(t, narrowed, "vehicle:read", true)
+}
+
+func TestRefreshPublicClient(t *testing.T) {
+	s, ts := newStandin(t)
+	c := code(t, s, authorizeURL(ts, "mobile", mobileCB, "code_challenge", challenge, "code_challenge_method", "S256"))
+	r := post(t, ts, "/o/token", exchange(c, mobileCB, "client_id", "mobile", "code_verifier", verifier))
+	wantTokens(t, r, "vehicle:read", true)
+	wantTokens(t, post(t, ts, "/o/token", refreshForm(r.str("refresh_token"), "client_id", "mobile")), "vehicle:read", true)
+}
+
+func TestRevoke(t *testing.T) {
+	s, ts := newStandin(t)
+	creds := url.Values{"client_id": {"vault"}, "client_secret": {"vault-secret"}}
+	revoke := func(token string, extra ...string) reply {
+		form := url.Values{"token": {token}, "client_id": creds["client_id"], "client_secret": creds["client_secret"]}
+		for i := 0; i+1 < len(extra); i += 2 {
+			form.Set(extra[i], extra[i+1])
+		}
+		return post(t, ts, "/o/revoke_token/", form)
+	}
+	wantOK := func(r reply) {
+		t.Helper()
+		if r.status != http.StatusOK || r.body != "" {
+			t.Fatalf("revoke: %d %q", r.status, r.body)
+		}
+	}
+
+	access, refresh := tokenPair(t, s, ts)
+	wantOK(revoke(access, "token_type_hint", "access_token"))
+	if s.Active(access) || !s.Active(refresh) {
+		t.Error("revoking an access token must revoke only it")
+	}
+	wantOK(revoke(access)) // already revoked
+
+	access, refresh = tokenPair(t, s, ts)
+	wantOK(revoke(refresh, "token_type_hint", "refresh_token"))
+	if s.Active(access) || s.Active(refresh) {
+		t.Error("revoking a refresh token must revoke its access token too")
+	}
+	wantError(t, post(t, ts, "/o/token", refreshForm(refresh, "client_id", "vault", "client_secret", "vault-secret")), 400, "invalid_grant")
+
+	wantOK(revoke("ELf3uR6tEyRFaL1mLVFmsAEfNZLpso")) // unknown
+
+	cc := post(t, ts, "/o/token", clientCredentials(), "other", "other-secret").str("access_token")
+	wantOK(revoke(cc))
+	if !s.Active(cc) {
+		t.Error("a client revoked another client's token")
+	}
+
+	wantError(t, revoke(cc, "client_secret", "wrong"), 401, "invalid_client")
+	wantError(t, post(t, ts, "/o/revoke_token/", url.Values{"token": {cc}}, "other", "other-secret"), 401, "invalid_client")
+	wantError(t, revoke(""), 400, "invalid_request")
+	if !s.Active(cc) {
+		t.Error("a refused revocation revoked the token")
+	}
+
+	for _, method := range []string{http.MethodPost, http.MethodGet} {
+		req, _ := http.NewRequestWithContext(t.Context(), method, ts.URL+"/o/revoke_token", strings.NewReader(url.Values{"token": {cc}, "client_id": {"other"}, "client_secret": {"other-secret"}}.Encode()))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		if r := do(t, req); r.status != http.StatusMethodNotAllowed {
+			t.Errorf("%s /o/revoke_token without the slash: %d", method, r.status)
+		}
+	}
+	if !s.Active(cc) {
+		t.Error("/o/revoke_token without the slash revoked the token")
+	}
+}
+
+func TestExpiryAndLifetime(t *testing.T) {
+	s, ts := newStandin(t)
+	r := post(t, ts, "/o/token", clientCredentials(), "vault", "vault-secret")
+	token := r.str("access_token")
+	s.Advance(36000*time.Second - time.Minute)
+	if !s.Active(token) {
+		t.Fatal("token expired early")
+	}
+	s.Advance(time.Minute)
+	if s.Active(token) {
+		t.Fatal("token active after expires_in")
+	}
+	if info, _ := s.Token(token); info.Revoked {
+		t.Error("an expired token is reported revoked")
+	}
+
+	_, refresh := tokenPair(t, s, ts)
+	s.Advance(365 * 24 * time.Hour)
+	if !s.Active(refresh) {
+		t.Error("refresh tokens do not expire")
+	}
+
+	s.SetTokenLifetime(90 * time.Second)
+	r = post(t, ts, "/o/token", clientCredentials(), "vault", "vault-secret")
+	info, _ := s.Token(r.str("access_token"))
+	s.Advance(89 * time.Second)
+	active := s.Active(info.Value)
+	s.Advance(time.Second)
+	if r.fields["expires_in"] != 90.0 || !active || s.Active(info.Value) {
+		t.Errorf("expires_in %v; active after 89 s: %v, after 90 s: %v", r.fields["expires_in"], active, s.Active(info.Value))
+	}
+}
+
+func TestTokensInIssueOrder(t *testing.T) {
+	s, ts := newStandin(t)
+	var want []string
+	for range 3 {
+		want = append(want, post(t, ts, "/o/token", clientCredentials(), "vault", "vault-secret").str("access_token"))
+	}
+	access, refresh := tokenPair(t, s, ts)
+	want = append(want, access, refresh)
+	var got []string
+	for _, info := range s.Tokens() {
+		got = append(got, info.Value)
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("Tokens() = %v, want %v", got, want)
+	}
+	s.Tokens()[0].Revoked = true
+	if !s.Active(want[0]) {
+		t.Error("Tokens() does not return copies")
+	}
+	if _, ok := s.Token("unknown"); ok || s.Active("unknown") {
+		t.Error("an unknown token is known")
+	}
+}
+
+func TestConcurrentUse(t *testing.T) {
+	s, ts := newStandin(t)
+	var wg sync.WaitGroup
+	for range 40 {
+		wg.Go(func() {
+			req, _ := http.NewRequest(http.MethodPost, ts.URL+"/o/token", strings.NewReader("grant_type=client_credentials"))
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+			req.SetBasicAuth("vault", "vault-secret")
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Error(err) // not Fatal: this is not the test's goroutine
+				return
+			}
+			resp.Body.Close()
+			s.Tokens()
+		})
+	}
+	wg.Wait()
+	seen := map[string]bool{}
+	for _, info := range s.Tokens() {
+		if !s.Active(info.Value) || seen[info.Value] {
+			t.Errorf("token %q inactive or repeated", info.Value)
+		}
+		seen[info.Value] = true
+	}
+	if len(seen) != 40 {
+		t.Errorf("%d tokens, want 40", len(seen))
+	}
+}

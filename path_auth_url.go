@@ -1,0 +1,113 @@
+package evenergy
+
+import (
+	"context"
+	"crypto/rand"
+	"net/http"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/locksutil"
+	"github.com/hashicorp/vault/sdk/logical"
+	"golang.org/x/oauth2"
+)
+
+const (
+	authRequestPrefix = "auth-requests/"
+	authRequestTTL    = 10 * time.Minute
+)
+
+// authRequest is a pending authorization, stored under its state until the user comes back.
+type authRequest struct {
+	User        string    `json:"user"`
+	RedirectURI string    `json:"redirect_uri"`
+	Verifier    string    `json:"verifier"`
+	ExpiresAt   time.Time `json:"expires_at"`
+}
+
+func pathAuthURL(b *backend) *framework.Path {
+	return &framework.Path{
+		Pattern: "auth-url",
+		Fields: map[string]*framework.FieldSchema{
+			"user":         {Type: framework.TypeString, Description: "Name this engine gives the ev.energy user, e.g. driver-42. Required.", Required: true},
+			"redirect_uri": {Type: framework.TypeString, Description: "Where ev.energy sends the user back: this mount's callback (https://VAULT/v1/<mount>/callback) or the application's. Required.", Required: true},
+			"scopes":       {Type: framework.TypeCommaStringSlice, Description: "Scopes to ask the user for; empty uses the config's scopes."},
+		},
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathAuthURLWrite},
+		},
+		HelpSynopsis: "Start the authorization-code flow (with PKCE) for an ev.energy user.",
+		HelpDescription: `Returns the authorize_url to send the user to, and its state. The PKCE verifier stays sealed in
+Vault. The authorization is single-use and expires after 10 minutes. ev.energy sends the user back to
+redirect_uri with a code that is valid for 60 seconds: point it at this mount's callback so Vault
+exchanges it at once, or write code and state to users/<user> from the application.`,
+	}
+}
+
+func (b *backend) pathAuthURLWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	user := d.Get("user").(string)
+	if !userNamePattern.MatchString(user) {
+		return logical.ErrorResponse("user is required and may hold only letters, digits and . @ + - _"), nil
+	}
+	redirectURI := d.Get("redirect_uri").(string)
+	if err := checkURL("redirect_uri", redirectURI); err != nil {
+		return logical.ErrorResponse(err.Error()), nil
+	}
+	cfg, err := getConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	scopes := d.Get("scopes").([]string)
+	if len(scopes) == 0 {
+		scopes = cfg.Scopes
+	}
+
+	state := rand.Text()
+	pending := authRequest{
+		User:        user,
+		RedirectURI: redirectURI,
+		Verifier:    oauth2.GenerateVerifier(),
+		ExpiresAt:   time.Now().Add(authRequestTTL).UTC(),
+	}
+	if err := putJSON(ctx, req.Storage, authRequestPrefix+state, pending); err != nil {
+		return nil, err
+	}
+	return &logical.Response{Data: map[string]any{
+		"authorize_url": newClient(cfg).authorizeURL(redirectURI, scopes, state, pending.Verifier),
+		"state":         state,
+		"expires_at":    pending.ExpiresAt.Format(time.RFC3339),
+	}}, nil
+}
+
+// consumeAuthRequest takes the pending authorization of state out of storage: it is single use.
+// wantUser, when set, must be the user the authorization was started for.
+func (b *backend) consumeAuthRequest(ctx context.Context, s logical.Storage, wantUser, state string) (*authRequest, error) {
+	lock := locksutil.LockForKey(b.locks, authRequestPrefix+state)
+	lock.Lock()
+	defer lock.Unlock()
+
+	pending, err := getJSON[authRequest](ctx, s, authRequestPrefix+state)
+	if err != nil {
+		return nil, err
+	}
+	if pending == nil || time.Now().After(pending.ExpiresAt) || (wantUser != "" && pending.User != wantUser) {
+		return nil, logical.CodedError(http.StatusBadRequest, "the state is unknown, expired, already used or for another user: start again at auth-url")
+	}
+	return pending, s.Delete(ctx, authRequestPrefix+state)
+}
+
+// completeAuthorization exchanges the code ev.energy gave for a pending authorization and keeps the grant.
+func (b *backend) completeAuthorization(ctx context.Context, s logical.Storage, pending *authRequest, code string) error {
+	if code == "" {
+		return logical.CodedError(http.StatusBadRequest, "code is required: the code ev.energy added to the redirect")
+	}
+	cfg, err := getConfig(ctx, s)
+	if err != nil {
+		return err
+	}
+	tok, err := newClient(cfg).exchangeCode(ctx, code, pending.Verifier, pending.RedirectURI)
+	if err != nil {
+		return err
+	}
+	return b.storeGrant(ctx, s, cfg, pending.User, tok)
+}

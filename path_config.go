@@ -1,0 +1,186 @@
+package evenergy
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+const (
+	configPath            = "config"
+	defaultBaseURL        = "https://api.ev.energy"
+	defaultRequestTimeout = 30 * time.Second
+	defaultRefreshWindow  = 10 * time.Minute
+)
+
+// config is the ev.energy OAuth client the engine acts as.
+type config struct {
+	ClientID       string        `json:"client_id"`
+	ClientSecret   string        `json:"client_secret"`
+	BaseURL        string        `json:"base_url"`
+	Scopes         []string      `json:"scopes"`
+	RequestTimeout time.Duration `json:"request_timeout"`
+	RefreshWindow  time.Duration `json:"refresh_window"`
+}
+
+func pathConfig(b *backend) *framework.Path {
+	return &framework.Path{
+		Pattern: configPath,
+		Fields: map[string]*framework.FieldSchema{
+			"client_id": {
+				Type:        framework.TypeString,
+				Description: "Client ID of the ev.energy OAuth application. Required.",
+			},
+			"client_secret": {
+				Type:        framework.TypeString,
+				Description: "Client secret of the ev.energy OAuth application; needed for client-credentials tokens. Never read back.",
+				DisplayAttrs: &framework.DisplayAttributes{
+					Sensitive: true,
+				},
+			},
+			"base_url": {
+				Type:        framework.TypeString,
+				Description: "Base URL of the ev.energy API; must be https:// unless the host is loopback.",
+				Default:     defaultBaseURL,
+			},
+			"scopes": {
+				Type:        framework.TypeCommaStringSlice,
+				Description: "Scopes asked for when a role or request names none; empty asks for all of the application's scopes.",
+			},
+			"request_timeout": {
+				Type:        framework.TypeDurationSecond,
+				Description: "How long one call to ev.energy may take.",
+				Default:     int(defaultRequestTimeout.Seconds()),
+			},
+			"refresh_window": {
+				Type:        framework.TypeDurationSecond,
+				Description: "A user's access token is refreshed once less than this remains of it.",
+				Default:     int(defaultRefreshWindow.Seconds()),
+			},
+		},
+		ExistenceCheck: b.configExists,
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.ReadOperation:   &framework.PathOperation{Callback: b.pathConfigRead},
+			logical.CreateOperation: &framework.PathOperation{Callback: b.pathConfigWrite},
+			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathConfigWrite},
+			logical.DeleteOperation: &framework.PathOperation{Callback: b.pathConfigDelete},
+		},
+		HelpSynopsis:    "Configure the ev.energy OAuth client.",
+		HelpDescription: "Stores the client_id and client_secret of the ev.energy OAuth application, the API's base URL and default scopes. The client secret is never returned.",
+	}
+}
+
+// getConfig returns the stored config, or a 400 error telling the operator to write one.
+func getConfig(ctx context.Context, s logical.Storage) (*config, error) {
+	cfg, err := getJSON[config](ctx, s, configPath)
+	if err == nil && cfg == nil {
+		err = logical.CodedError(http.StatusBadRequest, "the engine is not configured: write client_id and client_secret to its config path first")
+	}
+	return cfg, err
+}
+
+func (b *backend) configExists(ctx context.Context, req *logical.Request, _ *framework.FieldData) (bool, error) {
+	entry, err := req.Storage.Get(ctx, configPath)
+	return entry != nil, err
+}
+
+func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	cfg, err := getJSON[config](ctx, req.Storage, configPath)
+	if err != nil || cfg == nil {
+		return nil, err
+	}
+	return &logical.Response{Data: map[string]any{
+		"client_id":       cfg.ClientID,
+		"base_url":        cfg.BaseURL,
+		"scopes":          cfg.Scopes,
+		"request_timeout": int64(cfg.RequestTimeout.Seconds()),
+		"refresh_window":  int64(cfg.RefreshWindow.Seconds()),
+	}}, nil
+}
+
+func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	cfg := &config{}
+	if req.Operation == logical.UpdateOperation {
+		var err error
+		if cfg, err = getConfig(ctx, req.Storage); err != nil {
+			return nil, err
+		}
+	}
+	if v, ok := fieldOnWrite(req, d, "client_id"); ok {
+		cfg.ClientID = strings.TrimSpace(v.(string))
+	}
+	if v, ok := fieldOnWrite(req, d, "client_secret"); ok {
+		cfg.ClientSecret = v.(string)
+	}
+	if v, ok := fieldOnWrite(req, d, "base_url"); ok {
+		cfg.BaseURL = strings.TrimRight(v.(string), "/")
+	}
+	if v, ok := fieldOnWrite(req, d, "scopes"); ok {
+		cfg.Scopes = v.([]string)
+	}
+	if v, ok := fieldOnWrite(req, d, "request_timeout"); ok {
+		cfg.RequestTimeout = time.Duration(v.(int)) * time.Second
+	}
+	if v, ok := fieldOnWrite(req, d, "refresh_window"); ok {
+		cfg.RefreshWindow = time.Duration(v.(int)) * time.Second
+	}
+
+	if cfg.ClientID == "" {
+		return logical.ErrorResponse("client_id is required"), nil
+	}
+	if err := checkURL("base_url", cfg.BaseURL); err != nil {
+		return logical.ErrorResponse(err.Error()), nil
+	}
+	if cfg.RequestTimeout <= 0 {
+		return logical.ErrorResponse("request_timeout must be a positive duration, e.g. 30s"), nil
+	}
+	if cfg.RefreshWindow < 0 {
+		return logical.ErrorResponse("refresh_window must not be negative"), nil
+	}
+
+	return nil, putJSON(ctx, req.Storage, configPath, cfg)
+}
+
+func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	return nil, req.Storage.Delete(ctx, configPath)
+}
+
+// fieldOnWrite returns a field the request sets, or its default when the request creates the entry.
+func fieldOnWrite(req *logical.Request, d *framework.FieldData, name string) (any, bool) {
+	if v, ok := d.GetOk(name); ok {
+		return v, true
+	}
+	return d.Get(name), req.Operation == logical.CreateOperation
+}
+
+// checkURL accepts an absolute https:// URL, or http:// for a loopback host only.
+func checkURL(field, raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
+		return fmt.Errorf("%s must be an absolute URL such as https://api.ev.energy, without query or fragment", field)
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		if isLoopback(u.Hostname()) {
+			return nil
+		}
+	}
+	return fmt.Errorf("%s must use https:// (http:// is allowed only for localhost and loopback addresses)", field)
+}
+
+func isLoopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}

@@ -1,0 +1,115 @@
+package evenergy
+
+import (
+	"context"
+	"net/http"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+const rolePrefix = "roles/"
+
+// role narrows what one application gets from evenergy/token/<role>.
+type role struct {
+	Scopes []string      `json:"scopes"`
+	TTL    time.Duration `json:"ttl"`
+	MaxTTL time.Duration `json:"max_ttl"`
+}
+
+func pathRoles(b *backend) []*framework.Path {
+	return []*framework.Path{
+		{
+			Pattern: rolePrefix + framework.GenericNameRegex("name"),
+			Fields: map[string]*framework.FieldSchema{
+				"name":    {Type: framework.TypeLowerCaseString, Description: "Name of the role.", Required: true},
+				"scopes":  {Type: framework.TypeCommaStringSlice, Description: "Scopes of this role's tokens; empty uses the config's scopes."},
+				"ttl":     {Type: framework.TypeDurationSecond, Description: "Lease TTL of this role's tokens; 0 uses the mount's default. Never past the token's own expiry."},
+				"max_ttl": {Type: framework.TypeDurationSecond, Description: "Maximum lease TTL of this role's tokens; 0 uses the mount's maximum. Never past the token's own expiry."},
+			},
+			ExistenceCheck: b.roleExists,
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.ReadOperation:   &framework.PathOperation{Callback: b.pathRoleRead},
+				logical.CreateOperation: &framework.PathOperation{Callback: b.pathRoleWrite},
+				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRoleWrite},
+				logical.DeleteOperation: &framework.PathOperation{Callback: b.pathRoleDelete},
+			},
+			HelpSynopsis:    "Manage roles: the scopes and lease TTLs of an application's tokens.",
+			HelpDescription: "A role lets each application ask for only the ev.energy scopes it needs. Read evenergy/token/<role> to get a token with them.",
+		},
+		{
+			Pattern: rolePrefix + "?$",
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.ListOperation: &framework.PathOperation{Callback: b.pathRoleList},
+			},
+			HelpSynopsis:    "List the roles.",
+			HelpDescription: "Lists the names of the roles.",
+		},
+	}
+}
+
+// getRole returns the named role, or a 400 error when there is none.
+func getRole(ctx context.Context, s logical.Storage, name string) (*role, error) {
+	r, err := getJSON[role](ctx, s, rolePrefix+name)
+	if err == nil && r == nil {
+		err = logical.CodedError(http.StatusBadRequest, "role "+name+" does not exist: write it to roles/"+name+" first")
+	}
+	return r, err
+}
+
+func (b *backend) roleExists(ctx context.Context, req *logical.Request, d *framework.FieldData) (bool, error) {
+	entry, err := req.Storage.Get(ctx, rolePrefix+d.Get("name").(string))
+	return entry != nil, err
+}
+
+func (b *backend) pathRoleRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	r, err := getJSON[role](ctx, req.Storage, rolePrefix+d.Get("name").(string))
+	if err != nil || r == nil {
+		return nil, err
+	}
+	return &logical.Response{Data: map[string]any{
+		"scopes":  r.Scopes,
+		"ttl":     int64(r.TTL.Seconds()),
+		"max_ttl": int64(r.MaxTTL.Seconds()),
+	}}, nil
+}
+
+func (b *backend) pathRoleWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	name := d.Get("name").(string)
+	r := &role{}
+	if req.Operation == logical.UpdateOperation {
+		var err error
+		if r, err = getRole(ctx, req.Storage, name); err != nil {
+			return nil, err
+		}
+	}
+	if v, ok := fieldOnWrite(req, d, "scopes"); ok {
+		r.Scopes = v.([]string)
+	}
+	if v, ok := fieldOnWrite(req, d, "ttl"); ok {
+		r.TTL = time.Duration(v.(int)) * time.Second
+	}
+	if v, ok := fieldOnWrite(req, d, "max_ttl"); ok {
+		r.MaxTTL = time.Duration(v.(int)) * time.Second
+	}
+	if r.TTL < 0 || r.MaxTTL < 0 {
+		return logical.ErrorResponse("ttl and max_ttl must not be negative"), nil
+	}
+	if r.MaxTTL > 0 && r.TTL > r.MaxTTL {
+		return logical.ErrorResponse("ttl must not be greater than max_ttl"), nil
+	}
+	return nil, putJSON(ctx, req.Storage, rolePrefix+name, r)
+}
+
+func (b *backend) pathRoleDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	return nil, req.Storage.Delete(ctx, rolePrefix+d.Get("name").(string))
+}
+
+func (b *backend) pathRoleList(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	names, err := req.Storage.List(ctx, rolePrefix)
+	if err != nil {
+		return nil, err
+	}
+	return logical.ListResponse(names), nil
+}

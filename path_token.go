@@ -1,0 +1,152 @@
+package evenergy
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+	"golang.org/x/oauth2"
+)
+
+const secretAccessTokenType = "evenergy_access_token"
+
+func pathToken(b *backend) []*framework.Path {
+	operations := map[logical.Operation]framework.OperationHandler{
+		logical.ReadOperation: &framework.PathOperation{Callback: b.pathTokenRead},
+	}
+	return []*framework.Path{
+		{
+			Pattern:         "token",
+			Operations:      operations,
+			HelpSynopsis:    "Get a new client-credentials access token with the config's scopes.",
+			HelpDescription: tokenHelp,
+		},
+		{
+			Pattern: "token/" + framework.GenericNameRegex("role"),
+			Fields: map[string]*framework.FieldSchema{
+				"role": {Type: framework.TypeLowerCaseString, Description: "Role whose scopes and TTLs the token gets.", Required: true},
+			},
+			Operations:      operations,
+			HelpSynopsis:    "Get a new client-credentials access token with a role's scopes and TTLs.",
+			HelpDescription: tokenHelp,
+		},
+	}
+}
+
+const tokenHelp = `Each read mints a new ev.energy access token with the client-credentials grant and returns it
+under a lease. The lease never outlives the token: its TTL and max TTL are capped at the token's
+expiry. When the lease ends, the token is revoked at ev.energy.`
+
+func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	cfg, err := getConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	r := &role{Scopes: cfg.Scopes}
+	roleName, _ := d.GetOk("role")
+	if roleName != nil {
+		if r, err = getRole(ctx, req.Storage, roleName.(string)); err != nil {
+			return nil, err
+		}
+		if len(r.Scopes) == 0 {
+			r.Scopes = cfg.Scopes
+		}
+	}
+
+	tok, err := newClient(cfg).clientCredentialsToken(ctx, r.Scopes)
+	if err != nil {
+		return nil, err
+	}
+	internal := map[string]any{
+		"access_token": tok.AccessToken,
+		"expires_at":   tok.Expiry.Format(time.RFC3339),
+	}
+	if tok.RefreshToken != "" {
+		internal["refresh_token"] = tok.RefreshToken
+	}
+	if roleName != nil {
+		internal["role"] = roleName
+	}
+	resp := b.Secret(secretAccessTokenType).Response(tokenData(tok), internal)
+	resp.Secret.TTL = r.TTL
+	resp.Secret.MaxTTL = capAtExpiry(r.MaxTTL, time.Now(), tok.Expiry)
+	return resp, nil
+}
+
+// tokenData is what a reader gets of a token: never its refresh token.
+func tokenData(tok *oauth2.Token) map[string]any {
+	scope, _ := tok.Extra("scope").(string)
+	return map[string]any{
+		"access_token": tok.AccessToken,
+		"token_type":   tok.Type(),
+		"scope":        scope,
+		"expires_at":   tok.Expiry.Format(time.RFC3339),
+	}
+}
+
+// capAtExpiry keeps a max TTL within the token's remaining life, so the lease never outlives the token.
+func capAtExpiry(maxTTL time.Duration, start, expiry time.Time) time.Duration {
+	if remaining := expiry.Sub(start); !expiry.IsZero() && (maxTTL == 0 || remaining < maxTTL) {
+		return remaining
+	}
+	return maxTTL
+}
+
+func secretAccessToken(b *backend) *framework.Secret {
+	return &framework.Secret{
+		Type: secretAccessTokenType,
+		Fields: map[string]*framework.FieldSchema{
+			"access_token": {Type: framework.TypeString, Description: "ev.energy access token."},
+			"token_type":   {Type: framework.TypeString, Description: "Token type, Bearer."},
+			"scope":        {Type: framework.TypeString, Description: "Scopes the token grants."},
+			"expires_at":   {Type: framework.TypeString, Description: "When the token expires at ev.energy (RFC 3339)."},
+		},
+		Renew:  b.renewAccessToken,
+		Revoke: b.revokeAccessToken,
+	}
+}
+
+// renewAccessToken extends the lease within the role's TTLs and the token's expiry; the token stays the same.
+func (b *backend) renewAccessToken(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	expiry, err := internalExpiry(req.Secret.InternalData)
+	if err != nil {
+		return nil, err
+	}
+	r := &role{}
+	if name, ok := req.Secret.InternalData["role"].(string); ok {
+		if r, err = getRole(ctx, req.Storage, name); err != nil {
+			return nil, err
+		}
+	}
+	resp := &logical.Response{Secret: req.Secret}
+	resp.Secret.TTL = r.TTL
+	resp.Secret.MaxTTL = capAtExpiry(r.MaxTTL, req.Secret.IssueTime, expiry)
+	return resp, nil
+}
+
+// revokeAccessToken revokes the lease's tokens at ev.energy; an error makes Vault retry later.
+func (b *backend) revokeAccessToken(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	cfg, err := getConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	client := newClient(cfg)
+	// Revoking a refresh token also revokes its access token at ev.energy; revoke both to be sure.
+	if refreshToken, ok := req.Secret.InternalData["refresh_token"].(string); ok {
+		if err := client.revoke(ctx, refreshToken, "refresh_token"); err != nil {
+			return nil, err
+		}
+	}
+	accessToken, _ := req.Secret.InternalData["access_token"].(string)
+	return nil, client.revoke(ctx, accessToken, "access_token")
+}
+
+func internalExpiry(internal map[string]any) (time.Time, error) {
+	raw, _ := internal["expires_at"].(string)
+	if raw == "" {
+		return time.Time{}, errors.New("lease has no token expiry")
+	}
+	return time.Parse(time.RFC3339, raw)
+}

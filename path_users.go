@@ -1,0 +1,317 @@
+package evenergy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"regexp"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/locksutil"
+	"github.com/hashicorp/vault/sdk/logical"
+	"golang.org/x/oauth2"
+)
+
+const (
+	userPrefix          = "users/"
+	secretUserTokenType = "evenergy_user_token"
+	grantActive         = "active"
+	grantRevoked        = "revoked"
+)
+
+var userNamePattern = regexp.MustCompile(`^\w[\w.@+-]*$`)
+
+// userField is the path segment naming an ev.energy user.
+const userField = `(?P<user>\w[\w.@+-]*)`
+
+// grant is what Vault keeps of one ev.energy user's authorization; its tokens never leave except
+// the access token through users/<user>/token.
+type grant struct {
+	RefreshToken    string    `json:"refresh_token"`
+	AccessToken     string    `json:"access_token"`
+	TokenType       string    `json:"token_type"`
+	Scope           string    `json:"scope"`
+	ExpiresAt       time.Time `json:"expires_at"`
+	Status          string    `json:"status"`
+	LastRefreshedAt time.Time `json:"last_refreshed_at"`
+	LastError       string    `json:"last_error"`
+}
+
+func (g *grant) apply(tok *oauth2.Token) {
+	data := tokenData(tok)
+	g.AccessToken, g.TokenType, g.Scope = tok.AccessToken, data["token_type"].(string), data["scope"].(string)
+	g.ExpiresAt = tok.Expiry
+	if tok.RefreshToken != "" {
+		g.RefreshToken = tok.RefreshToken
+	}
+	g.Status, g.LastRefreshedAt, g.LastError = grantActive, time.Now().UTC(), ""
+}
+
+// revokedGrantError says that ev.energy no longer accepts a user's refresh token.
+type revokedGrantError struct{ user, lastError string }
+
+func (e *revokedGrantError) Error() string {
+	return fmt.Sprintf("ev.energy no longer accepts the grant of user %s (%s): send the user through auth-url again", e.user, e.lastError)
+}
+
+func (e *revokedGrantError) Code() int { return http.StatusBadRequest }
+
+func pathUsers(b *backend) []*framework.Path {
+	userSchema := &framework.FieldSchema{Type: framework.TypeString, Description: "Name this engine gives the ev.energy user.", Required: true}
+	return []*framework.Path{
+		{
+			Pattern: userPrefix + userField + "$",
+			Fields: map[string]*framework.FieldSchema{
+				"user":          userSchema,
+				"code":          {Type: framework.TypeString, Description: "Authorization code from ev.energy's redirect; goes with state.", DisplayAttrs: &framework.DisplayAttributes{Sensitive: true}},
+				"state":         {Type: framework.TypeString, Description: "State from auth-url, as ev.energy's redirect returned it."},
+				"refresh_token": {Type: framework.TypeString, Description: "A refresh token obtained elsewhere, to import instead of code and state.", DisplayAttrs: &framework.DisplayAttributes{Sensitive: true}},
+			},
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.ReadOperation:   &framework.PathOperation{Callback: b.pathUserRead},
+				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathUserWrite},
+				logical.DeleteOperation: &framework.PathOperation{Callback: b.pathUserDelete},
+			},
+			HelpSynopsis: "Manage an ev.energy user's grant.",
+			HelpDescription: `Write code and state (from ev.energy's redirect to the application) to finish an authorization
+started at auth-url, or refresh_token to import a grant obtained elsewhere. Read shows the grant's
+status, never a token. Delete revokes the grant at ev.energy and forgets it.`,
+		},
+		{
+			Pattern: userPrefix + "?$",
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.ListOperation: &framework.PathOperation{Callback: b.pathUserList},
+			},
+			HelpSynopsis:    "List the ev.energy users with a grant.",
+			HelpDescription: "Lists the names of the users whose grants this engine keeps.",
+		},
+		{
+			Pattern: userPrefix + userField + "/token$",
+			Fields:  map[string]*framework.FieldSchema{"user": userSchema},
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.ReadOperation: &framework.PathOperation{Callback: b.pathUserTokenRead},
+			},
+			HelpSynopsis: "Get an ev.energy user's current access token.",
+			HelpDescription: `Returns the user's access token, refreshed first when less than the config's refresh_window
+remains of it. ev.energy allows one live access token per grant, so every reader gets the same
+one; its lease ends before the next refresh replaces it, and ending the lease revokes nothing.`,
+		},
+	}
+}
+
+func (b *backend) pathUserWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	user := d.Get("user").(string)
+	code, state, refreshToken := d.Get("code").(string), d.Get("state").(string), d.Get("refresh_token").(string)
+	switch {
+	case refreshToken != "" && (code != "" || state != ""):
+		return logical.ErrorResponse("give either code and state, or refresh_token, not both"), nil
+	case refreshToken != "":
+		cfg, err := getConfig(ctx, req.Storage)
+		if err != nil {
+			return nil, err
+		}
+		// Refreshing at once checks the imported token and takes it over: ev.energy rotates it.
+		tok, err := newClient(cfg).refresh(ctx, refreshToken)
+		if err != nil {
+			return nil, err
+		}
+		return nil, b.storeGrant(ctx, req.Storage, cfg, user, tok)
+	case state != "":
+		pending, err := b.consumeAuthRequest(ctx, req.Storage, user, state)
+		if err != nil {
+			return nil, err
+		}
+		return nil, b.completeAuthorization(ctx, req.Storage, pending, code)
+	default:
+		return logical.ErrorResponse("give code and state from ev.energy's redirect, or refresh_token to import a grant"), nil
+	}
+}
+
+func (b *backend) pathUserRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	g, err := getJSON[grant](ctx, req.Storage, userPrefix+d.Get("user").(string))
+	if err != nil || g == nil {
+		return nil, err
+	}
+	return &logical.Response{Data: map[string]any{
+		"scope":                   g.Scope,
+		"access_token_expires_at": g.ExpiresAt.Format(time.RFC3339),
+		"status":                  g.Status,
+		"last_refreshed_at":       g.LastRefreshedAt.Format(time.RFC3339),
+		"last_error":              g.LastError,
+	}}, nil
+}
+
+func (b *backend) pathUserDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	user := d.Get("user").(string)
+	lock := locksutil.LockForKey(b.locks, userPrefix+user)
+	lock.Lock()
+	defer lock.Unlock()
+
+	g, err := getJSON[grant](ctx, req.Storage, userPrefix+user)
+	if err != nil || g == nil {
+		return nil, err
+	}
+	if g.Status == grantActive {
+		cfg, err := getConfig(ctx, req.Storage)
+		if err != nil {
+			return nil, err
+		}
+		// The grant stays stored until ev.energy has revoked both tokens, so a failure can be retried.
+		client := newClient(cfg)
+		if err := client.revoke(ctx, g.RefreshToken, "refresh_token"); err != nil {
+			return nil, err
+		}
+		if err := client.revoke(ctx, g.AccessToken, "access_token"); err != nil {
+			return nil, err
+		}
+	}
+	return nil, req.Storage.Delete(ctx, userPrefix+user)
+}
+
+func (b *backend) pathUserList(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	users, err := req.Storage.List(ctx, userPrefix)
+	if err != nil {
+		return nil, err
+	}
+	return logical.ListResponse(users), nil
+}
+
+func (b *backend) pathUserTokenRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	cfg, err := getConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	g, err := b.currentGrant(ctx, req.Storage, cfg, d.Get("user").(string))
+	if err != nil {
+		return nil, err
+	}
+	resp := b.Secret(secretUserTokenType).Response(map[string]any{
+		"access_token": g.AccessToken,
+		"token_type":   g.TokenType,
+		"scope":        g.Scope,
+		"expires_at":   g.ExpiresAt.Format(time.RFC3339),
+	}, nil)
+	// The lease ends before the planned refresh invalidates this token, so Vault Agent re-reads in time.
+	resp.Secret.TTL = max(time.Until(g.ExpiresAt.Add(-cfg.RefreshWindow)).Truncate(time.Second), time.Second)
+	resp.Secret.Renewable = false
+	return resp, nil
+}
+
+func secretUserToken() *framework.Secret {
+	return &framework.Secret{
+		Type: secretUserTokenType,
+		Fields: map[string]*framework.FieldSchema{
+			"access_token": {Type: framework.TypeString, Description: "The user's ev.energy access token."},
+		},
+		// Every reader shares the user's token; it lives on at ev.energy until the next refresh.
+		Revoke: func(context.Context, *logical.Request, *framework.FieldData) (*logical.Response, error) { return nil, nil },
+	}
+}
+
+// storeGrant keeps a user's new tokens, replacing (and revoking) any grant the user had.
+func (b *backend) storeGrant(ctx context.Context, s logical.Storage, cfg *config, user string, tok *oauth2.Token) error {
+	lock := locksutil.LockForKey(b.locks, userPrefix+user)
+	lock.Lock()
+	defer lock.Unlock()
+
+	client := newClient(cfg)
+	old, err := getJSON[grant](ctx, s, userPrefix+user)
+	if err == nil {
+		g := &grant{}
+		g.apply(tok)
+		err = putJSON(ctx, s, userPrefix+user, g)
+	}
+	if err != nil {
+		// Vault could not keep the tokens, so ev.energy must not keep them either.
+		b.revokeBestEffort(ctx, client, user, tok.RefreshToken)
+		return err
+	}
+	if old != nil && old.Status == grantActive {
+		b.revokeBestEffort(ctx, client, user, old.RefreshToken)
+	}
+	return nil
+}
+
+func (b *backend) revokeBestEffort(ctx context.Context, client *evenergyClient, user, refreshToken string) {
+	if err := client.revoke(ctx, refreshToken, "refresh_token"); err != nil {
+		b.Logger().Warn("could not revoke a replaced ev.energy grant", "user", user, "error", err)
+	}
+}
+
+// currentGrant returns the user's grant, refreshed first when less than the refresh window remains
+// of its access token. Refreshes are serialized per user: each one rotates the refresh token.
+func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *config, user string) (*grant, error) {
+	lock := locksutil.LockForKey(b.locks, userPrefix+user)
+	lock.Lock()
+	defer lock.Unlock()
+
+	g, err := getJSON[grant](ctx, s, userPrefix+user)
+	switch {
+	case err != nil:
+		return nil, err
+	case g == nil:
+		return nil, logical.CodedError(http.StatusNotFound, "no grant for user "+user+": send the user through auth-url first")
+	case g.Status == grantRevoked:
+		return nil, &revokedGrantError{user: user, lastError: g.LastError}
+	case time.Until(g.ExpiresAt) > cfg.RefreshWindow:
+		return g, nil
+	}
+	// Only a node that can write may refresh, or the rotated refresh token would be lost.
+	if !b.WriteSafeReplicationState() {
+		return nil, logical.ErrReadOnly
+	}
+	tok, err := newClient(cfg).refresh(ctx, g.RefreshToken)
+	if err == nil {
+		g.apply(tok)
+		return g, putJSON(ctx, s, userPrefix+user, g)
+	}
+	b.Logger().Warn("could not refresh an ev.energy user token", "user", user, "error", err)
+	g.LastError = err.Error()
+	var upstream *upstreamError
+	if errors.As(err, &upstream) && upstream.OAuthCode == "invalid_grant" {
+		g.Status = grantRevoked
+		err = &revokedGrantError{user: user, lastError: g.LastError}
+	}
+	if perr := putJSON(ctx, s, userPrefix+user, g); perr != nil {
+		return nil, perr
+	}
+	// A refresh that failed for a passing reason leaves the current access token usable until it expires.
+	if g.Status == grantActive && time.Now().Before(g.ExpiresAt) {
+		return g, nil
+	}
+	return nil, err
+}
+
+// refreshDueUsers refreshes, on the active node only, every user token due for a refresh, and
+// forgets expired pending authorizations.
+func (b *backend) refreshDueUsers(ctx context.Context, req *logical.Request) error {
+	if !b.WriteSafeReplicationState() {
+		return nil
+	}
+	var errs []error
+	states, err := req.Storage.List(ctx, authRequestPrefix)
+	errs = append(errs, err)
+	for _, state := range states {
+		pending, err := getJSON[authRequest](ctx, req.Storage, authRequestPrefix+state)
+		if err == nil && pending != nil && time.Now().After(pending.ExpiresAt) {
+			err = req.Storage.Delete(ctx, authRequestPrefix+state)
+		}
+		errs = append(errs, err)
+	}
+
+	cfg, err := getJSON[config](ctx, req.Storage, configPath)
+	if err != nil || cfg == nil {
+		return errors.Join(append(errs, err)...)
+	}
+	users, err := req.Storage.List(ctx, userPrefix)
+	errs = append(errs, err)
+	for _, user := range users {
+		var revoked *revokedGrantError
+		if _, err := b.currentGrant(ctx, req.Storage, cfg, user); err != nil && !errors.As(err, &revoked) {
+			errs = append(errs, fmt.Errorf("user %s: %w", user, err))
+		}
+	}
+	return errors.Join(errs...)
+}
