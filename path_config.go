@@ -141,9 +141,6 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	if cfg.RequestTimeout <= 0 {
 		return logical.ErrorResponse("request_timeout must be a positive duration, e.g. 30s"), nil
 	}
-	if cfg.RefreshWindow < 0 {
-		return logical.ErrorResponse("refresh_window must not be negative"), nil
-	}
 
 	return nil, putJSON(ctx, req.Storage, configPath, cfg)
 }

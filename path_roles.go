@@ -93,9 +93,6 @@ func (b *backend) pathRoleWrite(ctx context.Context, req *logical.Request, d *fr
 	if v, ok := fieldOnWrite(req, d, "max_ttl"); ok {
 		r.MaxTTL = time.Duration(v.(int)) * time.Second
 	}
-	if r.TTL < 0 || r.MaxTTL < 0 {
-		return logical.ErrorResponse("ttl and max_ttl must not be negative"), nil
-	}
 	if r.MaxTTL > 0 && r.TTL > r.MaxTTL {
 		return logical.ErrorResponse("ttl must not be greater than max_ttl"), nil
 	}

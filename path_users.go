@@ -206,7 +206,9 @@ func secretUserToken() *framework.Secret {
 			"access_token": {Type: framework.TypeString, Description: "The user's ev.energy access token."},
 		},
 		// Every reader shares the user's token; it lives on at ev.energy until the next refresh.
-		Revoke: func(context.Context, *logical.Request, *framework.FieldData) (*logical.Response, error) { return nil, nil },
+		Revoke: func(context.Context, *logical.Request, *framework.FieldData) (*logical.Response, error) {
+			return nil, nil
+		},
 	}
 }
 

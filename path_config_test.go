@@ -1,0 +1,115 @@
+package evenergy
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+func TestConfigRoundTripHidesSecret(t *testing.T) {
+	b, s := newUnitBackend(t)
+	resp, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{
+		"client_id": "app", "client_secret": "s3cret", "scopes": "vehicle:read,charging_session:read",
+	})
+	if err != nil || resp.IsError() {
+		t.Fatalf("write: %v %v", err, resp)
+	}
+	resp, err = request(t, b, s, logical.ReadOperation, "config", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := resp.Data["client_secret"]; ok {
+		t.Fatal("config read returned client_secret")
+	}
+	want := map[string]any{"client_id": "app", "base_url": defaultBaseURL, "request_timeout": int64(30), "refresh_window": int64(600)}
+	for k, v := range want {
+		if resp.Data[k] != v {
+			t.Errorf("%s = %v, want %v", k, resp.Data[k], v)
+		}
+	}
+	if got := strings.Join(resp.Data["scopes"].([]string), " "); got != "vehicle:read charging_session:read" {
+		t.Errorf("scopes = %q", got)
+	}
+}
+
+func TestConfigUpdateKeepsUnsetFields(t *testing.T) {
+	b, s := newUnitBackend(t)
+	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": "app", "client_secret": "s3cret", "request_timeout": "5s"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"base_url": "https://example.test/"}); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := getConfig(t.Context(), s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.ClientSecret != "s3cret" || cfg.ClientID != "app" || cfg.BaseURL != "https://example.test" || cfg.RequestTimeout.Seconds() != 5 {
+		t.Fatalf("update lost or mangled fields: id=%q url=%q timeout=%v secret kept=%v", cfg.ClientID, cfg.BaseURL, cfg.RequestTimeout, cfg.ClientSecret == "s3cret")
+	}
+}
+
+func TestConfigRejectsBadInput(t *testing.T) {
+	cases := map[string]struct {
+		data map[string]any
+		want string
+	}{
+		"no client_id":        {map[string]any{"client_secret": "x"}, "client_id is required"},
+		"plain http":          {map[string]any{"client_id": "a", "base_url": "http://api.ev.energy"}, "must use https://"},
+		"not a URL":           {map[string]any{"client_id": "a", "base_url": "api.ev.energy"}, "absolute URL"},
+		"query in URL":        {map[string]any{"client_id": "a", "base_url": "https://api.ev.energy?x=1"}, "without query"},
+		"zero timeout":        {map[string]any{"client_id": "a", "request_timeout": 0}, "request_timeout must be a positive"},
+		"negative window":     {map[string]any{"client_id": "a", "refresh_window": -1}, "cannot provide negative value"},
+		"http to a LAN host":  {map[string]any{"client_id": "a", "base_url": "http://10.0.0.1:8000"}, "loopback"},
+		"http to localhostly": {map[string]any{"client_id": "a", "base_url": "http://localhost.evil.test"}, "loopback"},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			b, s := newUnitBackend(t)
+			resp, err := request(t, b, s, logical.CreateOperation, "config", tc.data)
+			if err != nil || !resp.IsError() || !strings.Contains(resp.Error().Error(), tc.want) {
+				t.Fatalf("want a 400 saying %q, got %v %v", tc.want, resp, err)
+			}
+			if entry, _ := s.Get(t.Context(), configPath); entry != nil {
+				t.Fatal("a rejected config was stored")
+			}
+		})
+	}
+}
+
+func TestConfigAllowsLoopbackHTTP(t *testing.T) {
+	for _, u := range []string{"http://127.0.0.1:8400", "http://localhost:8400", "http://[::1]:8400", "https://api.ev.energy"} {
+		if err := checkURL("base_url", u); err != nil {
+			t.Errorf("%s: %v", u, err)
+		}
+	}
+}
+
+func TestAccConfig(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	got := e.read(t, "config")
+	if _, ok := got.Data["client_secret"]; ok {
+		t.Fatal("config read returned client_secret")
+	}
+	if got.Data["client_id"] != testClientID || got.Data["base_url"] != e.url {
+		t.Fatalf("config read = %v", got.Data)
+	}
+
+	_, err := e.vault.Logical().Write(e.path("config"), map[string]any{"base_url": "http://ev.example.com"})
+	wantStatus(t, err, http.StatusBadRequest, "base_url must use https://")
+	if e.read(t, "config").Data["base_url"] != e.url {
+		t.Fatal("a rejected update changed the stored config")
+	}
+
+	if _, err := e.vault.Logical().Delete(e.path("config")); err != nil {
+		t.Fatal(err)
+	}
+	if s := e.read(t, "config"); s != nil {
+		t.Fatalf("config still there after delete: %v", s.Data)
+	}
+	_, err = e.vault.Logical().Read(e.path("token"))
+	wantStatus(t, err, http.StatusBadRequest, "not configured")
+}

@@ -1,0 +1,217 @@
+package evenergy
+
+import (
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/api"
+)
+
+func TestCapAtExpiry(t *testing.T) {
+	now := time.Now()
+	expiry := now.Add(time.Hour)
+	cases := []struct {
+		name   string
+		maxTTL time.Duration
+		expiry time.Time
+		want   time.Duration
+	}{
+		{"no max: the token's life", 0, expiry, time.Hour},
+		{"shorter max wins", time.Minute, expiry, time.Minute},
+		{"longer max is capped", 2 * time.Hour, expiry, time.Hour},
+		{"no expiry known", time.Minute, time.Time{}, time.Minute},
+	}
+	for _, tc := range cases {
+		if got := capAtExpiry(tc.maxTTL, now, tc.expiry); got != tc.want {
+			t.Errorf("%s: got %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+// standinToken checks that a token Vault handed out is a live access token at the stand-in.
+func (e *accEnv) standinToken(t *testing.T, s *api.Secret) string {
+	t.Helper()
+	tok, _ := s.Data["access_token"].(string)
+	info, ok := e.standin.Token(tok)
+	if !ok || info.Kind != "access" || !e.standin.Active(tok) {
+		t.Fatalf("Vault returned a token the stand-in did not issue or does not hold active (known=%v kind=%q)", ok, info.Kind)
+	}
+	return tok
+}
+
+func (e *accEnv) revoked(tok string) bool {
+	info, ok := e.standin.Token(tok)
+	return ok && info.Revoked
+}
+
+func TestAccTokenRead(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	s := e.read(t, "token")
+	tok := e.standinToken(t, s)
+	if info, _ := e.standin.Token(tok); info.Grant != "client_credentials" || info.ClientID != testClientID {
+		t.Fatalf("token came from grant %q of client %q", info.Grant, info.ClientID)
+	}
+	if s.Data["token_type"] != "Bearer" || s.Data["scope"] != "charging_session:read vehicle:read" {
+		t.Fatalf("token_type=%v scope=%v", s.Data["token_type"], s.Data["scope"])
+	}
+	if _, ok := s.Data["refresh_token"]; ok {
+		t.Fatal("response carries a refresh_token")
+	}
+	expiresAt, err := time.Parse(time.RFC3339, s.Data["expires_at"].(string))
+	if err != nil || time.Until(expiresAt) < 35990*time.Second || time.Until(expiresAt) > 36000*time.Second {
+		t.Fatalf("expires_at %v is not 36000 s away: %v", s.Data["expires_at"], err)
+	}
+	if s.LeaseID == "" || !s.Renewable || s.LeaseDuration <= 0 || s.LeaseDuration > 36000 {
+		t.Fatalf("lease id=%q renewable=%v duration=%d", s.LeaseID, s.Renewable, s.LeaseDuration)
+	}
+	if again := e.standinToken(t, e.read(t, "token")); again == tok {
+		t.Fatal("two reads returned the same token; each lease needs its own")
+	}
+}
+
+func TestAccTokenLeaseRevokeRevokesAtEvenergy(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	first := e.read(t, "token")
+	tok := e.standinToken(t, first)
+	if err := e.vault.Sys().Revoke(first.LeaseID); err != nil {
+		t.Fatal(err)
+	}
+	if !e.revoked(tok) {
+		t.Fatal("lease revoked, token still live at ev.energy")
+	}
+
+	tokens := []string{e.standinToken(t, e.read(t, "token")), e.standinToken(t, e.read(t, "token"))}
+	if err := e.vault.Sys().RevokePrefix(e.mount + "/"); err != nil {
+		t.Fatal(err)
+	}
+	for _, tok := range tokens {
+		if !e.revoked(tok) {
+			t.Fatal("revoke -prefix left a token live at ev.energy")
+		}
+	}
+	if n := len(e.leases(t, "token")); n != 0 {
+		t.Fatalf("%d leases left", n)
+	}
+}
+
+func TestAccTokenLeaseExpiryRevokesAtEvenergy(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	e.write(t, "roles/brief", map[string]any{"ttl": "2s"})
+	s := e.read(t, "token/brief")
+	if s.LeaseDuration != 2 {
+		t.Fatalf("lease duration %d, want the role's 2 s", s.LeaseDuration)
+	}
+	tok := e.standinToken(t, s)
+	eventually(t, "the expired lease's token to be revoked at ev.energy", func() bool { return e.revoked(tok) })
+}
+
+func TestAccTokenLeaseCappedAtTokenExpiry(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	e.standin.SetTokenLifetime(30 * time.Second)
+	e.write(t, "roles/long", map[string]any{"ttl": "10s", "max_ttl": "2h"})
+
+	if s := e.read(t, "token"); s.LeaseDuration > 30 {
+		t.Fatalf("lease of %d s outlives a 30 s token", s.LeaseDuration)
+	}
+	s := e.read(t, "token/long")
+	tok := e.standinToken(t, s)
+	expiresAt, _ := time.Parse(time.RFC3339, s.Data["expires_at"].(string))
+	if s.LeaseDuration != 10 {
+		t.Fatalf("lease duration %d, want the role's 10 s", s.LeaseDuration)
+	}
+	renewed, err := e.vault.Sys().Renew(s.LeaseID, 3600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if renewed.LeaseDuration <= 0 || renewed.LeaseDuration > 30 {
+		t.Fatalf("renewal gave %d s; it must stay within the 30 s token", renewed.LeaseDuration)
+	}
+	lookup, err := e.vault.Logical().Write("sys/leases/lookup", map[string]any{"lease_id": s.LeaseID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaseEnd, _ := time.Parse(time.RFC3339Nano, lookup.Data["expire_time"].(string))
+	if leaseEnd.After(expiresAt.Add(time.Second)) {
+		t.Fatalf("renewed lease ends %v, after the token's expiry %v", leaseEnd, expiresAt)
+	}
+	if !e.standin.Active(tok) || len(e.standin.Tokens()) != 2 {
+		t.Fatal("renewal swapped or revoked the token")
+	}
+}
+
+func TestAccTokenRoleScopes(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	e.write(t, "roles/vehicles", map[string]any{"scopes": "vehicle:read", "ttl": "60s"})
+	s := e.read(t, "token/vehicles")
+	info, _ := e.standin.Token(e.standinToken(t, s))
+	if s.Data["scope"] != "vehicle:read" || info.Scope != "vehicle:read" || s.LeaseDuration != 60 {
+		t.Fatalf("scope=%v at ev.energy=%q lease=%d", s.Data["scope"], info.Scope, s.LeaseDuration)
+	}
+
+	e.write(t, "roles/too-much", map[string]any{"scopes": "vehicle:write"})
+	_, err := e.vault.Logical().Read(e.path("token/too-much"))
+	wantStatus(t, err, http.StatusBadRequest, "invalid_scope")
+	_, err = e.vault.Logical().Read(e.path("token/nope"))
+	wantStatus(t, err, http.StatusBadRequest, "role nope does not exist")
+	if n := len(e.leases(t, "token")); n != 1 {
+		t.Fatalf("%d leases, want only the good one", n)
+	}
+}
+
+func TestAccTokenWrongCredentials(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	e.write(t, "config", map[string]any{"client_secret": "not-the-secret"})
+	_, err := e.vault.Logical().Read(e.path("token"))
+	wantStatus(t, err, http.StatusBadRequest, "ev.energy refused the token request: invalid_client")
+	if n := len(e.leases(t, "token")); n != 0 || len(e.standin.Tokens()) != 0 {
+		t.Fatalf("a refused request left %d leases and %d tokens", n, len(e.standin.Tokens()))
+	}
+}
+
+func TestAccTokenEvenergyDown(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	closed, err := freeLoopbackAddr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.write(t, "config", map[string]any{"base_url": "http://" + closed})
+	_, err = e.vault.Logical().Read(e.path("token"))
+	wantStatus(t, err, http.StatusBadGateway, "could not reach ev.energy for the token request")
+
+	e.write(t, "config", map[string]any{"base_url": e.url})
+	e.outage.Store(true)
+	_, err = e.vault.Logical().Read(e.path("token"))
+	wantStatus(t, err, http.StatusBadGateway, "ev.energy answered the token request with HTTP 503")
+	if n := len(e.leases(t, "token")); n != 0 {
+		t.Fatalf("%d leases left by failed requests", n)
+	}
+}
+
+func TestAccTokenRevocationRetriedWhileEvenergyDown(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	s := e.read(t, "token")
+	tok := e.standinToken(t, s)
+	e.outage.Store(true)
+	if err := e.vault.Sys().Revoke(s.LeaseID); err == nil {
+		t.Fatal("revocation succeeded while ev.energy was down")
+	}
+	if len(e.leases(t, "token")) != 1 || !e.standin.Active(tok) {
+		t.Fatal("the lease must stay until ev.energy has revoked its token")
+	}
+	e.outage.Store(false)
+	if err := e.vault.Sys().Revoke(s.LeaseID); err != nil {
+		t.Fatal(err)
+	}
+	if !e.revoked(tok) {
+		t.Fatal("token still live after the retried revocation")
+	}
+}
