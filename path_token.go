@@ -70,8 +70,7 @@ func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *fr
 		internal["role"] = roleName
 	}
 	resp := b.Secret(secretAccessTokenType).Response(tokenData(tok), internal)
-	resp.Secret.TTL = r.TTL
-	resp.Secret.MaxTTL = capAtExpiry(r.MaxTTL, time.Now(), tok.Expiry)
+	resp.Secret.TTL, resp.Secret.MaxTTL = b.leaseTTLs(r, time.Now(), tok.Expiry)
 	return resp, nil
 }
 
@@ -86,12 +85,19 @@ func tokenData(tok *oauth2.Token) map[string]any {
 	}
 }
 
-// capAtExpiry keeps a max TTL within the token's remaining life, so the lease never outlives the token.
-func capAtExpiry(maxTTL time.Duration, start, expiry time.Time) time.Duration {
-	if remaining := expiry.Sub(start); !expiry.IsZero() && (maxTTL == 0 || remaining < maxTTL) {
-		return remaining
+// leaseTTLs are the role's TTL and max TTL (or the mount's), capped so the lease never outlives the token.
+func (b *backend) leaseTTLs(r *role, issued, expiry time.Time) (ttl, maxTTL time.Duration) {
+	ttl, maxTTL = r.TTL, r.MaxTTL
+	if ttl == 0 {
+		ttl = b.System().DefaultLeaseTTL()
 	}
-	return maxTTL
+	if !expiry.IsZero() {
+		if life := expiry.Sub(issued); maxTTL == 0 || life < maxTTL {
+			maxTTL = life
+		}
+		ttl = min(ttl, time.Until(expiry))
+	}
+	return ttl, maxTTL
 }
 
 func secretAccessToken(b *backend) *framework.Secret {
@@ -121,8 +127,7 @@ func (b *backend) renewAccessToken(ctx context.Context, req *logical.Request, _ 
 		}
 	}
 	resp := &logical.Response{Secret: req.Secret}
-	resp.Secret.TTL = r.TTL
-	resp.Secret.MaxTTL = capAtExpiry(r.MaxTTL, req.Secret.IssueTime, expiry)
+	resp.Secret.TTL, resp.Secret.MaxTTL = b.leaseTTLs(r, req.Secret.IssueTime, expiry)
 	return resp, nil
 }
 

@@ -8,23 +8,25 @@ import (
 	"github.com/hashicorp/vault/api"
 )
 
-func TestCapAtExpiry(t *testing.T) {
+func TestLeaseTTLsNeverOutliveTheToken(t *testing.T) {
+	b, _ := newUnitBackend(t) // mount default TTL 24h, as logical.TestBackendConfig sets
 	now := time.Now()
 	expiry := now.Add(time.Hour)
 	cases := []struct {
-		name   string
-		maxTTL time.Duration
-		expiry time.Time
-		want   time.Duration
+		name        string
+		role        role
+		expiry      time.Time
+		ttl, maxTTL time.Duration
 	}{
-		{"no max: the token's life", 0, expiry, time.Hour},
-		{"shorter max wins", time.Minute, expiry, time.Minute},
-		{"longer max is capped", 2 * time.Hour, expiry, time.Hour},
-		{"no expiry known", time.Minute, time.Time{}, time.Minute},
+		{"mount default, capped at the token", role{}, expiry, time.Hour, time.Hour},
+		{"shorter role TTLs win", role{TTL: time.Minute, MaxTTL: 2 * time.Minute}, expiry, time.Minute, 2 * time.Minute},
+		{"longer role TTLs are capped", role{TTL: 2 * time.Hour, MaxTTL: 3 * time.Hour}, expiry, time.Hour, time.Hour},
+		{"no expiry known", role{TTL: time.Minute}, time.Time{}, time.Minute, 0},
 	}
 	for _, tc := range cases {
-		if got := capAtExpiry(tc.maxTTL, now, tc.expiry); got != tc.want {
-			t.Errorf("%s: got %v, want %v", tc.name, got, tc.want)
+		ttl, maxTTL := b.leaseTTLs(&tc.role, now, tc.expiry)
+		if ttl.Round(time.Second) != tc.ttl || maxTTL != tc.maxTTL {
+			t.Errorf("%s: got ttl %v max %v, want %v and %v", tc.name, ttl, maxTTL, tc.ttl, tc.maxTTL)
 		}
 	}
 }

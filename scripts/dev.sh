@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# `make dev`: a dev-mode Vault with the plugin at evenergy/, a local ev.energy stand-in, then a real
+# token. Both keep running in the background; `make dev-stop` stops them.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+run="$root/.dev"
+vault_port=${DEV_VAULT_PORT:-8200}
+standin_port=${DEV_STANDIN_PORT:-8400}
+export VAULT_ADDR="http://127.0.0.1:$vault_port" VAULT_TOKEN=root
+vault="$root/bin/vault"
+
+stop() {
+  for name in vault standin; do
+    if [ -f "$run/$name.pid" ]; then
+      kill "$(cat "$run/$name.pid")" 2>/dev/null || true
+      rm -f "$run/$name.pid"
+    fi
+  done
+}
+
+case "${1:-start}" in
+stop)
+  stop
+  echo "Stopped the dev Vault and the ev.energy stand-in."
+  ;;
+start)
+  stop
+  mkdir -p "$run"
+  "$root/bin/evenergy-standin" -listen "127.0.0.1:$standin_port" >"$run/standin.log" 2>&1 &
+  echo $! >"$run/standin.pid"
+  "$vault" server -dev -dev-root-token-id=root -dev-no-store-token \
+    -dev-listen-address="127.0.0.1:$vault_port" -dev-plugin-dir="$root/bin/plugins" >"$run/vault.log" 2>&1 &
+  echo $! >"$run/vault.pid"
+  for _ in $(seq 100); do
+    "$vault" status >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  "$vault" status >/dev/null || { tail -20 "$run/vault.log"; echo "the dev Vault did not start" >&2; exit 1; }
+
+  set -x
+  "$vault" secrets enable -path=evenergy vault-plugin-secrets-evenergy
+  "$vault" write evenergy/config client_id=dev-client client_secret=dev-secret base_url="http://127.0.0.1:$standin_port"
+  "$vault" read evenergy/token
+  { set +x; } 2>/dev/null
+  cat <<MSG
+
+A dev-mode Vault with the ev.energy engine at evenergy/ is running at $VAULT_ADDR (root token: root),
+talking to the ev.energy stand-in at http://127.0.0.1:$standin_port. Logs: .dev/vault.log, .dev/standin.log.
+Try:  export VAULT_ADDR=$VAULT_ADDR VAULT_TOKEN=root
+      bin/vault read evenergy/token
+Stop: make dev-stop
+MSG
+  ;;
+*)
+  echo "usage: $0 start|stop" >&2
+  exit 2
+  ;;
+esac
