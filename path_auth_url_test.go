@@ -1,0 +1,101 @@
+package evenergy
+
+import (
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"net/url"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+func TestAuthURLStartsPKCEFlow(t *testing.T) {
+	b, s := newUnitBackend(t)
+	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": "app", "client_secret": "s3cret", "scopes": "vehicle:read"}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := request(t, b, s, logical.UpdateOperation, "auth-url", map[string]any{"user": "driver-1", "redirect_uri": "https://app.example.com/cb"})
+	if err != nil || resp.IsError() {
+		t.Fatalf("auth-url: %v %v", err, resp)
+	}
+	state := resp.Data["state"].(string)
+	pending, err := getJSON[authRequest](t.Context(), s, authRequestPrefix+state)
+	if err != nil || pending == nil {
+		t.Fatalf("pending authorization not stored: %v", err)
+	}
+
+	if !regexp.MustCompile(`^[A-Za-z0-9._~-]{43,128}$`).MatchString(pending.Verifier) {
+		t.Fatalf("verifier is not RFC 7636: %d characters", len(pending.Verifier))
+	}
+	body, _ := json.Marshal(resp.Data)
+	if strings.Contains(string(body), pending.Verifier) {
+		t.Fatal("the response carries the PKCE verifier")
+	}
+
+	u, err := url.Parse(resp.Data["authorize_url"].(string))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256([]byte(pending.Verifier))
+	q := u.Query()
+	want := map[string]string{
+		"response_type": "code", "client_id": "app", "redirect_uri": "https://app.example.com/cb", "scope": "vehicle:read",
+		"state": state, "code_challenge": base64.RawURLEncoding.EncodeToString(sum[:]), "code_challenge_method": "S256",
+	}
+	for k, v := range want {
+		if q.Get(k) != v {
+			t.Errorf("authorize_url %s = %q, want %q", k, q.Get(k), v)
+		}
+	}
+	if u.Scheme+"://"+u.Host+u.Path != defaultBaseURL+"/o/authorize/" || q.Has("client_secret") {
+		t.Errorf("authorize_url goes to %s://%s%s or carries the secret", u.Scheme, u.Host, u.Path)
+	}
+	expiresAt, _ := time.Parse(time.RFC3339, resp.Data["expires_at"].(string))
+	if d := time.Until(expiresAt); d < 9*time.Minute || d > 10*time.Minute {
+		t.Errorf("pending authorization lives %v, want 10 minutes", d)
+	}
+}
+
+func TestAuthURLRejectsBadInput(t *testing.T) {
+	b, s := newUnitBackend(t)
+	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": "app"}); err != nil {
+		t.Fatal(err)
+	}
+	cases := map[string]struct {
+		data map[string]any
+		want string
+	}{
+		"no user":           {map[string]any{"redirect_uri": "https://a.example/cb"}, "user is required"},
+		"user with a slash": {map[string]any{"user": "a/b", "redirect_uri": "https://a.example/cb"}, "only letters"},
+		"no redirect_uri":   {map[string]any{"user": "a"}, "redirect_uri must be an absolute URL"},
+		"plain http":        {map[string]any{"user": "a", "redirect_uri": "http://a.example/cb"}, "redirect_uri must use https://"},
+	}
+	for name, tc := range cases {
+		resp, err := request(t, b, s, logical.UpdateOperation, "auth-url", tc.data)
+		if err != nil || !resp.IsError() || !strings.Contains(resp.Error().Error(), tc.want) {
+			t.Errorf("%s: want a 400 saying %q, got %v %v", name, tc.want, resp, err)
+		}
+	}
+	if keys, _ := s.List(t.Context(), authRequestPrefix); len(keys) != 0 {
+		t.Fatalf("rejected requests stored %d pending authorizations", len(keys))
+	}
+}
+
+func TestPeriodicForgetsExpiredAuthorizations(t *testing.T) {
+	b, s := newUnitBackend(t)
+	for state, expiresAt := range map[string]time.Time{"old": time.Now().Add(-time.Second), "fresh": time.Now().Add(time.Minute)} {
+		if err := putJSON(t.Context(), s, authRequestPrefix+state, authRequest{User: "u", ExpiresAt: expiresAt}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.refreshDueUsers(t.Context(), &logical.Request{Storage: s}); err != nil {
+		t.Fatal(err)
+	}
+	if keys, _ := s.List(t.Context(), authRequestPrefix); strings.Join(keys, ",") != "fresh" {
+		t.Fatalf("pending authorizations left: %v", keys)
+	}
+}

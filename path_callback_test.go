@@ -1,0 +1,131 @@
+package evenergy
+
+import (
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+)
+
+func (e *accEnv) callbackURL() string { return e.vault.Address() + "/v1/" + e.mount + "/callback" }
+
+// authorize starts an authorization at Vault and plays the ev.energy user at the stand-in,
+// returning the state and where ev.energy redirected the browser.
+func (e *accEnv) authorize(t *testing.T, user, redirectURI string, allow bool) (string, *url.URL) {
+	t.Helper()
+	s := e.write(t, "auth-url", map[string]any{"user": user, "redirect_uri": redirectURI})
+	redirect, err := e.standin.Authorize(t.Context(), s.Data["authorize_url"].(string), user, allow)
+	if redirect == nil {
+		t.Fatalf("authorize at the stand-in: %v", err)
+	}
+	return s.Data["state"].(string), redirect
+}
+
+// page GETs a URL the way a browser follows ev.energy's redirect, returning status and body.
+func page(t *testing.T, rawURL string) (int, string) {
+	t.Helper()
+	resp := get(t, rawURL)
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+func (e *accEnv) users(t *testing.T) []any {
+	t.Helper()
+	s, err := e.vault.Logical().List(e.path("users"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s == nil {
+		return nil
+	}
+	return s.Data["keys"].([]any)
+}
+
+func TestAccCallbackConnectsUser(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	_, redirect := e.authorize(t, "driver-1", e.callbackURL(), true)
+	if !strings.HasPrefix(redirect.String(), e.callbackURL()+"?") {
+		t.Fatalf("ev.energy redirected to %s://%s%s, not to Vault's callback", redirect.Scheme, redirect.Host, redirect.Path)
+	}
+	status, body := page(t, redirect.String())
+	if status != http.StatusOK || !strings.Contains(body, "Connected") || !strings.Contains(body, "driver-1") {
+		t.Fatalf("callback page %d: %s", status, body)
+	}
+
+	grant := e.read(t, "users/driver-1")
+	if grant.Data["status"] != "active" || grant.Data["scope"] != "charging_session:read vehicle:read" || grant.Data["last_error"] != "" {
+		t.Fatalf("grant = %v", grant.Data)
+	}
+	s := e.read(t, "users/driver-1/token")
+	tok := e.standinToken(t, s)
+	if info, _ := e.standin.Token(tok); info.User != "driver-1" || info.Grant != "authorization_code" {
+		t.Fatalf("token of user %q from grant %q", info.User, info.Grant)
+	}
+	if s.Renewable || s.LeaseDuration <= 36000-600-5 || s.LeaseDuration > 36000-600 {
+		t.Fatalf("lease renewable=%v duration=%d, want it to end at the refresh, 600 s before expiry", s.Renewable, s.LeaseDuration)
+	}
+
+	status, body = page(t, redirect.String())
+	if status != http.StatusBadRequest || !strings.Contains(body, "unknown, expired, already used") {
+		t.Fatalf("a reused state gave %d: %s", status, body)
+	}
+	if again := e.standinToken(t, e.read(t, "users/driver-1/token")); again != tok {
+		t.Fatal("a reused state changed the grant")
+	}
+	// Ending the lease revokes nothing: the token is the user's, shared by every reader.
+	if err := e.vault.Sys().Revoke(s.LeaseID); err != nil || !e.standin.Active(tok) {
+		t.Fatalf("lease revoke: %v, token active: %v", err, e.standin.Active(tok))
+	}
+}
+
+func TestAccCallbackAccessDenied(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	_, redirect := e.authorize(t, "driver-2", e.callbackURL(), false)
+	if redirect.Query().Get("error") != "access_denied" {
+		t.Fatalf("stand-in redirected with error %q", redirect.Query().Get("error"))
+	}
+	status, body := page(t, redirect.String())
+	if status != http.StatusBadRequest || !strings.Contains(body, "Not connected") || !strings.Contains(body, "access_denied") {
+		t.Fatalf("callback page %d: %s", status, body)
+	}
+	if users := e.users(t); len(users) != 0 {
+		t.Fatalf("a denied authorization stored users %v", users)
+	}
+}
+
+func TestAccCallbackForgedState(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	state, redirect := e.authorize(t, "driver-3", e.callbackURL(), true)
+	forged := url.Values{"state": {state + "x"}, "code": {redirect.Query().Get("code")}}
+	status, body := page(t, e.callbackURL()+"?"+forged.Encode())
+	if status != http.StatusBadRequest || !strings.Contains(body, "unknown, expired, already used") {
+		t.Fatalf("forged state gave %d: %s", status, body)
+	}
+	if users := e.users(t); len(users) != 0 {
+		t.Fatalf("a forged state stored users %v", users)
+	}
+	// The forgery changed nothing: the real redirect still connects the user.
+	if status, body := page(t, redirect.String()); status != http.StatusOK {
+		t.Fatalf("real callback after a forged one: %d %s", status, body)
+	}
+}
+
+func TestAccCallbackExpiredCode(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	_, redirect := e.authorize(t, "driver-4", e.callbackURL(), true)
+	e.standin.Advance(61 * time.Second) // codes live 60 s at ev.energy
+	status, body := page(t, redirect.String())
+	if status != http.StatusBadRequest || !strings.Contains(body, "invalid_grant") {
+		t.Fatalf("expired code gave %d: %s", status, body)
+	}
+	if users := e.users(t); len(users) != 0 {
+		t.Fatalf("an expired code stored users %v", users)
+	}
+}
