@@ -254,7 +254,7 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 	case err != nil:
 		return nil, err
 	case g == nil:
-		return nil, logical.CodedError(http.StatusNotFound, "no grant for user "+user+": send the user through auth-url first")
+		return nil, logical.CodedError(http.StatusBadRequest, "no grant for user "+user+": send the user through auth-url first")
 	case g.Status == grantRevoked:
 		return nil, &revokedGrantError{user: user, lastError: g.LastError}
 	case time.Until(g.ExpiresAt) > cfg.RefreshWindow:

@@ -1,0 +1,339 @@
+package evenergy
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/helper/consts"
+	"github.com/hashicorp/vault/sdk/logical"
+	"golang.org/x/oauth2"
+
+	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
+)
+
+const appRedirect = "https://app.example.com/callback"
+
+// connect runs the whole flow through the application's redirect and users/<user> write.
+func (e *accEnv) connect(t *testing.T, user string) {
+	t.Helper()
+	state, redirect := e.authorize(t, user, appRedirect, true)
+	e.write(t, "users/"+user, map[string]any{"code": redirect.Query().Get("code"), "state": state})
+}
+
+// userTokens are the stand-in's tokens of one user, of one kind, in issue order.
+func (e *accEnv) userTokens(user, kind string) []standin.TokenInfo {
+	var out []standin.TokenInfo
+	for _, info := range e.standin.Tokens() {
+		if info.User == user && info.Kind == kind {
+			out = append(out, info)
+		}
+	}
+	return out
+}
+
+func TestAccUserFlowThroughApplication(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	state, redirect := e.authorize(t, "driver-5", appRedirect, true)
+	code := redirect.Query().Get("code")
+
+	_, err := e.vault.Logical().Write(e.path("users/someone-else"), map[string]any{"code": code, "state": state})
+	wantStatus(t, err, http.StatusBadRequest, "for another user")
+	e.write(t, "users/driver-5", map[string]any{"code": code, "state": state})
+
+	info, _ := e.standin.Token(e.standinToken(t, e.read(t, "users/driver-5/token")))
+	if info.User != "driver-5" {
+		t.Fatalf("token of %q", info.User)
+	}
+	if users := e.users(t); len(users) != 1 || users[0] != "driver-5" {
+		t.Fatalf("users = %v", users)
+	}
+	_, err = e.vault.Logical().Write(e.path("users/driver-5"), map[string]any{"code": code, "state": state})
+	wantStatus(t, err, http.StatusBadRequest, "already used")
+	_, err = e.vault.Logical().Write(e.path("users/driver-5"), map[string]any{})
+	wantStatus(t, err, http.StatusBadRequest, "give code and state")
+}
+
+func TestAccUserPublicClient(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	e.standin.AddClient(standin.Client{ID: "public-app", Scopes: testScopes})
+	e.write(t, "config", map[string]any{"client_id": "public-app", "client_secret": ""})
+
+	_, redirect := e.authorize(t, "driver-6", e.callbackURL(), true)
+	if status, body := page(t, redirect.String()); status != http.StatusOK {
+		t.Fatalf("callback %d: %s", status, body)
+	}
+	info, _ := e.standin.Token(e.standinToken(t, e.read(t, "users/driver-6/token")))
+	if info.ClientID != "public-app" {
+		t.Fatalf("token of client %q", info.ClientID)
+	}
+	_, err := e.vault.Logical().Read(e.path("token"))
+	wantStatus(t, err, http.StatusBadRequest, "no client_secret")
+}
+
+func TestAccUserWrongVerifier(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	_, redirect := e.authorize(t, "driver-8", appRedirect, true)
+	other := e.write(t, "auth-url", map[string]any{"user": "driver-8", "redirect_uri": appRedirect})
+	// The code was issued for the first challenge; the second state's verifier does not match it.
+	_, err := e.vault.Logical().Write(e.path("users/driver-8"), map[string]any{"code": redirect.Query().Get("code"), "state": other.Data["state"]})
+	wantStatus(t, err, http.StatusBadRequest, "invalid_grant")
+	if users := e.users(t); len(users) != 0 {
+		t.Fatalf("a wrong verifier stored users %v", users)
+	}
+}
+
+func TestAccUserRefreshRotates(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	e.standin.SetTokenLifetime(5 * time.Minute) // inside the 10-minute refresh window
+	e.connect(t, "driver-9")
+	first := e.userTokens("driver-9", "access")[0].Value
+	e.standin.SetTokenLifetime(time.Hour)
+
+	tok := e.standinToken(t, e.read(t, "users/driver-9/token"))
+	if tok == first || e.standin.Active(first) {
+		t.Fatal("a token due for refresh was not replaced, or the old one is still live")
+	}
+	refresh := e.userTokens("driver-9", "refresh")
+	if len(refresh) != 2 || !refresh[0].Revoked || refresh[1].Revoked {
+		t.Fatalf("want the old refresh token rotated out and the new one live, got %d tokens", len(refresh))
+	}
+	grant := e.read(t, "users/driver-9")
+	expiresAt, _ := time.Parse(time.RFC3339, grant.Data["access_token_expires_at"].(string))
+	if d := time.Until(expiresAt); d < 59*time.Minute || grant.Data["status"] != "active" {
+		t.Fatalf("grant after refresh: %v", grant.Data)
+	}
+	if again := e.standinToken(t, e.read(t, "users/driver-9/token")); again != tok || len(e.userTokens("driver-9", "access")) != 2 {
+		t.Fatal("a token with an hour left was refreshed again")
+	}
+}
+
+func TestAccUserConcurrentReadsShareOneRefresh(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	e.standin.SetTokenLifetime(5 * time.Minute)
+	e.connect(t, "driver-10")
+	e.standin.SetTokenLifetime(time.Hour)
+
+	const readers = 4
+	tokens := make([]string, readers)
+	var wg sync.WaitGroup
+	for i := range readers {
+		wg.Go(func() {
+			s, err := e.vault.Logical().Read(e.path("users/driver-10/token"))
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			tokens[i] = s.Data["access_token"].(string)
+		})
+	}
+	wg.Wait()
+	for _, tok := range tokens {
+		if tok != tokens[0] || !e.standin.Active(tok) {
+			t.Fatal("concurrent readers got different or dead tokens")
+		}
+	}
+	if n := len(e.userTokens("driver-10", "access")); n != 2 {
+		t.Fatalf("%d access tokens issued, want the first and exactly one refresh", n)
+	}
+}
+
+func TestAccUserGrantRevokedAtEvenergy(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	e.standin.SetTokenLifetime(5 * time.Minute)
+	e.connect(t, "driver-11")
+	e.write(t, "revoke", map[string]any{"token": e.userTokens("driver-11", "refresh")[0].Value, "token_type_hint": "refresh_token"})
+
+	_, err := e.vault.Logical().Read(e.path("users/driver-11/token"))
+	wantStatus(t, err, http.StatusBadRequest, "send the user through auth-url again")
+	grant := e.read(t, "users/driver-11")
+	if grant.Data["status"] != "revoked" || !strings.Contains(grant.Data["last_error"].(string), "invalid_grant") {
+		t.Fatalf("grant = %v", grant.Data)
+	}
+	issued := len(e.standin.Tokens())
+	_, err = e.vault.Logical().Read(e.path("users/driver-11/token"))
+	wantStatus(t, err, http.StatusBadRequest, "send the user through auth-url again")
+	if len(e.standin.Tokens()) != issued {
+		t.Fatal("a revoked grant was tried at ev.energy again")
+	}
+	// Connecting the user again heals the grant.
+	e.standin.SetTokenLifetime(time.Hour)
+	e.connect(t, "driver-11")
+	e.standinToken(t, e.read(t, "users/driver-11/token"))
+}
+
+func TestAccUserDeleteRevokesAtEvenergy(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	e.connect(t, "driver-12")
+	if _, err := e.vault.Logical().Delete(e.path("users/driver-12")); err != nil {
+		t.Fatal(err)
+	}
+	for _, info := range e.standin.Tokens() {
+		if e.standin.Active(info.Value) {
+			t.Fatalf("a %s token is still live after delete", info.Kind)
+		}
+	}
+	if users := e.users(t); len(users) != 0 {
+		t.Fatalf("users = %v", users)
+	}
+	_, err := e.vault.Logical().Read(e.path("users/driver-12/token"))
+	wantStatus(t, err, http.StatusBadRequest, "no grant for user driver-12: send the user through auth-url first")
+}
+
+func TestAccUserImportRefreshToken(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	// The application got this grant itself, outside Vault.
+	app := &oauth2.Config{ClientID: testClientID, ClientSecret: testClientSecret, RedirectURL: appRedirect,
+		Endpoint: oauth2.Endpoint{AuthURL: e.url + "/o/authorize/", TokenURL: e.url + "/o/token", AuthStyle: oauth2.AuthStyleInParams}}
+	verifier := oauth2.GenerateVerifier()
+	redirect, err := e.standin.Authorize(t.Context(), app.AuthCodeURL("s", oauth2.S256ChallengeOption(verifier)), "driver-13", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	own, err := app.Exchange(t.Context(), redirect.Query().Get("code"), oauth2.VerifierOption(verifier))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	_, err = e.vault.Logical().Write(e.path("users/driver-13"), map[string]any{"refresh_token": "not-a-token"})
+	wantStatus(t, err, http.StatusBadRequest, "invalid_grant")
+	e.write(t, "users/driver-13", map[string]any{"refresh_token": own.RefreshToken})
+	if e.standin.Active(own.RefreshToken) {
+		t.Fatal("the imported refresh token is still live: Vault must take the grant over")
+	}
+	e.standinToken(t, e.read(t, "users/driver-13/token"))
+}
+
+func TestAccUserSecretsStayInVault(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	e.standin.SetTokenLifetime(5 * time.Minute)
+	state, redirect := e.authorize(t, "driver-14", appRedirect, true)
+	code := redirect.Query().Get("code")
+	e.write(t, "users/driver-14", map[string]any{"code": code, "state": state})
+	e.standin.SetTokenLifetime(time.Hour)
+
+	var seen []string
+	for _, p := range []string{"users/driver-14/token", "users/driver-14", "config"} {
+		s := e.read(t, p)
+		for k, v := range s.Data {
+			seen = append(seen, k+"="+strings.TrimSpace(strings.ReplaceAll(strings.ReplaceAll(toString(v), "\n", ""), " ", "")))
+		}
+	}
+	logBytes, err := os.ReadFile(devVault.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secrets := map[string]string{"client secret": testClientSecret, "authorization code": code}
+	for i, info := range e.userTokens("driver-14", "refresh") {
+		secrets["refresh token "+string(rune('A'+i))] = info.Value
+	}
+	for what, value := range secrets {
+		if strings.Contains(string(logBytes), value) {
+			t.Errorf("the %s appears in Vault's log", what)
+		}
+		for _, field := range seen {
+			if strings.Contains(field, value) {
+				t.Errorf("the %s appears in a response", what)
+			}
+		}
+	}
+}
+
+func toString(v any) string {
+	s, _ := v.(string)
+	return s
+}
+
+// newUnitStandin configures a unit backend against a real stand-in.
+func newUnitStandin(t *testing.T, b *backend, s logical.Storage) *standin.Server {
+	t.Helper()
+	sv := standin.New()
+	sv.AddClient(standin.Client{ID: testClientID, Secret: testClientSecret, Scopes: testScopes})
+	server := httptest.NewServer(sv)
+	t.Cleanup(server.Close)
+	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": testClientID, "client_secret": testClientSecret, "base_url": server.URL}); err != nil {
+		t.Fatal(err)
+	}
+	return sv
+}
+
+// connectUnitUser connects a user on a unit backend through the stand-in, as an application would.
+func connectUnitUser(t *testing.T, b *backend, s logical.Storage, sv *standin.Server, user string) *grant {
+	t.Helper()
+	resp, err := request(t, b, s, logical.UpdateOperation, "auth-url", map[string]any{"user": user, "redirect_uri": appRedirect})
+	if err != nil || resp.IsError() {
+		t.Fatalf("auth-url: %v %v", err, resp)
+	}
+	redirect, err := sv.Authorize(context.Background(), resp.Data["authorize_url"].(string), user, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err = request(t, b, s, logical.UpdateOperation, "users/"+user, map[string]any{"code": redirect.Query().Get("code"), "state": resp.Data["state"]})
+	if err != nil || resp.IsError() {
+		t.Fatalf("users write: %v %v", err, resp)
+	}
+	g, err := getJSON[grant](t.Context(), s, userPrefix+user)
+	if err != nil || g == nil {
+		t.Fatalf("grant not stored: %v", err)
+	}
+	return g
+}
+
+func TestPeriodicRefreshesOnlyDueUsers(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	long := connectUnitUser(t, b, s, sv, "long") // a 10-hour token
+	sv.SetTokenLifetime(30 * time.Minute)
+	short := connectUnitUser(t, b, s, sv, "short") // inside the 10-minute window soon, not yet
+	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"refresh_window": "1h"}); err != nil {
+		t.Fatal(err)
+	}
+	sv.SetTokenLifetime(10 * time.Hour)
+	if err := b.refreshDueUsers(t.Context(), &logical.Request{Storage: s}); err != nil {
+		t.Fatal(err)
+	}
+	shortAfter, _ := getJSON[grant](t.Context(), s, userPrefix+"short")
+	longAfter, _ := getJSON[grant](t.Context(), s, userPrefix+"long")
+	if shortAfter.AccessToken == short.AccessToken || !sv.Active(shortAfter.AccessToken) || sv.Active(short.RefreshToken) {
+		t.Fatal("the periodic function did not refresh the due grant")
+	}
+	if longAfter.AccessToken != long.AccessToken || !sv.Active(long.AccessToken) {
+		t.Fatal("the periodic function refreshed a grant that was not due")
+	}
+}
+
+func TestStandbyNeverRefreshes(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	connectUnitUser(t, b, s, sv, "driver")
+	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"refresh_window": "11h"}); err != nil {
+		t.Fatal(err)
+	}
+	before := len(sv.Tokens())
+	b.System().(*logical.StaticSystemView).ReplicationStateVal = consts.ReplicationPerformanceStandby
+
+	if err := b.refreshDueUsers(t.Context(), &logical.Request{Storage: s}); err != nil {
+		t.Fatal(err)
+	}
+	// A read that needs a refresh is sent on to the active node, which can persist the rotated token.
+	if _, err := request(t, b, s, logical.ReadOperation, "users/driver/token", nil); err != logical.ErrReadOnly {
+		t.Fatalf("want logical.ErrReadOnly on a performance standby, got %v", err)
+	}
+	if len(sv.Tokens()) != before {
+		t.Fatal("a performance standby called ev.energy")
+	}
+}
