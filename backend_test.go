@@ -221,7 +221,7 @@ func eventually(t *testing.T, what string, cond func() bool) {
 }
 
 // newUnitBackend is the engine on logical.InmemStorage, for tests that need no Vault server.
-func newUnitBackend(t *testing.T) (*backend, logical.Storage) {
+func newUnitBackend(t testing.TB) (*backend, logical.Storage) {
 	t.Helper()
 	config := logical.TestBackendConfig()
 	config.StorageView = &logical.InmemStorage{}
@@ -233,7 +233,7 @@ func newUnitBackend(t *testing.T) (*backend, logical.Storage) {
 }
 
 // request runs one request against a unit backend.
-func request(t *testing.T, b *backend, s logical.Storage, op logical.Operation, path string, data map[string]any) (*logical.Response, error) {
+func request(t testing.TB, b *backend, s logical.Storage, op logical.Operation, path string, data map[string]any) (*logical.Response, error) {
 	t.Helper()
 	return b.HandleRequest(context.Background(), &logical.Request{Operation: op, Path: path, Storage: s, Data: data})
 }

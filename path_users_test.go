@@ -259,7 +259,7 @@ func toString(v any) string {
 }
 
 // newUnitStandin configures a unit backend against a real stand-in.
-func newUnitStandin(t *testing.T, b *backend, s logical.Storage) *standin.Server {
+func newUnitStandin(t testing.TB, b *backend, s logical.Storage) *standin.Server {
 	t.Helper()
 	sv := standin.New()
 	sv.AddClient(standin.Client{ID: testClientID, Secret: testClientSecret, Scopes: testScopes})
@@ -272,7 +272,7 @@ func newUnitStandin(t *testing.T, b *backend, s logical.Storage) *standin.Server
 }
 
 // connectUnitUser connects a user on a unit backend through the stand-in, as an application would.
-func connectUnitUser(t *testing.T, b *backend, s logical.Storage, sv *standin.Server, user string) *grant {
+func connectUnitUser(t testing.TB, b *backend, s logical.Storage, sv *standin.Server, user string) *grant {
 	t.Helper()
 	resp, err := request(t, b, s, logical.UpdateOperation, "auth-url", map[string]any{"user": user, "redirect_uri": appRedirect})
 	if err != nil || resp.IsError() {
@@ -335,5 +335,18 @@ func TestStandbyNeverRefreshes(t *testing.T) {
 	}
 	if len(sv.Tokens()) != before {
 		t.Fatal("a performance standby called ev.energy")
+	}
+}
+
+// BenchmarkUserTokenRead is the hot path of Vault Agents re-reading a user's token between refreshes.
+func BenchmarkUserTokenRead(b *testing.B) {
+	be, s := newUnitBackend(b)
+	connectUnitUser(b, be, s, newUnitStandin(b, be, s), "driver")
+	req := &logical.Request{Operation: logical.ReadOperation, Path: "users/driver/token", Storage: s}
+	b.ReportAllocs()
+	for b.Loop() {
+		if resp, err := be.HandleRequest(context.Background(), req); err != nil || resp.IsError() {
+			b.Fatal(err, resp)
+		}
 	}
 }
