@@ -75,3 +75,12 @@ func putJSON(ctx context.Context, s logical.Storage, key string, v any) error {
 	}
 	return s.Put(ctx, entry)
 }
+
+// ensureWritable sends a request that will call ev.energy and then write (a lease or a rotated
+// token) on to the active node, before anything is minted that a read-only node could not keep.
+func (b *backend) ensureWritable() error {
+	if !b.WriteSafeReplicationState() {
+		return logical.ErrReadOnly
+	}
+	return nil
+}

@@ -40,6 +40,9 @@ under a lease. The lease never outlives the token: its TTL and max TTL are cappe
 expiry. When the lease ends, the token is revoked at ev.energy.`
 
 func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	if err := b.ensureWritable(); err != nil {
+		return nil, err
+	}
 	cfg, err := getConfig(ctx, req.Storage)
 	if err != nil {
 		return nil, err

@@ -108,6 +108,9 @@ func (b *backend) pathUserWrite(ctx context.Context, req *logical.Request, d *fr
 	case refreshToken != "" && (code != "" || state != ""):
 		return logical.ErrorResponse("give either code and state, or refresh_token, not both"), nil
 	case refreshToken != "":
+		if err := b.ensureWritable(); err != nil {
+			return nil, err
+		}
 		cfg, err := getConfig(ctx, req.Storage)
 		if err != nil {
 			return nil, err
@@ -151,6 +154,9 @@ func (b *backend) pathUserDelete(ctx context.Context, req *logical.Request, d *f
 
 	g, err := getJSON[grant](ctx, req.Storage, userPrefix+user)
 	if err != nil || g == nil {
+		return nil, err
+	}
+	if err := b.ensureWritable(); err != nil {
 		return nil, err
 	}
 	if g.Status == grantActive {
@@ -261,8 +267,8 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 		return g, nil
 	}
 	// Only a node that can write may refresh, or the rotated refresh token would be lost.
-	if !b.WriteSafeReplicationState() {
-		return nil, logical.ErrReadOnly
+	if err := b.ensureWritable(); err != nil {
+		return nil, err
 	}
 	tok, err := newClient(cfg).refresh(ctx, g.RefreshToken)
 	if err == nil {
@@ -289,7 +295,7 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 // refreshDueUsers refreshes, on the active node only, every user token due for a refresh, and
 // forgets expired pending authorizations.
 func (b *backend) refreshDueUsers(ctx context.Context, req *logical.Request) error {
-	if !b.WriteSafeReplicationState() {
+	if b.ensureWritable() != nil {
 		return nil
 	}
 	var errs []error

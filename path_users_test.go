@@ -333,6 +333,12 @@ func TestStandbyNeverRefreshes(t *testing.T) {
 	if _, err := request(t, b, s, logical.ReadOperation, "users/driver/token", nil); err != logical.ErrReadOnly {
 		t.Fatalf("want logical.ErrReadOnly on a performance standby, got %v", err)
 	}
+	if _, err := request(t, b, s, logical.ReadOperation, "token", nil); err != logical.ErrReadOnly {
+		t.Fatalf("token: want logical.ErrReadOnly on a performance standby, got %v", err)
+	}
+	if _, err := request(t, b, s, logical.UpdateOperation, "users/other", map[string]any{"refresh_token": "x"}); err != logical.ErrReadOnly {
+		t.Fatalf("import: want logical.ErrReadOnly on a performance standby, got %v", err)
+	}
 	if len(sv.Tokens()) != before {
 		t.Fatal("a performance standby called ev.energy")
 	}
