@@ -24,7 +24,7 @@ import (
 
 const (
 	testClientID     = "test-client"
-	testClientSecret = "test-client-secret"
+	testClientSecret = "test+secret/=&?%" // characters HTTP Basic and form encoding must carry
 	pluginName       = "vault-plugin-secrets-evenergy"
 )
 

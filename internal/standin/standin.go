@@ -210,6 +210,10 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 func (s *Server) clientCredentials(r *http.Request, form url.Values) (*tokenResponse, *oauthError) {
 	// The contract authenticates this grant by HTTP Basic only; a public client cannot use it.
 	id, secret, ok := r.BasicAuth()
+	// DOT unquotes both halves (RFC 6749 2.3.1 form-encodes them before base64).
+	id, idErr := url.QueryUnescape(id)
+	secret, secretErr := url.QueryUnescape(secret)
+	ok = ok && idErr == nil && secretErr == nil
 	c, known := s.clients[id]
 	if !ok || !known || c.Secret == "" || !equal(secret, c.Secret) {
 		return nil, errInvalidClient
