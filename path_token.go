@@ -72,20 +72,25 @@ func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *fr
 	if roleName != nil {
 		internal["role"] = roleName
 	}
-	resp := b.Secret(secretAccessTokenType).Response(tokenData(tok), internal)
+	resp := b.Secret(secretAccessTokenType).Response(tokenData(tok.AccessToken, tok.Type(), tokenScope(tok), tok.Expiry), internal)
 	resp.Secret.TTL, resp.Secret.MaxTTL = b.leaseTTLs(r, time.Now(), tok.Expiry)
 	return resp, nil
 }
 
 // tokenData is what a reader gets of a token: never its refresh token.
-func tokenData(tok *oauth2.Token) map[string]any {
-	scope, _ := tok.Extra("scope").(string)
+func tokenData(accessToken, tokenType, scope string, expiresAt time.Time) map[string]any {
 	return map[string]any{
-		"access_token": tok.AccessToken,
-		"token_type":   tok.Type(),
+		"access_token": accessToken,
+		"token_type":   tokenType,
 		"scope":        scope,
-		"expires_at":   tok.Expiry.Format(time.RFC3339),
+		"expires_at":   expiresAt.Format(time.RFC3339),
 	}
+}
+
+// tokenScope is the scope ev.energy granted, which it returns beside the token.
+func tokenScope(tok *oauth2.Token) string {
+	scope, _ := tok.Extra("scope").(string)
+	return scope
 }
 
 // leaseTTLs are the role's TTL and max TTL (or the mount's), capped so the lease never outlives the token.

@@ -40,9 +40,7 @@ type grant struct {
 }
 
 func (g *grant) apply(tok *oauth2.Token) {
-	data := tokenData(tok)
-	g.AccessToken, g.TokenType, g.Scope = tok.AccessToken, data["token_type"].(string), data["scope"].(string)
-	g.ExpiresAt = tok.Expiry
+	g.AccessToken, g.TokenType, g.Scope, g.ExpiresAt = tok.AccessToken, tok.Type(), tokenScope(tok), tok.Expiry
 	if tok.RefreshToken != "" {
 		g.RefreshToken = tok.RefreshToken
 	}
@@ -193,12 +191,7 @@ func (b *backend) pathUserTokenRead(ctx context.Context, req *logical.Request, d
 	if err != nil {
 		return nil, err
 	}
-	resp := b.Secret(secretUserTokenType).Response(map[string]any{
-		"access_token": g.AccessToken,
-		"token_type":   g.TokenType,
-		"scope":        g.Scope,
-		"expires_at":   g.ExpiresAt.Format(time.RFC3339),
-	}, nil)
+	resp := b.Secret(secretUserTokenType).Response(tokenData(g.AccessToken, g.TokenType, g.Scope, g.ExpiresAt), nil)
 	// The lease ends before the planned refresh invalidates this token, so Vault Agent re-reads in time.
 	resp.Secret.TTL = max(time.Until(g.ExpiresAt.Add(-cfg.RefreshWindow)).Truncate(time.Second), time.Second)
 	resp.Secret.Renewable = false
