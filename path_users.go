@@ -21,10 +21,13 @@ const (
 	grantRevoked        = "revoked"
 )
 
-var userNamePattern = regexp.MustCompile(`^\w[\w.@+-]*$`)
+// userName is how this engine names an ev.energy user: a path segment, and a storage key.
+const userName = `\w[\w.@+-]*`
 
-// userField is the path segment naming an ev.energy user.
-const userField = `(?P<user>\w[\w.@+-]*)`
+var (
+	userNamePattern = regexp.MustCompile("^" + userName + "$")
+	userField       = "(?P<user>" + userName + ")"
+)
 
 // grant is what Vault keeps of one ev.energy user's authorization; its tokens never leave except
 // the access token through users/<user>/token.
