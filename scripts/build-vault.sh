@@ -14,7 +14,7 @@ if [ ! -x "$cached" ]; then
   # Vault v1.21.1's own go.mod needs these: the gcp plugin version it pins is not in the checksum database.
   if ! (cd "$module" && GONOSUMDB=github.com/hashicorp/vault-plugin-secrets-gcp GOFLAGS=-mod=mod \
         go build -v -ldflags "-s -w" -o "$cached.tmp" github.com/hashicorp/vault 2>&1 |
-        tee "$log" | awk '{ if (++n % 200 == 0) print "  " n " packages built..." }'); then
+        tee "$log" | awk '{ if (++n % 200 == 0) { print "  " n " packages built..."; fflush() } }'); then
     tail -40 "$log"
     echo "Building the Vault server failed; the full log is $log" >&2
     exit 1
