@@ -105,6 +105,8 @@ func (b *backend) completeAuthorization(ctx context.Context, s logical.Storage, 
 	if err != nil {
 		return err
 	}
+	// Once sent, the exchange must reach storage even if the caller goes away, or its tokens are orphans.
+	ctx = context.WithoutCancel(ctx)
 	tok, err := newClient(cfg).exchangeCode(ctx, code, pending.Verifier, pending.RedirectURI)
 	if err != nil {
 		return err

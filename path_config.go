@@ -77,11 +77,13 @@ func pathConfig(b *backend) *framework.Path {
 	}
 }
 
+const notConfigured = "the engine is not configured: write client_id and client_secret to its config path first"
+
 // getConfig returns the stored config, or a 400 error telling the operator to write one.
 func getConfig(ctx context.Context, s logical.Storage) (*config, error) {
 	cfg, err := getJSON[config](ctx, s, configPath)
 	if err == nil && cfg == nil {
-		err = logical.CodedError(http.StatusBadRequest, "the engine is not configured: write client_id and client_secret to its config path first")
+		err = logical.CodedError(http.StatusBadRequest, notConfigured)
 	}
 	return cfg, err
 }

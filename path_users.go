@@ -266,6 +266,8 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 	if err := b.ensureWritable(); err != nil {
 		return nil, err
 	}
+	// Once sent, the refresh must reach storage even if the reader goes away: the old token is dead.
+	ctx = context.WithoutCancel(ctx)
 	tok, err := newClient(cfg).refresh(ctx, g.RefreshToken)
 	if err == nil {
 		g.apply(tok)
