@@ -210,10 +210,10 @@ func wantStatus(t *testing.T, err error, status int, want string) {
 	}
 }
 
-// eventually polls cond until it holds or a generous deadline passes; it waits on Vault's timers, it does not time them.
-func eventually(t *testing.T, what string, cond func() bool) {
+// eventually polls cond until it holds or the deadline passes; it waits on Vault's timers, it does not time them.
+func eventually(t *testing.T, within time.Duration, what string, cond func() bool) {
 	t.Helper()
-	for deadline := time.Now().Add(30 * time.Second); !cond(); time.Sleep(100 * time.Millisecond) {
+	for deadline := time.Now().Add(within); !cond(); time.Sleep(100 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("gave up waiting: %s", what)
 		}

@@ -112,7 +112,7 @@ func TestAccTokenLeaseExpiryRevokesAtEvenergy(t *testing.T) {
 		t.Fatalf("lease duration %d, want the role's 2 s", s.LeaseDuration)
 	}
 	tok := e.standinToken(t, s)
-	eventually(t, "the expired lease's token to be revoked at ev.energy", func() bool { return e.revoked(tok) })
+	eventually(t, 30*time.Second, "the expired lease's token to be revoked at ev.energy", func() bool { return e.revoked(tok) })
 }
 
 func TestAccTokenLeaseCappedAtTokenExpiry(t *testing.T) {

@@ -148,6 +148,21 @@ func TestAccUserConcurrentReadsShareOneRefresh(t *testing.T) {
 	}
 }
 
+func TestAccUserRefreshedInBackground(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	e.standin.SetTokenLifetime(5 * time.Minute)
+	e.connect(t, "driver-15")
+	e.standin.SetTokenLifetime(time.Hour)
+	// Nobody reads the token: Vault's periodic function (every minute) must refresh it.
+	eventually(t, 90*time.Second, "a background refresh", func() bool { return len(e.userTokens("driver-15", "access")) == 2 })
+	grant := e.read(t, "users/driver-15")
+	expiresAt, _ := time.Parse(time.RFC3339, grant.Data["access_token_expires_at"].(string))
+	if time.Until(expiresAt) < 58*time.Minute {
+		t.Fatalf("the background refresh was not stored: %v", grant.Data)
+	}
+}
+
 func TestAccUserGrantRevokedAtEvenergy(t *testing.T) {
 	t.Parallel()
 	e := newAccEnv(t)
