@@ -180,22 +180,34 @@ func (e *accEnv) read(t *testing.T, p string) *api.Secret {
 	return s
 }
 
-// leases lists the lease IDs Vault holds under a path of this mount.
-func (e *accEnv) leases(t *testing.T, p string) []string {
+// wantReadError reads a path of this mount that must fail with this HTTP status and message.
+func (e *accEnv) wantReadError(t *testing.T, p string, status int, want string) {
+	t.Helper()
+	_, err := e.vault.Logical().Read(e.path(p))
+	wantStatus(t, err, status, want)
+}
+
+// wantWriteError writes a path of this mount that must fail with this HTTP status and message.
+func (e *accEnv) wantWriteError(t *testing.T, p string, data map[string]any, status int, want string) {
+	t.Helper()
+	_, err := e.vault.Logical().Write(e.path(p), data)
+	wantStatus(t, err, status, want)
+}
+
+// wantLeases checks how many leases Vault holds under a path of this mount.
+func (e *accEnv) wantLeases(t *testing.T, p string, want int) {
 	t.Helper()
 	s, err := e.vault.Logical().List("sys/leases/lookup/" + e.path(p))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s == nil {
-		return nil
+	var keys []any
+	if s != nil {
+		keys, _ = s.Data["keys"].([]any)
 	}
-	keys, _ := s.Data["keys"].([]any)
-	ids := make([]string, len(keys))
-	for i, k := range keys {
-		ids[i] = k.(string)
+	if len(keys) != want {
+		t.Fatalf("Vault holds %d leases under %s, want %d", len(keys), p, want)
 	}
-	return ids
 }
 
 // wantStatus checks that err is a Vault API error with this HTTP status whose message says want.

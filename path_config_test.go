@@ -98,8 +98,7 @@ func TestAccConfig(t *testing.T) {
 		t.Fatalf("config read = %v", got.Data)
 	}
 
-	_, err := e.vault.Logical().Write(e.path("config"), map[string]any{"base_url": "http://ev.example.com"})
-	wantStatus(t, err, http.StatusBadRequest, "base_url must use https://")
+	e.wantWriteError(t, "config", map[string]any{"base_url": "http://ev.example.com"}, http.StatusBadRequest, "base_url must use https://")
 	if e.read(t, "config").Data["base_url"] != e.url {
 		t.Fatal("a rejected update changed the stored config")
 	}
@@ -110,6 +109,5 @@ func TestAccConfig(t *testing.T) {
 	if s := e.read(t, "config"); s != nil {
 		t.Fatalf("config still there after delete: %v", s.Data)
 	}
-	_, err = e.vault.Logical().Read(e.path("token"))
-	wantStatus(t, err, http.StatusBadRequest, "not configured")
+	e.wantReadError(t, "token", http.StatusBadRequest, "not configured")
 }

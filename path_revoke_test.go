@@ -28,12 +28,9 @@ func TestAccRevokeLeakedToken(t *testing.T) {
 	// ev.energy answers 200 for a token it no longer knows: revoking again is no error.
 	e.write(t, "revoke", map[string]any{"token": leaked.AccessToken})
 
-	_, err = e.vault.Logical().Write(e.path("revoke"), map[string]any{"token": "x", "token_type_hint": "id_token"})
-	wantStatus(t, err, http.StatusBadRequest, "token_type_hint must be access_token or refresh_token")
-	_, err = e.vault.Logical().Write(e.path("revoke"), map[string]any{})
-	wantStatus(t, err, http.StatusBadRequest, "token is required")
+	e.wantWriteError(t, "revoke", map[string]any{"token": "x", "token_type_hint": "id_token"}, http.StatusBadRequest, "token_type_hint must be access_token or refresh_token")
+	e.wantWriteError(t, "revoke", map[string]any{}, http.StatusBadRequest, "token is required")
 
 	e.write(t, "config", map[string]any{"client_secret": "wrong"})
-	_, err = e.vault.Logical().Write(e.path("revoke"), map[string]any{"token": "anything"})
-	wantStatus(t, err, http.StatusBadRequest, "ev.energy refused the token revocation: invalid_client")
+	e.wantWriteError(t, "revoke", map[string]any{"token": "anything"}, http.StatusBadRequest, "ev.energy refused the token revocation: invalid_client")
 }

@@ -98,9 +98,7 @@ func TestAccTokenLeaseRevokeRevokesAtEvenergy(t *testing.T) {
 			t.Fatal("revoke -prefix left a token live at ev.energy")
 		}
 	}
-	if n := len(e.leases(t, "token")); n != 0 {
-		t.Fatalf("%d leases left", n)
-	}
+	e.wantLeases(t, "token", 0)
 }
 
 func TestAccTokenLeaseExpiryRevokesAtEvenergy(t *testing.T) {
@@ -161,23 +159,19 @@ func TestAccTokenRoleScopes(t *testing.T) {
 	}
 
 	e.write(t, "roles/too-much", map[string]any{"scopes": "vehicle:write"})
-	_, err := e.vault.Logical().Read(e.path("token/too-much"))
-	wantStatus(t, err, http.StatusBadRequest, "invalid_scope")
-	_, err = e.vault.Logical().Read(e.path("token/nope"))
-	wantStatus(t, err, http.StatusBadRequest, "role nope does not exist")
-	if n := len(e.leases(t, "token")); n != 1 {
-		t.Fatalf("%d leases, want only the good one", n)
-	}
+	e.wantReadError(t, "token/too-much", http.StatusBadRequest, "invalid_scope")
+	e.wantReadError(t, "token/nope", http.StatusBadRequest, "role nope does not exist")
+	e.wantLeases(t, "token", 1)
 }
 
 func TestAccTokenWrongCredentials(t *testing.T) {
 	t.Parallel()
 	e := newAccEnv(t)
 	e.write(t, "config", map[string]any{"client_secret": "not-the-secret"})
-	_, err := e.vault.Logical().Read(e.path("token"))
-	wantStatus(t, err, http.StatusBadRequest, "ev.energy refused the token request: invalid_client")
-	if n := len(e.leases(t, "token")); n != 0 || len(e.standin.Tokens()) != 0 {
-		t.Fatalf("a refused request left %d leases and %d tokens", n, len(e.standin.Tokens()))
+	e.wantReadError(t, "token", http.StatusBadRequest, "ev.energy refused the token request: invalid_client")
+	e.wantLeases(t, "token", 0)
+	if n := len(e.standin.Tokens()); n != 0 {
+		t.Fatalf("a refused request left %d tokens at ev.energy", n)
 	}
 }
 
@@ -189,16 +183,12 @@ func TestAccTokenEvenergyDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.write(t, "config", map[string]any{"base_url": "http://" + closed})
-	_, err = e.vault.Logical().Read(e.path("token"))
-	wantStatus(t, err, http.StatusBadGateway, "could not reach ev.energy for the token request")
+	e.wantReadError(t, "token", http.StatusBadGateway, "could not reach ev.energy for the token request")
 
 	e.write(t, "config", map[string]any{"base_url": e.url})
 	e.outage.Store(true)
-	_, err = e.vault.Logical().Read(e.path("token"))
-	wantStatus(t, err, http.StatusBadGateway, "ev.energy answered the token request with HTTP 503")
-	if n := len(e.leases(t, "token")); n != 0 {
-		t.Fatalf("%d leases left by failed requests", n)
-	}
+	e.wantReadError(t, "token", http.StatusBadGateway, "ev.energy answered the token request with HTTP 503")
+	e.wantLeases(t, "token", 0)
 }
 
 func TestAccTokenRevocationRetriedWhileEvenergyDown(t *testing.T) {
@@ -210,8 +200,9 @@ func TestAccTokenRevocationRetriedWhileEvenergyDown(t *testing.T) {
 	if err := e.vault.Sys().Revoke(s.LeaseID); err == nil {
 		t.Fatal("revocation succeeded while ev.energy was down")
 	}
-	if len(e.leases(t, "token")) != 1 || !e.standin.Active(tok) {
-		t.Fatal("the lease must stay until ev.energy has revoked its token")
+	e.wantLeases(t, "token", 1)
+	if !e.standin.Active(tok) {
+		t.Fatal("the token must stay live until ev.energy revokes it")
 	}
 	e.outage.Store(false)
 	if err := e.vault.Sys().Revoke(s.LeaseID); err != nil {

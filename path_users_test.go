@@ -26,6 +26,15 @@ func (e *accEnv) connect(t *testing.T, user string) {
 	e.write(t, "users/"+user, map[string]any{"code": redirect.Query().Get("code"), "state": state})
 }
 
+// connectDue connects a user whose first token is already inside the 10-minute refresh window;
+// the tokens after it live an hour.
+func (e *accEnv) connectDue(t *testing.T, user string) {
+	t.Helper()
+	e.standin.SetTokenLifetime(5 * time.Minute)
+	e.connect(t, user)
+	e.standin.SetTokenLifetime(time.Hour)
+}
+
 // userTokens are the stand-in's tokens of one user, of one kind, in issue order.
 func (e *accEnv) userTokens(user, kind string) []standin.TokenInfo {
 	var out []standin.TokenInfo
@@ -43,8 +52,7 @@ func TestAccUserFlowThroughApplication(t *testing.T) {
 	state, redirect := e.authorize(t, "driver-5", appRedirect, true)
 	code := redirect.Query().Get("code")
 
-	_, err := e.vault.Logical().Write(e.path("users/someone-else"), map[string]any{"code": code, "state": state})
-	wantStatus(t, err, http.StatusBadRequest, "for another user")
+	e.wantWriteError(t, "users/someone-else", map[string]any{"code": code, "state": state}, http.StatusBadRequest, "for another user")
 	e.write(t, "users/driver-5", map[string]any{"code": code, "state": state})
 
 	info, _ := e.standin.Token(e.standinToken(t, e.read(t, "users/driver-5/token")))
@@ -54,10 +62,8 @@ func TestAccUserFlowThroughApplication(t *testing.T) {
 	if users := e.users(t); len(users) != 1 || users[0] != "driver-5" {
 		t.Fatalf("users = %v", users)
 	}
-	_, err = e.vault.Logical().Write(e.path("users/driver-5"), map[string]any{"code": code, "state": state})
-	wantStatus(t, err, http.StatusBadRequest, "already used")
-	_, err = e.vault.Logical().Write(e.path("users/driver-5"), map[string]any{})
-	wantStatus(t, err, http.StatusBadRequest, "give code and state")
+	e.wantWriteError(t, "users/driver-5", map[string]any{"code": code, "state": state}, http.StatusBadRequest, "already used")
+	e.wantWriteError(t, "users/driver-5", map[string]any{}, http.StatusBadRequest, "give code and state")
 }
 
 func TestAccUserPublicClient(t *testing.T) {
@@ -74,8 +80,7 @@ func TestAccUserPublicClient(t *testing.T) {
 	if info.ClientID != "public-app" {
 		t.Fatalf("token of client %q", info.ClientID)
 	}
-	_, err := e.vault.Logical().Read(e.path("token"))
-	wantStatus(t, err, http.StatusBadRequest, "no client_secret")
+	e.wantReadError(t, "token", http.StatusBadRequest, "no client_secret")
 }
 
 func TestAccUserWrongVerifier(t *testing.T) {
@@ -84,8 +89,7 @@ func TestAccUserWrongVerifier(t *testing.T) {
 	_, redirect := e.authorize(t, "driver-8", appRedirect, true)
 	other := e.write(t, "auth-url", map[string]any{"user": "driver-8", "redirect_uri": appRedirect})
 	// The code was issued for the first challenge; the second state's verifier does not match it.
-	_, err := e.vault.Logical().Write(e.path("users/driver-8"), map[string]any{"code": redirect.Query().Get("code"), "state": other.Data["state"]})
-	wantStatus(t, err, http.StatusBadRequest, "invalid_grant")
+	e.wantWriteError(t, "users/driver-8", map[string]any{"code": redirect.Query().Get("code"), "state": other.Data["state"]}, http.StatusBadRequest, "invalid_grant")
 	if users := e.users(t); len(users) != 0 {
 		t.Fatalf("a wrong verifier stored users %v", users)
 	}
@@ -94,10 +98,8 @@ func TestAccUserWrongVerifier(t *testing.T) {
 func TestAccUserRefreshRotates(t *testing.T) {
 	t.Parallel()
 	e := newAccEnv(t)
-	e.standin.SetTokenLifetime(5 * time.Minute) // inside the 10-minute refresh window
-	e.connect(t, "driver-9")
+	e.connectDue(t, "driver-9")
 	first := e.userTokens("driver-9", "access")[0].Value
-	e.standin.SetTokenLifetime(time.Hour)
 
 	tok := e.standinToken(t, e.read(t, "users/driver-9/token"))
 	if tok == first || e.standin.Active(first) {
@@ -120,9 +122,7 @@ func TestAccUserRefreshRotates(t *testing.T) {
 func TestAccUserConcurrentReadsShareOneRefresh(t *testing.T) {
 	t.Parallel()
 	e := newAccEnv(t)
-	e.standin.SetTokenLifetime(5 * time.Minute)
-	e.connect(t, "driver-10")
-	e.standin.SetTokenLifetime(time.Hour)
+	e.connectDue(t, "driver-10")
 
 	const readers = 4
 	tokens := make([]string, readers)
@@ -151,9 +151,7 @@ func TestAccUserConcurrentReadsShareOneRefresh(t *testing.T) {
 func TestAccUserRefreshedInBackground(t *testing.T) {
 	t.Parallel()
 	e := newAccEnv(t)
-	e.standin.SetTokenLifetime(5 * time.Minute)
-	e.connect(t, "driver-15")
-	e.standin.SetTokenLifetime(time.Hour)
+	e.connectDue(t, "driver-15")
 	// Nobody reads the token: Vault's periodic function (every minute) must refresh it.
 	eventually(t, 90*time.Second, "a background refresh", func() bool { return len(e.userTokens("driver-15", "access")) == 2 })
 	grant := e.read(t, "users/driver-15")
@@ -170,15 +168,13 @@ func TestAccUserGrantRevokedAtEvenergy(t *testing.T) {
 	e.connect(t, "driver-11")
 	e.write(t, "revoke", map[string]any{"token": e.userTokens("driver-11", "refresh")[0].Value, "token_type_hint": "refresh_token"})
 
-	_, err := e.vault.Logical().Read(e.path("users/driver-11/token"))
-	wantStatus(t, err, http.StatusBadRequest, "send the user through auth-url again")
+	e.wantReadError(t, "users/driver-11/token", http.StatusBadRequest, "send the user through auth-url again")
 	grant := e.read(t, "users/driver-11")
 	if grant.Data["status"] != "revoked" || !strings.Contains(grant.Data["last_error"].(string), "invalid_grant") {
 		t.Fatalf("grant = %v", grant.Data)
 	}
 	issued := len(e.standin.Tokens())
-	_, err = e.vault.Logical().Read(e.path("users/driver-11/token"))
-	wantStatus(t, err, http.StatusBadRequest, "send the user through auth-url again")
+	e.wantReadError(t, "users/driver-11/token", http.StatusBadRequest, "send the user through auth-url again")
 	if len(e.standin.Tokens()) != issued {
 		t.Fatal("a revoked grant was tried at ev.energy again")
 	}
@@ -203,8 +199,7 @@ func TestAccUserDeleteRevokesAtEvenergy(t *testing.T) {
 	if users := e.users(t); len(users) != 0 {
 		t.Fatalf("users = %v", users)
 	}
-	_, err := e.vault.Logical().Read(e.path("users/driver-12/token"))
-	wantStatus(t, err, http.StatusBadRequest, "no grant for user driver-12: send the user through auth-url first")
+	e.wantReadError(t, "users/driver-12/token", http.StatusBadRequest, "no grant for user driver-12: send the user through auth-url first")
 }
 
 func TestAccUserImportRefreshToken(t *testing.T) {
@@ -223,8 +218,7 @@ func TestAccUserImportRefreshToken(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	_, err = e.vault.Logical().Write(e.path("users/driver-13"), map[string]any{"refresh_token": "not-a-token"})
-	wantStatus(t, err, http.StatusBadRequest, "invalid_grant")
+	e.wantWriteError(t, "users/driver-13", map[string]any{"refresh_token": "not-a-token"}, http.StatusBadRequest, "invalid_grant")
 	e.write(t, "users/driver-13", map[string]any{"refresh_token": own.RefreshToken})
 	if e.standin.Active(own.RefreshToken) {
 		t.Fatal("the imported refresh token is still live: Vault must take the grant over")
