@@ -24,10 +24,12 @@ func main() {
 	clientSecret := flag.String("client-secret", "dev-secret", "client secret of the registered client (empty: a public client)")
 	scopes := flag.String("scopes", "charging_session:read vehicle:read", "space separated scopes of the registered client")
 	lifetime := flag.Duration("token-lifetime", 36000*time.Second, "lifetime (expires_in) of access tokens")
+	latency := flag.Duration("latency", 0, "delay of every token endpoint answer, e.g. 50ms")
 	flag.Parse()
 
 	s := standin.New()
 	s.SetTokenLifetime(*lifetime)
+	s.SetLatency(*latency)
 	s.AddClient(standin.Client{ID: *clientID, Secret: *clientSecret, Scopes: strings.Fields(*scopes)})
 	if err := serve(*listen, s); err != nil {
 		log.Fatal(err)
@@ -82,3 +84,6 @@ func (w *statusWriter) WriteHeader(status int) {
 	w.status = status
 	w.ResponseWriter.WriteHeader(status)
 }
+
+// Unwrap lets http.ResponseController reach the connection (the stand-in hijacks it to hang up).
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

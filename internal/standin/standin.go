@@ -9,6 +9,8 @@ import (
 	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"net/http"
 	"net/url"
 	"regexp"
@@ -50,6 +52,10 @@ type Server struct {
 	issued        []*token // every token, in issue order
 	tokenLifetime time.Duration
 	offset        time.Duration // added to the real clock by Advance
+	fault         Fault         // what SetFault put on the token endpoint; Count is what is left of it
+	release       chan struct{} // closed by SetFault to release the requests FaultHang holds
+	held          int           // requests FaultHang holds
+	latency       time.Duration // delay of every token endpoint answer
 }
 
 // grant is an authorization code and what the user consented to.
@@ -71,6 +77,7 @@ func New() *Server {
 		codes:         map[string]*grant{},
 		tokens:        map[string]*token{},
 		tokenLifetime: 36000 * time.Second,
+		release:       make(chan struct{}),
 	}
 }
 
@@ -102,7 +109,12 @@ func (s *Server) Active(token string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	t, ok := s.tokens[token]
-	return ok && !t.Revoked && (t.ExpiresAt.IsZero() || s.now().Before(t.ExpiresAt))
+	return ok && t.active(s.now())
+}
+
+// active reports whether t is neither revoked nor expired at now.
+func (t *token) active(now time.Time) bool {
+	return !t.Revoked && (t.ExpiresAt.IsZero() || now.Before(t.ExpiresAt))
 }
 
 // Token returns what the stand-in knows of the token with that value.
@@ -125,6 +137,45 @@ func (s *Server) Tokens() []TokenInfo {
 		infos[i] = t.TokenInfo
 	}
 	return infos
+}
+
+// Counts returns how many access tokens were issued in all and how many of them are active
+// (neither revoked nor expired by the stand-in's clock).
+func (s *Server) Counts() (issued, active int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	for _, t := range s.issued {
+		if t.Kind != "access" {
+			continue
+		}
+		issued++
+		if t.active(now) {
+			active++
+		}
+	}
+	return issued, active
+}
+
+// IssueUserGrant issues an access and refresh token to the client for user, as exchanging an
+// authorization code that user consented to would, and returns the refresh token; scope "" means
+// all the client's scopes.
+func (s *Server) IssueUserGrant(clientID, user, scope string) (refreshToken string, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, ok := s.clients[clientID]
+	if !ok {
+		return "", fmt.Errorf("stand-in: unknown client %q", clientID)
+	}
+	user = strings.TrimSpace(user)
+	if user == "" {
+		return "", errors.New("stand-in: a user grant needs a user")
+	}
+	granted, ok := scopeWithin(scope, c.Scopes)
+	if !ok {
+		return "", fmt.Errorf("stand-in: scope %q is not within client %q's scopes", scope, clientID)
+	}
+	return s.issue(c, user, "authorization_code", granted, true).RefreshToken, nil
 }
 
 // ServeHTTP routes the /o/ endpoints the way ev.energy's URLs do.
@@ -183,9 +234,26 @@ type tokenResponse struct {
 	RefreshToken string `json:"refresh_token,omitempty"`
 }
 
+// token is the token endpoint: it takes the request's fault when it arrives, reads the request,
+// waits out the latency without holding s.mu and then answers (or fails as the fault says).
 func (s *Server) token(w http.ResponseWriter, r *http.Request) {
-	var resp *tokenResponse
+	s.mu.Lock()
+	fault, release := s.takeFault()
+	latency := s.latency
+	s.mu.Unlock()
+	// Read the whole body first: net/http notices a client going away (and cancels r.Context())
+	// only once the body is read.
 	form, oerr := postForm(r)
+	if fault.Kind == FaultHang {
+		s.hold(w, r, release)
+		return
+	}
+	// Like the real server, this goes on after the client has gone: the tokens are still issued.
+	time.Sleep(latency)
+	if answerFault(w, fault) {
+		return
+	}
+	var resp *tokenResponse
 	if oerr == nil {
 		s.mu.Lock()
 		switch form.Get("grant_type") {
@@ -199,6 +267,10 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 			oerr = badRequest("unsupported_grant_type", "")
 		}
 		s.mu.Unlock()
+	}
+	if fault.Kind == FaultIssueThenHangUp {
+		hangUp(w)
+		return
 	}
 	if oerr != nil {
 		writeJSON(w, oerr.status, oerr)
@@ -415,11 +487,13 @@ const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789
 // randomValue returns 30 random characters of [A-Za-z0-9], like the contract's tokens and codes.
 func randomValue() string {
 	value := make([]byte, 0, 30)
-	var b [1]byte
+	var buf [48]byte // enough for 30 characters most of the time: 248 of 256 byte values are kept
 	for len(value) < cap(value) {
-		rand.Read(b[:])
-		if int(b[0]) < 256/len(alphabet)*len(alphabet) { // rejection keeps the characters uniform
-			value = append(value, alphabet[int(b[0])%len(alphabet)])
+		rand.Read(buf[:])
+		for _, b := range buf {
+			if int(b) < 256/len(alphabet)*len(alphabet) && len(value) < cap(value) { // rejection keeps the characters uniform
+				value = append(value, alphabet[int(b)%len(alphabet)])
+			}
 		}
 	}
 	return string(value)

@@ -4,7 +4,10 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -585,5 +588,409 @@ func TestConcurrentUse(t *testing.T) {
 	}
 	if len(seen) != 40 {
 		t.Errorf("%d tokens, want 40", len(seen))
+	}
+}
+
+var vaultCreds = []string{"client_id", "vault", "client_secret", "vault-secret"}
+
+// newClient is an HTTP client of its own, so that a connection a fault breaks is no other test's.
+func newClient(t *testing.T, timeout time.Duration) *http.Client {
+	t.Helper()
+	transport := &http.Transport{MaxIdleConnsPerHost: 64}
+	t.Cleanup(transport.CloseIdleConnections)
+	return &http.Client{Timeout: timeout, Transport: transport}
+}
+
+// send POSTs form to the token endpoint and returns what became of it, failed connections included.
+// It calls no t.Fatal, so goroutines may use it.
+func send(t *testing.T, client *http.Client, ts *httptest.Server, form url.Values, basic ...string) (*http.Response, []byte, error) {
+	req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, ts.URL+"/o/token/", strings.NewReader(form.Encode()))
+	if err != nil {
+		return nil, nil, err
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	if len(basic) == 2 {
+		req.SetBasicAuth(basic[0], basic[1])
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	return resp, body, err
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// waitFor polls cond until it holds, failing the test after 5 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+	}
+}
+
+// held is how many requests FaultHang holds.
+func held(s *Server) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.held
+}
+
+func TestFaults(t *testing.T) {
+	for name, tc := range map[string]struct {
+		fault   Fault
+		timeout time.Duration
+		check   func(t *testing.T, resp *http.Response, body []byte, err error)
+	}{
+		"rate limited": {Fault{Kind: FaultRateLimited, RetryAfter: 1500 * time.Millisecond}, 10 * time.Second,
+			func(t *testing.T, resp *http.Response, body []byte, err error) {
+				wantThrottled(t, resp, body, err, "2", "Request was throttled. Expected available in 2 seconds.")
+			}},
+		"rate limited for a second": {Fault{Kind: FaultRateLimited, RetryAfter: time.Second}, 10 * time.Second,
+			func(t *testing.T, resp *http.Response, body []byte, err error) {
+				wantThrottled(t, resp, body, err, "1", "Request was throttled. Expected available in 1 second.")
+			}},
+		"server error": {Fault{Kind: FaultServerError}, 10 * time.Second,
+			func(t *testing.T, resp *http.Response, body []byte, err error) {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if resp.StatusCode != http.StatusInternalServerError || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/html") ||
+					!strings.Contains(string(body), "<h1>Server Error (500)</h1>") || json.Valid(body) {
+					t.Errorf("got %d %q %q", resp.StatusCode, resp.Header.Get("Content-Type"), body)
+				}
+			}},
+		"garbage": {Fault{Kind: FaultGarbage}, 10 * time.Second,
+			func(t *testing.T, resp *http.Response, body []byte, err error) {
+				if err != nil {
+					t.Fatal(err)
+				}
+				var fields map[string]any
+				if resp.StatusCode != http.StatusOK || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/html") ||
+					len(body) == 0 || json.Unmarshal(body, &fields) == nil {
+					t.Errorf("got %d %q %q", resp.StatusCode, resp.Header.Get("Content-Type"), body)
+				}
+			}},
+		"hang up": {Fault{Kind: FaultHangUp}, 10 * time.Second,
+			func(t *testing.T, resp *http.Response, body []byte, err error) {
+				if err == nil || isTimeout(err) {
+					t.Errorf("got %v, want the connection closed without a response", err)
+				}
+			}},
+		"hang": {Fault{Kind: FaultHang}, 300 * time.Millisecond,
+			func(t *testing.T, resp *http.Response, body []byte, err error) {
+				if !isTimeout(err) {
+					t.Errorf("got %v, want the client to time out", err)
+				}
+			}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			s, ts := newStandin(t)
+			access, refresh := tokenPair(t, s, ts)
+			before := len(s.Tokens())
+			client := newClient(t, tc.timeout)
+			s.SetFault(tc.fault)
+			for range 2 { // Count 0: the fault stays
+				resp, body, err := send(t, client, ts, refreshForm(refresh, vaultCreds...))
+				tc.check(t, resp, body, err)
+				resp, body, err = send(t, client, ts, clientCredentials(), "vault", "vault-secret")
+				tc.check(t, resp, body, err)
+			}
+			waitFor(t, "the client's going away releases held requests", func() bool { return held(s) == 0 })
+			if n := len(s.Tokens()); n != before {
+				t.Errorf("faulted requests issued %d tokens", n-before)
+			}
+			if !s.Active(access) || !s.Active(refresh) {
+				t.Error("a faulted refresh revoked the old pair")
+			}
+			s.SetFault(Fault{})
+			resp, body, err := send(t, client, ts, refreshForm(refresh, vaultCreds...))
+			if err != nil {
+				t.Errorf("after SetFault(Fault{}): %v", err)
+			} else if resp.StatusCode != http.StatusOK || !json.Valid(body) {
+				t.Errorf("after SetFault(Fault{}): status %d", resp.StatusCode)
+			}
+		})
+	}
+}
+
+func wantThrottled(t *testing.T, resp *http.Response, body []byte, err error, retryAfter, detail string) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fields map[string]any
+	if err := json.Unmarshal(body, &fields); err != nil {
+		t.Fatalf("body %q: %v", body, err)
+	}
+	if resp.StatusCode != http.StatusTooManyRequests || resp.Header.Get("Retry-After") != retryAfter ||
+		resp.Header.Get("Content-Type") != "application/json" || fields["detail"] != detail || len(fields) != 1 {
+		t.Errorf("got %d, Retry-After %q, %q %s", resp.StatusCode, resp.Header.Get("Retry-After"), resp.Header.Get("Content-Type"), body)
+	}
+}
+
+func TestFaultCount(t *testing.T) {
+	s, ts := newStandin(t)
+	client := newClient(t, 10*time.Second)
+	s.SetFault(Fault{Kind: FaultServerError, Count: 2})
+	var statuses []int
+	for range 4 {
+		resp, _, err := send(t, client, ts, clientCredentials(), "vault", "vault-secret")
+		if err != nil {
+			t.Fatal(err)
+		}
+		statuses = append(statuses, resp.StatusCode)
+	}
+	if !slices.Equal(statuses, []int{500, 500, 200, 200}) {
+		t.Errorf("statuses %v, want two 500s and then healthy", statuses)
+	}
+	if n := len(s.Tokens()); n != 2 {
+		t.Errorf("%d tokens, want 2", n)
+	}
+
+	s.SetFault(Fault{Kind: FaultHangUp, Count: 1})
+	if _, _, err := send(t, client, ts, clientCredentials(), "vault", "vault-secret"); err == nil {
+		t.Error("the first request after FaultHangUp got an answer")
+	}
+	if resp, _, err := send(t, client, ts, clientCredentials(), "vault", "vault-secret"); err != nil {
+		t.Errorf("the second request after FaultHangUp with Count 1: %v", err)
+	} else if resp.StatusCode != http.StatusOK {
+		t.Errorf("the second request after FaultHangUp with Count 1: status %d", resp.StatusCode)
+	}
+}
+
+func TestFaultsSpareAuthorizeAndRevoke(t *testing.T) {
+	s, ts := newStandin(t)
+	_, refresh := tokenPair(t, s, ts)
+	s.SetFault(Fault{Kind: FaultHangUp})
+	code(t, s, authorizeURL(ts, "vault", callback))
+	r := post(t, ts, "/o/revoke_token/", url.Values{"token": {refresh}, "client_id": {"vault"}, "client_secret": {"vault-secret"}})
+	if r.status != http.StatusOK || s.Active(refresh) {
+		t.Errorf("revoke under a token endpoint fault: %d, still active: %v", r.status, s.Active(refresh))
+	}
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, ts.URL+"/o/token/", nil)
+	if r := do(t, req); r.status != http.StatusMethodNotAllowed {
+		t.Errorf("GET /o/token/ under a fault: %d", r.status)
+	}
+}
+
+func TestFaultIssueThenHangUp(t *testing.T) {
+	s, ts := newStandin(t)
+	client := newClient(t, 10*time.Second)
+	s.SetFault(Fault{Kind: FaultIssueThenHangUp, Count: 1})
+	if _, _, err := send(t, client, ts, clientCredentials(), "vault", "vault-secret"); err == nil || isTimeout(err) {
+		t.Errorf("got %v, want the connection closed without a response", err)
+	}
+	tokens := s.Tokens()
+	if len(tokens) != 1 || tokens[0].Kind != "access" || tokens[0].Grant != "client_credentials" || !s.Active(tokens[0].Value) {
+		t.Fatalf("%d tokens issued, want one active client_credentials access token", len(tokens))
+	}
+
+	// A refresh whose answer is lost has rotated the pair: the client's refresh token is dead.
+	access, refresh := tokenPair(t, s, ts)
+	before := len(s.Tokens())
+	s.SetFault(Fault{Kind: FaultIssueThenHangUp})
+	if _, _, err := send(t, client, ts, refreshForm(refresh, vaultCreds...)); err == nil {
+		t.Error("a refresh got an answer under FaultIssueThenHangUp")
+	}
+	s.SetFault(Fault{})
+	tokens = s.Tokens()
+	if len(tokens) != before+2 || tokens[before].Kind != "access" || tokens[before+1].Kind != "refresh" ||
+		!s.Active(tokens[before].Value) || !s.Active(tokens[before+1].Value) {
+		t.Errorf("%d tokens issued by the lost refresh, want one active pair", len(tokens)-before)
+	}
+	if s.Active(access) || s.Active(refresh) {
+		t.Error("the lost refresh did not rotate the old pair")
+	}
+	wantError(t, post(t, ts, "/o/token", refreshForm(refresh, vaultCreds...)), 400, "invalid_grant")
+}
+
+func TestFaultHangReleasedBySetFault(t *testing.T) {
+	s, ts := newStandin(t)
+	s.SetFault(Fault{Kind: FaultHang})
+	errc := make(chan error, 1)
+	go func() {
+		_, _, err := send(t, newClient(t, 30*time.Second), ts, clientCredentials(), "vault", "vault-secret")
+		errc <- err
+	}()
+	waitFor(t, "the request is held", func() bool { return held(s) == 1 })
+	select {
+	case err := <-errc:
+		t.Fatalf("a held request ended: %v", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	s.SetFault(Fault{})
+	select {
+	case err := <-errc:
+		if err == nil || isTimeout(err) {
+			t.Errorf("got %v, want the connection closed without a response", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("SetFault did not release the held request")
+	}
+	if n := len(s.Tokens()); n != 0 {
+		t.Errorf("the held request issued %d tokens", n)
+	}
+	wantTokens(t, post(t, ts, "/o/token", clientCredentials(), "vault", "vault-secret"), scopes, false)
+}
+
+func TestLatency(t *testing.T) {
+	s, ts := newStandin(t)
+	const latency = 200 * time.Millisecond
+	s.SetLatency(latency)
+	start := time.Now()
+	wantTokens(t, post(t, ts, "/o/token", clientCredentials(), "vault", "vault-secret"), scopes, false)
+	wantError(t, post(t, ts, "/o/token", clientCredentials(), "vault", "wrong"), 401, "invalid_client")
+	if elapsed := time.Since(start); elapsed < 2*latency {
+		t.Errorf("a success and an error took %v, want at least %v", elapsed, 2*latency)
+	}
+
+	client := newClient(t, 10*time.Second)
+	var wg sync.WaitGroup
+	start = time.Now()
+	for range 20 {
+		wg.Go(func() {
+			resp, _, err := send(t, client, ts, clientCredentials(), "vault", "vault-secret")
+			if err != nil {
+				t.Error(err) // not Fatal: this is not the test's goroutine
+			} else if resp.StatusCode != http.StatusOK {
+				t.Errorf("status %d", resp.StatusCode)
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	if elapsed < latency || elapsed >= 2*time.Second { // one after another they would take 4 s
+		t.Errorf("20 concurrent requests with %v latency took %v", latency, elapsed)
+	}
+	if n := len(s.Tokens()); n != 21 {
+		t.Errorf("%d tokens, want 21", n)
+	}
+}
+
+func TestLatencyClientGoesAway(t *testing.T) {
+	s, ts := newStandin(t)
+	access, refresh := tokenPair(t, s, ts)
+	before := len(s.Tokens())
+	s.SetLatency(300 * time.Millisecond)
+	if _, _, err := send(t, newClient(t, 50*time.Millisecond), ts, refreshForm(refresh, vaultCreds...)); !isTimeout(err) {
+		t.Fatalf("got %v, want the client to time out", err)
+	}
+	// The stand-in goes on as a real server would: after the delay it rotates the pair.
+	waitFor(t, "the refresh is done", func() bool { return len(s.Tokens()) == before+2 })
+	if s.Active(access) || s.Active(refresh) {
+		t.Error("the old pair is active after the refresh the client gave up on")
+	}
+}
+
+func TestIssueUserGrant(t *testing.T) {
+	s, ts := newStandin(t)
+	refresh, err := s.IssueUserGrant("vault", "alice@example.com", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tokens := s.Tokens()
+	if len(tokens) != 2 || !tokenValue.MatchString(refresh) || tokens[1].Value != refresh {
+		t.Fatalf("%d tokens issued, want an access and a refresh token", len(tokens))
+	}
+	for i, kind := range []string{"access", "refresh"} {
+		info := tokens[i]
+		if info.Kind != kind || info.ClientID != "vault" || info.User != "alice@example.com" ||
+			info.Grant != "authorization_code" || info.Scope != scopes || !s.Active(info.Value) {
+			t.Errorf("%s token: kind %q client %q user %q grant %q scope %q", kind, info.Kind, info.ClientID, info.User, info.Grant, info.Scope)
+		}
+	}
+	r := post(t, ts, "/o/token", refreshForm(refresh, vaultCreds...))
+	wantTokens(t, r, scopes, true)
+	if info, _ := s.Token(r.str("access_token")); info.User != "alice@example.com" || s.Active(tokens[0].Value) {
+		t.Errorf("refreshed for user %q; old access token active: %v", info.User, s.Active(tokens[0].Value))
+	}
+
+	narrow, err := s.IssueUserGrant("mobile", "bob@example.com", "vehicle:read")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantTokens(t, post(t, ts, "/o/token", refreshForm(narrow, "client_id", "mobile")), "vehicle:read", true)
+
+	issued := len(s.Tokens())
+	for name, args := range map[string][3]string{
+		"unknown client": {"nobody", "alice@example.com", ""},
+		"scope":          {"mobile", "alice@example.com", "charging_session:read"},
+		"no user":        {"vault", " ", ""},
+	} {
+		if _, err := s.IssueUserGrant(args[0], args[1], args[2]); err == nil {
+			t.Errorf("%s: no error", name)
+		}
+	}
+	if n := len(s.Tokens()); n != issued {
+		t.Errorf("refused grants issued %d tokens", n-issued)
+	}
+}
+
+func TestCounts(t *testing.T) {
+	s, ts := newStandin(t)
+	want := func(issued, active int) {
+		t.Helper()
+		if i, a := s.Counts(); i != issued || a != active {
+			t.Errorf("Counts() = %d, %d; want %d, %d", i, a, issued, active)
+		}
+	}
+	want(0, 0)
+	post(t, ts, "/o/token", clientCredentials(), "vault", "vault-secret")
+	first, _ := s.IssueUserGrant("vault", "alice@example.com", "")
+	second, _ := s.IssueUserGrant("vault", "bob@example.com", "")
+	want(3, 3) // refresh tokens are not counted
+	post(t, ts, "/o/revoke_token/", url.Values{"token": {first}, "client_id": {"vault"}, "client_secret": {"vault-secret"}})
+	want(3, 2)
+	wantTokens(t, post(t, ts, "/o/token", refreshForm(second, vaultCreds...)), scopes, true)
+	want(4, 2)
+	s.Advance(36000 * time.Second)
+	want(4, 0)
+}
+
+func TestConcurrentRefreshes(t *testing.T) {
+	s, ts := newStandin(t)
+	const grants, workers = 300, 50
+	refreshes := make(chan string, grants)
+	for i := range grants {
+		refresh, err := s.IssueUserGrant("vault", fmt.Sprintf("driver-%d@example.com", i), "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		refreshes <- refresh
+	}
+	close(refreshes)
+	s.SetLatency(20 * time.Millisecond)
+	client := newClient(t, 30*time.Second)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	failures := 0
+	for range workers {
+		wg.Go(func() {
+			for refresh := range refreshes {
+				resp, body, err := send(t, client, ts, refreshForm(refresh, vaultCreds...))
+				var fields map[string]any
+				if err != nil || resp.StatusCode != http.StatusOK || json.Unmarshal(body, &fields) != nil || fields["refresh_token"] == nil {
+					mu.Lock()
+					failures++
+					mu.Unlock()
+				}
+				s.Counts()
+			}
+		})
+	}
+	wg.Wait()
+	if failures > 0 {
+		t.Errorf("%d of %d refreshes failed", failures, grants)
+	}
+	if issued, active := s.Counts(); issued != 2*grants || active != grants {
+		t.Errorf("Counts() = %d, %d; want %d, %d", issued, active, 2*grants, grants)
 	}
 }
