@@ -43,7 +43,7 @@ func newBackend() *backend {
 		Help:        strings.TrimSpace(backendHelp),
 		BackendType: logical.TypeLogical,
 		PathsSpecial: &logical.Paths{
-			SealWrapStorage: []string{configPath, userPrefix, authRequestPrefix},
+			SealWrapStorage: []string{configPath, userPrefix, authRequestPrefix, framework.WALPrefix},
 			Unauthenticated: []string{"callback"},
 		},
 		Paths: framework.PathAppend(
@@ -54,7 +54,9 @@ func newBackend() *backend {
 		),
 		Secrets:      []*framework.Secret{secretAccessToken(b), secretUserToken()},
 		PeriodicFunc: b.refreshDueUsers,
+		WALRollback:  b.rollbackMintedToken,
 	}
+	passRetryAfter(b.Paths)
 	return b
 }
 

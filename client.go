@@ -2,13 +2,12 @@ package evenergy
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"net/http"
 	"net/url"
 	"strings"
+	"time"
 
 	"golang.org/x/oauth2"
 	"golang.org/x/oauth2/clientcredentials"
@@ -21,21 +20,17 @@ type evenergyClient struct {
 }
 
 func newClient(cfg *config) *evenergyClient {
-	return &evenergyClient{cfg: cfg, http: &http.Client{Timeout: cfg.RequestTimeout}}
+	// request_timeout bounds each whole call (a retry included) through its context, not per attempt.
+	return &evenergyClient{cfg: cfg, http: &http.Client{}}
 }
 
 func (c *evenergyClient) tokenURL() string  { return c.cfg.BaseURL + "/o/token" }
 func (c *evenergyClient) revokeURL() string { return c.cfg.BaseURL + "/o/revoke_token/" } // 405 without the slash
 
-// withHTTP makes x/oauth2 use this client's timeout.
-func (c *evenergyClient) withHTTP(ctx context.Context) context.Context {
-	return context.WithValue(ctx, oauth2.HTTPClient, c.http)
-}
-
 // clientCredentialsToken mints a token for the client itself; ev.energy wants HTTP Basic here.
 func (c *evenergyClient) clientCredentialsToken(ctx context.Context, scopes []string) (*oauth2.Token, error) {
 	if c.cfg.ClientSecret == "" {
-		return nil, &upstreamError{Op: "token request", Status: http.StatusBadRequest, OAuthCode: "invalid_client",
+		return nil, &upstreamError{Op: opToken, Status: http.StatusBadRequest, OAuthCode: "invalid_client",
 			Description: "the config has no client_secret, which client-credentials tokens need"}
 	}
 	cc := clientcredentials.Config{
@@ -45,8 +40,7 @@ func (c *evenergyClient) clientCredentialsToken(ctx context.Context, scopes []st
 		Scopes:       scopes,
 		AuthStyle:    oauth2.AuthStyleInHeader,
 	}
-	tok, err := cc.Token(c.withHTTP(ctx))
-	return tok, asUpstreamError("token request", err)
+	return c.token(ctx, opToken, func(ctx context.Context) (*oauth2.Token, error) { return cc.Token(ctx) })
 }
 
 // userConfig is the authorization-code client; ev.energy wants its credentials as form fields.
@@ -70,14 +64,28 @@ func (c *evenergyClient) authorizeURL(redirectURI string, scopes []string, state
 }
 
 func (c *evenergyClient) exchangeCode(ctx context.Context, code, verifier, redirectURI string) (*oauth2.Token, error) {
-	tok, err := c.userConfig(redirectURI, nil).Exchange(c.withHTTP(ctx), code, oauth2.VerifierOption(verifier))
-	return tok, asUpstreamError("authorization code exchange", err)
+	return c.token(ctx, opExchange, func(ctx context.Context) (*oauth2.Token, error) {
+		return c.userConfig(redirectURI, nil).Exchange(ctx, code, oauth2.VerifierOption(verifier))
+	})
 }
 
 // refresh trades a refresh token for a new access token and, as ev.energy rotates them, a new refresh token.
 func (c *evenergyClient) refresh(ctx context.Context, refreshToken string) (*oauth2.Token, error) {
-	tok, err := c.userConfig("", nil).TokenSource(c.withHTTP(ctx), &oauth2.Token{RefreshToken: refreshToken}).Token()
-	return tok, asUpstreamError("token refresh", err)
+	return c.token(ctx, opRefresh, func(ctx context.Context) (*oauth2.Token, error) {
+		return c.userConfig("", nil).TokenSource(ctx, &oauth2.Token{RefreshToken: refreshToken}).Token()
+	})
+}
+
+// token runs one token-endpoint call through this client's HTTP client, within request_timeout.
+func (c *evenergyClient) token(ctx context.Context, op string, call func(context.Context) (*oauth2.Token, error)) (*oauth2.Token, error) {
+	ctx = context.WithValue(ctx, oauth2.HTTPClient, c.http)
+	var tok *oauth2.Token
+	err := c.withRetry(ctx, op, func(ctx context.Context) error {
+		var err error
+		tok, err = call(ctx)
+		return asUpstreamError(op, err)
+	})
+	return tok, err
 }
 
 // revoke revokes an access or refresh token (RFC 7009); ev.energy answers 200 for tokens already invalid.
@@ -89,68 +97,42 @@ func (c *evenergyClient) revoke(ctx context.Context, token, hint string) error {
 	if hint != "" {
 		form.Set("token_type_hint", hint)
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.revokeURL(), strings.NewReader(form.Encode()))
-	if err != nil {
+	return c.withRetry(ctx, opRevoke, func(ctx context.Context) error {
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.revokeURL(), strings.NewReader(form.Encode()))
+		if err != nil {
+			return err
+		}
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		resp, err := c.http.Do(req)
+		if err != nil {
+			return asUpstreamError(opRevoke, err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<16))
+		if resp.StatusCode == http.StatusOK {
+			return nil
+		}
+		return answerError(opRevoke, resp, body)
+	})
+}
+
+// withRetry runs call within request_timeout, and once more after a 429 whose Retry-After still fits in it.
+func (c *evenergyClient) withRetry(ctx context.Context, op string, call func(context.Context) error) error {
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
+	defer cancel()
+	err := call(ctx)
+	var upstream *upstreamError
+	if !errors.As(err, &upstream) || upstream.Status != http.StatusTooManyRequests {
 		return err
 	}
-	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return &upstreamError{Op: "token revocation", Err: err}
+	deadline, _ := ctx.Deadline()
+	if upstream.RetryAfter == 0 || upstream.RetryAfter > time.Until(deadline) {
+		return err
 	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<16))
-	if resp.StatusCode == http.StatusOK {
-		return nil
+	select {
+	case <-time.After(upstream.RetryAfter):
+	case <-ctx.Done():
+		return err
 	}
-	e := &upstreamError{Op: "token revocation", Status: resp.StatusCode}
-	var oauthBody struct {
-		Error            string `json:"error"`
-		ErrorDescription string `json:"error_description"`
-	}
-	if json.Unmarshal(body, &oauthBody) == nil {
-		e.OAuthCode, e.Description = oauthBody.Error, oauthBody.ErrorDescription
-	}
-	return e
-}
-
-// upstreamError is a failed call to ev.energy. It carries the OAuth error ev.energy gave, and as a
-// logical.HTTPCodedError it reaches the Vault client as 400 (ev.energy refused) or 502 (ev.energy failed).
-type upstreamError struct {
-	Op          string
-	Status      int // ev.energy's HTTP status; 0 when it could not be reached
-	OAuthCode   string
-	Description string
-	Err         error
-}
-
-func (e *upstreamError) Error() string {
-	switch {
-	case e.OAuthCode != "" && e.Description != "":
-		return fmt.Sprintf("ev.energy refused the %s: %s: %s", e.Op, e.OAuthCode, e.Description)
-	case e.OAuthCode != "":
-		return fmt.Sprintf("ev.energy refused the %s: %s", e.Op, e.OAuthCode)
-	case e.Status != 0:
-		return fmt.Sprintf("ev.energy answered the %s with HTTP %d", e.Op, e.Status)
-	default:
-		return fmt.Sprintf("could not reach ev.energy for the %s: %v", e.Op, e.Err)
-	}
-}
-
-func (e *upstreamError) Code() int {
-	if e.Status >= 400 && e.Status < 500 {
-		return http.StatusBadRequest
-	}
-	return http.StatusBadGateway
-}
-
-func asUpstreamError(op string, err error) error {
-	if err == nil {
-		return nil
-	}
-	var re *oauth2.RetrieveError
-	if errors.As(err, &re) {
-		return &upstreamError{Op: op, Status: re.Response.StatusCode, OAuthCode: re.ErrorCode, Description: re.ErrorDescription}
-	}
-	return &upstreamError{Op: op, Err: err}
+	return call(ctx)
 }

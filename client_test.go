@@ -4,8 +4,13 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
 )
 
 func TestUpstreamErrorPassesOnOAuthError(t *testing.T) {
@@ -36,12 +41,71 @@ func TestUpstreamErrorWhenEvenergyFails(t *testing.T) {
 	}))
 	client := newClient(&config{ClientID: "app", ClientSecret: "s3cret", BaseURL: server.URL, RequestTimeout: time.Second})
 	err := client.revoke(t.Context(), "tok", "")
-	if upstream, ok := err.(*upstreamError); !ok || upstream.Code() != http.StatusBadGateway || err.Error() != "ev.energy answered the token revocation with HTTP 500" {
+	if upstream, ok := err.(*upstreamError); !ok || upstream.Code() != http.StatusBadGateway || err.Error() != "ev.energy failed the token revocation with HTTP 500" {
 		t.Errorf("HTTP 500: got %v", err)
 	}
 	server.Close()
 	_, err = client.clientCredentialsToken(t.Context(), nil)
-	if upstream, ok := err.(*upstreamError); !ok || upstream.Code() != http.StatusBadGateway || upstream.Err == nil {
+	if upstream, ok := err.(*upstreamError); !ok || upstream.Code() != http.StatusBadGateway || upstream.Fault != faultRefused {
 		t.Errorf("unreachable: got %v", err)
+	}
+}
+
+// TestProviderFaultsMapToOneAnswer reads token through a unit backend while the stand-in fails in
+// each way ev.energy can; no fault may hand out a lease or leave a token alive.
+func TestProviderFaultsMapToOneAnswer(t *testing.T) {
+	cases := []struct {
+		fault      standin.Fault
+		status     int
+		want       string
+		retryAfter string
+	}{
+		{standin.Fault{Kind: standin.FaultRateLimited, RetryAfter: 7 * time.Second}, http.StatusTooManyRequests, "rate limiting the token request (HTTP 429): retry after 7s", "7"},
+		{standin.Fault{Kind: standin.FaultServerError}, http.StatusBadGateway, "ev.energy failed the token request with HTTP 500", ""},
+		{standin.Fault{Kind: standin.FaultGarbage}, http.StatusBadGateway, "answered the token request with something that is not an OAuth response", ""},
+		{standin.Fault{Kind: standin.FaultHang}, http.StatusBadGateway, "did not answer the token request within the config's request_timeout", ""},
+		{standin.Fault{Kind: standin.FaultHangUp}, http.StatusBadGateway, "the connection to ev.energy failed during the token request", ""},
+	}
+	for _, tc := range cases {
+		b, s := newUnitBackend(t)
+		sv := newTestStandin()
+		unitConfig(t, b, s, sv)
+		if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"request_timeout": "2s"}); err != nil {
+			t.Fatal(err)
+		}
+		sv.SetFault(tc.fault)
+		resp, err := request(t, b, s, logical.ReadOperation, "token", nil)
+		var coded logical.HTTPCodedError
+		switch {
+		case !errors.As(err, &coded) || coded.Code() != tc.status || !strings.Contains(err.Error(), tc.want):
+			t.Errorf("fault %d: want HTTP %d saying %q, got %v", tc.fault.Kind, tc.status, tc.want, err)
+		case strings.Contains(err.Error(), "<"):
+			t.Errorf("fault %d: the message carries markup: %v", tc.fault.Kind, err)
+		case resp != nil && resp.Secret != nil:
+			t.Errorf("fault %d: a lease was handed out", tc.fault.Kind)
+		case tc.retryAfter != "" && (resp == nil || resp.Headers["Retry-After"][0] != tc.retryAfter):
+			t.Errorf("fault %d: Retry-After not passed on: %v", tc.fault.Kind, resp)
+		}
+		if _, active := sv.Counts(); active != 0 {
+			t.Errorf("fault %d: %d tokens alive at ev.energy", tc.fault.Kind, active)
+		}
+		sv.SetFault(standin.Fault{}) // releases a held request
+	}
+}
+
+func TestRateLimitRetriedOnceWithinRequestTimeout(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newTestStandin()
+	unitConfig(t, b, s, sv)
+	sv.SetFault(standin.Fault{Kind: standin.FaultRateLimited, RetryAfter: time.Second, Count: 1})
+	if resp, err := request(t, b, s, logical.ReadOperation, "token", nil); err != nil || resp.Secret == nil {
+		t.Fatalf("a 429 with a Retry-After that fits in request_timeout was not retried: %v", err)
+	}
+	sv.SetFault(standin.Fault{Kind: standin.FaultRateLimited, RetryAfter: time.Second, Count: 2})
+	if _, err := request(t, b, s, logical.ReadOperation, "token", nil); err == nil || !strings.Contains(err.Error(), "HTTP 429") {
+		t.Fatalf("want one retry only, then the 429 passed on; got %v", err)
+	}
+	if issued, _ := sv.Counts(); issued != 1 {
+		t.Fatalf("%d tokens issued, want 1", issued)
 	}
 }

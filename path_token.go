@@ -58,7 +58,9 @@ func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *fr
 		}
 	}
 
-	tok, err := newClient(cfg).clientCredentialsToken(ctx, r.Scopes)
+	client := newClient(cfg)
+	// The mint finishes even if the caller goes away: ev.energy may have issued the token already.
+	tok, err := client.clientCredentialsToken(context.WithoutCancel(ctx), r.Scopes)
 	if err != nil {
 		return nil, err
 	}
@@ -74,7 +76,7 @@ func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *fr
 	}
 	resp := b.Secret(secretAccessTokenType).Response(tokenData(tok.AccessToken, tok.Type(), tokenScope(tok), tok.Expiry), internal)
 	resp.Secret.TTL, resp.Secret.MaxTTL = b.leaseTTLs(r, time.Now(), tok.Expiry)
-	return resp, nil
+	return b.leaseOrRevoke(ctx, req.Storage, client, tok, resp)
 }
 
 // tokenData is what a reader gets of a token: never its refresh token.
@@ -145,15 +147,9 @@ func (b *backend) revokeAccessToken(ctx context.Context, req *logical.Request, _
 	if err != nil {
 		return nil, err
 	}
-	client := newClient(cfg)
-	// Revoking a refresh token also revokes its access token at ev.energy; revoke both to be sure.
-	if refreshToken, ok := req.Secret.InternalData["refresh_token"].(string); ok {
-		if err := client.revoke(ctx, refreshToken, "refresh_token"); err != nil {
-			return nil, err
-		}
-	}
 	accessToken, _ := req.Secret.InternalData["access_token"].(string)
-	return nil, client.revoke(ctx, accessToken, "access_token")
+	refreshToken, _ := req.Secret.InternalData["refresh_token"].(string)
+	return nil, revokeMinted(ctx, newClient(cfg), mintedToken{AccessToken: accessToken, RefreshToken: refreshToken})
 }
 
 func internalExpiry(internal map[string]any) (time.Time, error) {

@@ -1,15 +1,23 @@
 package evenergy
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/vault/api"
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
 )
 
 func TestLeaseTTLsNeverOutliveTheToken(t *testing.T) {
@@ -261,5 +269,123 @@ template {
 	}
 	if len(seen) < 3 {
 		t.Fatalf("Agent rendered %d tokens in 35 s of 10-second tokens; it should re-read before each one dies", len(seen))
+	}
+}
+
+// unitConfig configures a unit backend against handler, a real HTTP server in front of sv.
+func unitConfig(t *testing.T, b *backend, s logical.Storage, handler http.Handler) {
+	t.Helper()
+	server := httptest.NewServer(handler)
+	t.Cleanup(server.Close)
+	resp, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": testClientID, "client_secret": testClientSecret, "base_url": server.URL})
+	if err != nil || resp.IsError() {
+		t.Fatalf("config: %v %v", err, resp)
+	}
+}
+
+func newTestStandin() *standin.Server {
+	sv := standin.New()
+	sv.AddClient(standin.Client{ID: testClientID, Secret: testClientSecret, Scopes: testScopes})
+	return sv
+}
+
+func TestTokenReadLeavesNoWriteAheadRecord(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newTestStandin()
+	unitConfig(t, b, s, sv)
+	resp, err := request(t, b, s, logical.ReadOperation, "token", nil)
+	if err != nil || resp.IsError() || resp.Secret == nil {
+		t.Fatalf("token: %v %v", err, resp)
+	}
+	if !sv.Active(resp.Data["access_token"].(string)) {
+		t.Fatal("the token handed out is not active at ev.energy")
+	}
+	if wal, _ := framework.ListWAL(t.Context(), s); len(wal) != 0 {
+		t.Fatalf("%d write-ahead records left after a successful read", len(wal))
+	}
+}
+
+func TestTokenMintedForACallerWhoLeftIsRevoked(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newTestStandin()
+	ctx, callerLeaves := context.WithCancel(t.Context())
+	// The caller goes away while ev.energy is issuing the token: it is issued all the same.
+	unitConfig(t, b, s, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		sv.ServeHTTP(w, r)
+		if r.URL.Path == "/o/token" {
+			callerLeaves()
+		}
+	}))
+	_, err := b.HandleRequest(ctx, &logical.Request{Operation: logical.ReadOperation, Path: "token", Storage: s})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("want the request to fail with its caller gone, got %v", err)
+	}
+	tokens := sv.Tokens()
+	if len(tokens) != 1 || !tokens[0].Revoked {
+		t.Fatalf("want the one minted token revoked at ev.energy, got %d tokens (revoked: %v)", len(tokens), len(tokens) == 1 && tokens[0].Revoked)
+	}
+	if wal, _ := framework.ListWAL(t.Context(), s); len(wal) != 0 {
+		t.Fatalf("%d write-ahead records left after the token was revoked", len(wal))
+	}
+}
+
+// failingStorage fails every write under prefix, as a storage backend that lost its quorum would.
+type failingStorage struct {
+	logical.Storage
+	prefix string
+}
+
+func (f failingStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
+	if strings.HasPrefix(e.Key, f.prefix) {
+		return errors.New("storage unavailable")
+	}
+	return f.Storage.Put(ctx, e)
+}
+
+func TestTokenMintRevokedWhenItsRecordCannotBeWritten(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newTestStandin()
+	unitConfig(t, b, s, sv)
+	_, err := request(t, b, failingStorage{s, framework.WALPrefix}, logical.ReadOperation, "token", nil)
+	if err == nil {
+		t.Fatal("a read whose write-ahead record failed handed out a token")
+	}
+	if tokens := sv.Tokens(); len(tokens) != 1 || !tokens[0].Revoked {
+		t.Fatalf("want the one minted token revoked at ev.energy, got %d tokens", len(tokens))
+	}
+}
+
+func TestWriteAheadRollbackRevokesAnOrphan(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newTestStandin()
+	unitConfig(t, b, s, sv)
+	cfg, err := getConfig(t.Context(), s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The plugin died between the mint and its answer: only the write-ahead record knows the token.
+	tok, err := newClient(cfg).clientCredentialsToken(t.Context(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := framework.PutWAL(t.Context(), s, walKindMintedToken, mintedToken{AccessToken: tok.AccessToken}); err != nil {
+		t.Fatal(err)
+	}
+	rollback := &logical.Request{Operation: logical.RollbackOperation, Storage: s, Data: map[string]any{}}
+	if _, err := b.HandleRequest(t.Context(), rollback); err != nil {
+		t.Fatal(err)
+	}
+	if !sv.Active(tok.AccessToken) {
+		t.Fatal("a record younger than the rollback's minimum age was rolled back")
+	}
+	rollback.Data["immediate"] = true
+	if resp, err := b.HandleRequest(t.Context(), rollback); err != nil || resp.IsError() {
+		t.Fatalf("rollback: %v %v", err, resp)
+	}
+	if sv.Active(tok.AccessToken) {
+		t.Fatal("the rollback left the orphan token live at ev.energy")
+	}
+	if wal, _ := framework.ListWAL(t.Context(), s); len(wal) != 0 {
+		t.Fatalf("%d write-ahead records left after the rollback", len(wal))
 	}
 }
