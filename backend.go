@@ -60,24 +60,6 @@ func newBackend() *backend {
 	return b
 }
 
-// getJSON decodes the storage entry at key; nil when there is none.
-func getJSON[T any](ctx context.Context, s logical.Storage, key string) (*T, error) {
-	entry, err := s.Get(ctx, key)
-	if err != nil || entry == nil {
-		return nil, err
-	}
-	v := new(T)
-	return v, entry.DecodeJSON(v)
-}
-
-func putJSON(ctx context.Context, s logical.Storage, key string, v any) error {
-	entry, err := logical.StorageEntryJSON(key, v)
-	if err != nil {
-		return err
-	}
-	return s.Put(ctx, entry)
-}
-
 // ensureWritable sends a request that will call ev.energy and then write (a lease or a rotated
 // token) on to the active node, before anything is minted that a read-only node could not keep.
 func (b *backend) ensureWritable() error {

@@ -2,10 +2,7 @@ package evenergy
 
 import (
 	"context"
-	"fmt"
-	"net"
 	"net/http"
-	"net/url"
 	"strings"
 	"time"
 
@@ -149,37 +146,4 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 
 func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
 	return nil, req.Storage.Delete(ctx, configPath)
-}
-
-// fieldOnWrite returns a field the request sets, or its default when the request creates the entry.
-func fieldOnWrite(req *logical.Request, d *framework.FieldData, name string) (any, bool) {
-	if v, ok := d.GetOk(name); ok {
-		return v, true
-	}
-	return d.Get(name), req.Operation == logical.CreateOperation
-}
-
-// checkURL accepts an absolute https:// URL, or http:// for a loopback host only.
-func checkURL(field, raw string) error {
-	u, err := url.Parse(raw)
-	if err != nil || u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
-		return fmt.Errorf("%s must be an absolute URL such as https://api.ev.energy, without query or fragment", field)
-	}
-	switch u.Scheme {
-	case "https":
-		return nil
-	case "http":
-		if isLoopback(u.Hostname()) {
-			return nil
-		}
-	}
-	return fmt.Errorf("%s must use https:// (http:// is allowed only for localhost and loopback addresses)", field)
-}
-
-func isLoopback(host string) bool {
-	if strings.EqualFold(host, "localhost") {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }

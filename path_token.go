@@ -7,7 +7,6 @@ import (
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
-	"golang.org/x/oauth2"
 )
 
 const secretAccessTokenType = "evenergy_access_token"
@@ -77,22 +76,6 @@ func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *fr
 	resp := b.Secret(secretAccessTokenType).Response(tokenData(tok.AccessToken, tok.Type(), tokenScope(tok), tok.Expiry), internal)
 	resp.Secret.TTL, resp.Secret.MaxTTL = b.leaseTTLs(r, time.Now(), tok.Expiry)
 	return b.leaseOrRevoke(ctx, req.Storage, client, tok, resp)
-}
-
-// tokenData is what a reader gets of a token: never its refresh token.
-func tokenData(accessToken, tokenType, scope string, expiresAt time.Time) map[string]any {
-	return map[string]any{
-		"access_token": accessToken,
-		"token_type":   tokenType,
-		"scope":        scope,
-		"expires_at":   expiresAt.Format(time.RFC3339),
-	}
-}
-
-// tokenScope is the scope ev.energy granted, which it returns beside the token.
-func tokenScope(tok *oauth2.Token) string {
-	scope, _ := tok.Extra("scope").(string)
-	return scope
 }
 
 // leaseTTLs are the role's TTL and max TTL (or the mount's), capped so the lease never outlives the token.

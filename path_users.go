@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"regexp"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -19,14 +18,6 @@ const (
 	secretUserTokenType = "evenergy_user_token"
 	grantActive         = "active"
 	grantRevoked        = "revoked"
-)
-
-// userName is how this engine names an ev.energy user: a path segment, and a storage key.
-const userName = `\w[\w.@+-]*`
-
-var (
-	userNamePattern = regexp.MustCompile("^" + userName + "$")
-	userField       = "(?P<user>" + userName + ")"
 )
 
 // grant is what Vault keeps of one ev.energy user's authorization; its tokens never leave except
@@ -288,36 +279,4 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 		return g, nil
 	}
 	return nil, err
-}
-
-// refreshDueUsers refreshes, on the active node only, every user token due for a refresh, and
-// forgets expired pending authorizations.
-func (b *backend) refreshDueUsers(ctx context.Context, req *logical.Request) error {
-	if b.ensureWritable() != nil {
-		return nil
-	}
-	var errs []error
-	states, err := req.Storage.List(ctx, authRequestPrefix)
-	errs = append(errs, err)
-	for _, state := range states {
-		pending, err := getJSON[authRequest](ctx, req.Storage, authRequestPrefix+state)
-		if err == nil && pending != nil && time.Now().After(pending.ExpiresAt) {
-			err = req.Storage.Delete(ctx, authRequestPrefix+state)
-		}
-		errs = append(errs, err)
-	}
-
-	cfg, err := getJSON[config](ctx, req.Storage, configPath)
-	if err != nil || cfg == nil {
-		return errors.Join(append(errs, err)...)
-	}
-	users, err := req.Storage.List(ctx, userPrefix)
-	errs = append(errs, err)
-	for _, user := range users {
-		var revoked *revokedGrantError
-		if _, err := b.currentGrant(ctx, req.Storage, cfg, user); err != nil && !errors.As(err, &revoked) {
-			errs = append(errs, fmt.Errorf("user %s: %w", user, err))
-		}
-	}
-	return errors.Join(errs...)
 }

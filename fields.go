@@ -1,0 +1,53 @@
+package evenergy
+
+import (
+	"fmt"
+	"net"
+	"net/url"
+	"regexp"
+	"strings"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// userName is how this engine names an ev.energy user: a path segment, and a storage key.
+const userName = `\w[\w.@+-]*`
+
+var (
+	userNamePattern = regexp.MustCompile("^" + userName + "$")
+	userField       = "(?P<user>" + userName + ")"
+)
+
+// fieldOnWrite returns a field the request sets, or its default when the request creates the entry.
+func fieldOnWrite(req *logical.Request, d *framework.FieldData, name string) (any, bool) {
+	if v, ok := d.GetOk(name); ok {
+		return v, true
+	}
+	return d.Get(name), req.Operation == logical.CreateOperation
+}
+
+// checkURL accepts an absolute https:// URL, or http:// for a loopback host only.
+func checkURL(field, raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
+		return fmt.Errorf("%s must be an absolute URL such as https://api.ev.energy, without query or fragment", field)
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		if isLoopback(u.Hostname()) {
+			return nil
+		}
+	}
+	return fmt.Errorf("%s must use https:// (http:// is allowed only for localhost and loopback addresses)", field)
+}
+
+func isLoopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
