@@ -33,6 +33,9 @@ func checkURL(field, raw string) error {
 	if err != nil || u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
 		return fmt.Errorf("%s must be an absolute URL such as https://api.ev.energy, without query or fragment", field)
 	}
+	if u.User != nil {
+		return fmt.Errorf("%s must not carry user info (user:password@): Vault would show it to anyone who reads it", field)
+	}
 	switch u.Scheme {
 	case "https":
 		return nil

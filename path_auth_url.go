@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"net/http"
+	"regexp"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -17,6 +18,9 @@ const (
 	authRequestTTL    = 10 * time.Minute
 )
 
+// statePattern is what rand.Text gives: 26 characters of base32.
+var statePattern = regexp.MustCompile(`^[A-Z2-7]{26}$`)
+
 // authRequest is a pending authorization, stored under its state until the user comes back.
 type authRequest struct {
 	User        string    `json:"user"`
@@ -27,9 +31,9 @@ type authRequest struct {
 
 func pathAuthURL(b *backend) *framework.Path {
 	return &framework.Path{
-		Pattern: "auth-url",
+		Pattern: "auth-url/" + userField + "$",
 		Fields: map[string]*framework.FieldSchema{
-			"user":         {Type: framework.TypeString, Description: "Name this engine gives the ev.energy user, e.g. driver-42. Required.", Required: true},
+			"user":         {Type: framework.TypeString, Description: "Name this engine gives the ev.energy user, e.g. driver-42 or a Vault entity ID.", Required: true},
 			"redirect_uri": {Type: framework.TypeString, Description: "Where ev.energy sends the user back: this mount's callback (https://VAULT/v1/<mount>/callback) or the application's. Required.", Required: true},
 			"scopes":       {Type: framework.TypeCommaStringSlice, Description: "Scopes to ask the user for; empty uses the config's scopes."},
 		},
@@ -46,9 +50,6 @@ exchanges it at once, or write code and state to users/<user> from the applicati
 
 func (b *backend) pathAuthURLWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	user := d.Get("user").(string)
-	if !userNamePattern.MatchString(user) {
-		return logical.ErrorResponse("user is required and may hold only letters, digits and . @ + - _"), nil
-	}
 	redirectURI := d.Get("redirect_uri").(string)
 	if err := checkURL("redirect_uri", redirectURI); err != nil {
 		return logical.ErrorResponse(err.Error()), nil
@@ -62,7 +63,7 @@ func (b *backend) pathAuthURLWrite(ctx context.Context, req *logical.Request, d 
 		scopes = cfg.Scopes
 	}
 
-	state := rand.Text()
+	state := rand.Text() // matches statePattern
 	pending := authRequest{
 		User:        user,
 		RedirectURI: redirectURI,
@@ -86,9 +87,12 @@ func (b *backend) consumeAuthRequest(ctx context.Context, s logical.Storage, wan
 	lock.Lock()
 	defer lock.Unlock()
 
-	pending, err := getJSON[authRequest](ctx, s, authRequestPrefix+state)
-	if err != nil {
-		return nil, err
+	var pending *authRequest
+	var err error
+	if statePattern.MatchString(state) { // anything else was never issued, and may not be a storage key
+		if pending, err = getJSON[authRequest](ctx, s, authRequestPrefix+state); err != nil {
+			return nil, err
+		}
 	}
 	if pending == nil || time.Now().After(pending.ExpiresAt) || (wantUser != "" && pending.User != wantUser) {
 		return nil, logical.CodedError(http.StatusBadRequest, "the state is unknown, expired, already used or for another user: start again at auth-url")

@@ -18,7 +18,7 @@ func TestAuthURLStartsPKCEFlow(t *testing.T) {
 	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": "app", "client_secret": "s3cret", "scopes": "vehicle:read"}); err != nil {
 		t.Fatal(err)
 	}
-	resp, err := request(t, b, s, logical.UpdateOperation, "auth-url", map[string]any{"user": "driver-1", "redirect_uri": "https://app.example.com/cb"})
+	resp, err := request(t, b, s, logical.UpdateOperation, "auth-url/driver-1", map[string]any{"redirect_uri": "https://app.example.com/cb"})
 	if err != nil || resp.IsError() {
 		t.Fatalf("auth-url: %v %v", err, resp)
 	}
@@ -69,13 +69,12 @@ func TestAuthURLRejectsBadInput(t *testing.T) {
 		data map[string]any
 		want string
 	}{
-		"no user":           {map[string]any{"redirect_uri": "https://a.example/cb"}, "user is required"},
-		"user with a slash": {map[string]any{"user": "a/b", "redirect_uri": "https://a.example/cb"}, "only letters"},
-		"no redirect_uri":   {map[string]any{"user": "a"}, "redirect_uri must be an absolute URL"},
-		"plain http":        {map[string]any{"user": "a", "redirect_uri": "http://a.example/cb"}, "redirect_uri must use https://"},
+		"no redirect_uri": {map[string]any{}, "redirect_uri must be an absolute URL"},
+		"plain http":      {map[string]any{"redirect_uri": "http://a.example/cb"}, "redirect_uri must use https://"},
+		"user info":       {map[string]any{"redirect_uri": "https://me:pw@a.example/cb"}, "redirect_uri must not carry user info"},
 	}
 	for name, tc := range cases {
-		resp, err := request(t, b, s, logical.UpdateOperation, "auth-url", tc.data)
+		resp, err := request(t, b, s, logical.UpdateOperation, "auth-url/a", tc.data)
 		if err != nil || !resp.IsError() || !strings.Contains(resp.Error().Error(), tc.want) {
 			t.Errorf("%s: want a 400 saying %q, got %v %v", name, tc.want, resp, err)
 		}

@@ -68,7 +68,7 @@ func TestAccBrowserAuthorizationFlow(t *testing.T) {
 	const user = "driver-7"
 	const account = "ada.driver7@example.com" // what the user types on the consent page
 	callbackURL := e.vault.Address() + "/v1/" + e.mount + "/callback"
-	authURL := e.write(t, "auth-url", map[string]any{"user": user, "redirect_uri": callbackURL})
+	authURL := e.write(t, "auth-url/"+user, map[string]any{"redirect_uri": callbackURL})
 	authorizeURL, _ := authURL.Data["authorize_url"].(string)
 	if !strings.HasPrefix(authorizeURL, e.url+"/o/authorize/") {
 		t.Fatalf("authorize_url %q does not point at the stand-in %s", withoutQuery(authorizeURL), e.url)

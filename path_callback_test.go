@@ -1,12 +1,16 @@
 package evenergy
 
 import (
+	"context"
+	"errors"
 	"io"
 	"net/http"
 	"net/url"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
 )
 
 func (e *accEnv) callbackURL() string { return e.vault.Address() + "/v1/" + e.mount + "/callback" }
@@ -15,7 +19,7 @@ func (e *accEnv) callbackURL() string { return e.vault.Address() + "/v1/" + e.mo
 // returning the state and where ev.energy redirected the browser.
 func (e *accEnv) authorize(t *testing.T, user, redirectURI string, allow bool) (string, *url.URL) {
 	t.Helper()
-	s := e.write(t, "auth-url", map[string]any{"user": user, "redirect_uri": redirectURI})
+	s := e.write(t, "auth-url/"+user, map[string]any{"redirect_uri": redirectURI})
 	redirect, err := e.standin.Authorize(t.Context(), s.Data["authorize_url"].(string), user, allow)
 	if redirect == nil {
 		t.Fatalf("authorize at the stand-in: %v", err)
@@ -102,10 +106,12 @@ func TestAccCallbackForgedState(t *testing.T) {
 	t.Parallel()
 	e := newAccEnv(t)
 	state, redirect := e.authorize(t, "driver-3", e.callbackURL(), true)
-	forged := url.Values{"state": {state + "x"}, "code": {redirect.Query().Get("code")}}
-	status, body := page(t, e.callbackURL()+"?"+forged.Encode())
-	if status != http.StatusBadRequest || !strings.Contains(body, "unknown, expired, already used") {
-		t.Fatalf("forged state gave %d: %s", status, body)
+	for _, forgedState := range []string{state + "x", "../" + state, ".."} {
+		forged := url.Values{"state": {forgedState}, "code": {redirect.Query().Get("code")}}
+		status, body := page(t, e.callbackURL()+"?"+forged.Encode())
+		if status != http.StatusBadRequest || !strings.Contains(body, "Not connected") || !strings.Contains(body, "unknown, expired, already used") {
+			t.Fatalf("forged state gave %d: %s", status, body)
+		}
 	}
 	if users := e.users(t); len(users) != 0 {
 		t.Fatalf("a forged state stored users %v", users)
@@ -127,5 +133,30 @@ func TestAccCallbackExpiredCode(t *testing.T) {
 	}
 	if users := e.users(t); len(users) != 0 {
 		t.Fatalf("an expired code stored users %v", users)
+	}
+}
+
+// barrierStorage refuses relative keys, as Vault's barrier view does.
+type barrierStorage struct{ logical.Storage }
+
+func (s barrierStorage) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
+	if strings.Contains(key, "..") {
+		return nil, errors.New("relative paths not supported")
+	}
+	return s.Storage.Get(ctx, key)
+}
+
+func TestCallbackRefusesMalformedStateWithAPage(t *testing.T) {
+	b, inmem := newUnitBackend(t)
+	s := barrierStorage{inmem}
+	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": "app"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, state := range []string{"", "..", "../config", "a/b", strings.Repeat("A", 27), "AAAAAAAAAAAAAAAAAAAAAAAAA1", "%00"} {
+		resp, err := request(t, b, s, logical.ReadOperation, "callback", map[string]any{"state": state, "code": "c"})
+		if err != nil || resp.Data[logical.HTTPStatusCode] != http.StatusBadRequest ||
+			!strings.Contains(string(resp.Data[logical.HTTPRawBody].([]byte)), "Not connected") {
+			t.Errorf("state %q: want the HTML \"Not connected\" page with 400, got %v %v", state, resp, err)
+		}
 	}
 }

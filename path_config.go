@@ -112,11 +112,15 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 			return nil, err
 		}
 	}
+	previousClientID := cfg.ClientID
 	if v, ok := fieldOnWrite(req, d, "client_id"); ok {
 		cfg.ClientID = strings.TrimSpace(v.(string))
 	}
-	if v, ok := fieldOnWrite(req, d, "client_secret"); ok {
-		cfg.ClientSecret = v.(string)
+	secret, secretGiven := fieldOnWrite(req, d, "client_secret")
+	if secretGiven {
+		cfg.ClientSecret = secret.(string)
+	} else if cfg.ClientID != previousClientID {
+		return logical.ErrorResponse("client_id changes from %s to %s: give client_secret too (empty for a public client), so that the previous client's secret is not kept", previousClientID, cfg.ClientID), nil
 	}
 	if v, ok := fieldOnWrite(req, d, "base_url"); ok {
 		cfg.BaseURL = strings.TrimRight(v.(string), "/")

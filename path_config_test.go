@@ -64,6 +64,7 @@ func TestConfigRejectsBadInput(t *testing.T) {
 		"negative window":     {map[string]any{"client_id": "a", "refresh_window": -1}, "cannot provide negative value"},
 		"http to a LAN host":  {map[string]any{"client_id": "a", "base_url": "http://10.0.0.1:8000"}, "loopback"},
 		"http to localhostly": {map[string]any{"client_id": "a", "base_url": "http://localhost.evil.test"}, "loopback"},
+		"user info in URL":    {map[string]any{"client_id": "a", "base_url": "https://user:pass@api.ev.energy"}, "must not carry user info"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -110,4 +111,25 @@ func TestAccConfig(t *testing.T) {
 		t.Fatalf("config still there after delete: %v", s.Data)
 	}
 	e.wantReadError(t, "token", http.StatusBadRequest, "not configured")
+}
+
+func TestConfigNewClientNeedsItsOwnSecret(t *testing.T) {
+	b, s := newUnitBackend(t)
+	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": "app", "client_secret": "s3cret"}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"client_id": "other-app"})
+	if err != nil || !resp.IsError() || !strings.Contains(resp.Error().Error(), "client_id changes from app to other-app: give client_secret too") {
+		t.Fatalf("want a 400 asking for the new client's secret, got %v %v", resp, err)
+	}
+	if cfg, _ := getConfig(t.Context(), s); cfg.ClientID != "app" {
+		t.Fatal("a refused update changed the config")
+	}
+	// A public client has no secret: an empty one says so and drops the previous client's.
+	if resp, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"client_id": "public-app", "client_secret": ""}); err != nil || resp.IsError() {
+		t.Fatalf("switching to a public client: %v %v", resp, err)
+	}
+	if cfg, _ := getConfig(t.Context(), s); cfg.ClientID != "public-app" || cfg.ClientSecret != "" {
+		t.Fatalf("config after the switch: client %q, secret kept: %v", cfg.ClientID, cfg.ClientSecret != "")
+	}
 }

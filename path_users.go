@@ -18,11 +18,13 @@ const (
 	secretUserTokenType = "evenergy_user_token"
 	grantActive         = "active"
 	grantRevoked        = "revoked"
+	grantOtherClient    = "other_client" // shown, never stored: the config names another client now
 )
 
 // grant is what Vault keeps of one ev.energy user's authorization; its tokens never leave except
 // the access token through users/<user>/token.
 type grant struct {
+	ClientID        string    `json:"client_id"` // the ev.energy client the user authorized; empty in grants stored before v0.2
 	RefreshToken    string    `json:"refresh_token"`
 	AccessToken     string    `json:"access_token"`
 	TokenType       string    `json:"token_type"`
@@ -40,6 +42,21 @@ func (g *grant) apply(tok *oauth2.Token) {
 	}
 	g.Status, g.LastRefreshedAt, g.LastError = grantActive, time.Now().UTC(), ""
 }
+
+// ofOtherClient reports whether the grant was made for another client than the configured one:
+// ev.energy would refuse its refresh token from this client, so it is never sent.
+func (g *grant) ofOtherClient(cfg *config) bool {
+	return g.ClientID != "" && g.ClientID != cfg.ClientID
+}
+
+// otherClientError says that a user's grant belongs to a client the engine no longer acts as.
+type otherClientError struct{ user, grantClient, configClient string }
+
+func (e *otherClientError) Error() string {
+	return fmt.Sprintf("the grant of user %s was made for ev.energy client %s, not for the configured client %s: send the user through auth-url again, or delete the grant", e.user, e.grantClient, e.configClient)
+}
+
+func (e *otherClientError) Code() int { return http.StatusBadRequest }
 
 // revokedGrantError says that ev.energy no longer accepts a user's refresh token.
 type revokedGrantError struct{ user, lastError string }
@@ -107,7 +124,9 @@ func (b *backend) pathUserWrite(ctx context.Context, req *logical.Request, d *fr
 		if err != nil {
 			return nil, err
 		}
-		// Refreshing at once checks the imported token and takes it over: ev.energy rotates it.
+		// Refreshing at once checks the imported token and takes it over: ev.energy rotates it, so the
+		// refresh must reach storage even if the caller goes away.
+		ctx = context.WithoutCancel(ctx)
 		tok, err := newClient(cfg).refresh(ctx, refreshToken)
 		if err != nil {
 			return nil, err
@@ -129,10 +148,19 @@ func (b *backend) pathUserRead(ctx context.Context, req *logical.Request, d *fra
 	if err != nil || g == nil {
 		return nil, err
 	}
+	cfg, err := getConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	status := g.Status
+	if g.ofOtherClient(cfg) {
+		status = grantOtherClient
+	}
 	return &logical.Response{Data: map[string]any{
+		"client_id":               g.ClientID,
 		"scope":                   g.Scope,
 		"access_token_expires_at": g.ExpiresAt.Format(time.RFC3339),
-		"status":                  g.Status,
+		"status":                  status,
 		"last_refreshed_at":       g.LastRefreshedAt.Format(time.RFC3339),
 		"last_error":              g.LastError,
 	}}, nil
@@ -151,21 +179,22 @@ func (b *backend) pathUserDelete(ctx context.Context, req *logical.Request, d *f
 	if err := b.ensureWritable(); err != nil {
 		return nil, err
 	}
-	if g.Status == grantActive {
-		cfg, err := getConfig(ctx, req.Storage)
-		if err != nil {
-			return nil, err
-		}
+	cfg, err := getConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	var resp *logical.Response
+	switch {
+	case g.ofOtherClient(cfg):
+		resp = &logical.Response{}
+		resp.AddWarning("the grant was made for ev.energy client " + g.ClientID + ", whose tokens the configured client cannot revoke: revoke it at ev.energy as that client")
+	case g.Status == grantActive:
 		// The grant stays stored until ev.energy has revoked both tokens, so a failure can be retried.
-		client := newClient(cfg)
-		if err := client.revoke(ctx, g.RefreshToken, "refresh_token"); err != nil {
-			return nil, err
-		}
-		if err := client.revoke(ctx, g.AccessToken, "access_token"); err != nil {
+		if err := revokeMinted(ctx, newClient(cfg), mintedToken{AccessToken: g.AccessToken, RefreshToken: g.RefreshToken}); err != nil {
 			return nil, err
 		}
 	}
-	return nil, req.Storage.Delete(ctx, userPrefix+user)
+	return resp, req.Storage.Delete(ctx, userPrefix+user)
 }
 
 func (b *backend) pathUserList(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
@@ -214,7 +243,7 @@ func (b *backend) storeGrant(ctx context.Context, s logical.Storage, cfg *config
 	client := newClient(cfg)
 	old, err := getJSON[grant](ctx, s, userPrefix+user)
 	if err == nil {
-		g := &grant{}
+		g := &grant{ClientID: cfg.ClientID}
 		g.apply(tok)
 		err = putJSON(ctx, s, userPrefix+user, g)
 	}
@@ -250,6 +279,8 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 		return nil, logical.CodedError(http.StatusBadRequest, "no grant for user "+user+": send the user through auth-url first")
 	case g.Status == grantRevoked:
 		return nil, &revokedGrantError{user: user, lastError: g.LastError}
+	case g.ofOtherClient(cfg):
+		return nil, &otherClientError{user: user, grantClient: g.ClientID, configClient: cfg.ClientID}
 	case time.Until(g.ExpiresAt) > cfg.RefreshWindow:
 		return g, nil
 	}
@@ -259,10 +290,16 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 	}
 	// Once sent, the refresh must reach storage even if the reader goes away: the old token is dead.
 	ctx = context.WithoutCancel(ctx)
-	tok, err := newClient(cfg).refresh(ctx, g.RefreshToken)
+	client := newClient(cfg)
+	tok, err := client.refresh(ctx, g.RefreshToken)
 	if err == nil {
 		g.apply(tok)
-		return g, putJSON(ctx, s, userPrefix+user, g)
+		if err := putJSON(ctx, s, userPrefix+user, g); err != nil {
+			// Vault could not keep the rotated tokens, so ev.energy must not keep them either.
+			b.revokeBestEffort(ctx, client, user, tok.RefreshToken)
+			return nil, err
+		}
+		return g, nil
 	}
 	b.Logger().Warn("could not refresh an ev.energy user token", "user", user, "error", err)
 	g.LastError = err.Error()

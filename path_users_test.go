@@ -2,6 +2,7 @@ package evenergy
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -87,7 +88,7 @@ func TestAccUserWrongVerifier(t *testing.T) {
 	t.Parallel()
 	e := newAccEnv(t)
 	_, redirect := e.authorize(t, "driver-8", appRedirect, true)
-	other := e.write(t, "auth-url", map[string]any{"user": "driver-8", "redirect_uri": appRedirect})
+	other := e.write(t, "auth-url/driver-8", map[string]any{"redirect_uri": appRedirect})
 	// The code was issued for the first challenge; the second state's verifier does not match it.
 	e.wantWriteError(t, "users/driver-8", map[string]any{"code": redirect.Query().Get("code"), "state": other.Data["state"]}, http.StatusBadRequest, "invalid_grant")
 	if users := e.users(t); len(users) != 0 {
@@ -283,7 +284,7 @@ func newUnitStandin(t testing.TB, b *backend, s logical.Storage) *standin.Server
 // connectUnitUser connects a user on a unit backend through the stand-in, as an application would.
 func connectUnitUser(t testing.TB, b *backend, s logical.Storage, sv *standin.Server, user string) *grant {
 	t.Helper()
-	resp, err := request(t, b, s, logical.UpdateOperation, "auth-url", map[string]any{"user": user, "redirect_uri": appRedirect})
+	resp, err := request(t, b, s, logical.UpdateOperation, "auth-url/"+user, map[string]any{"redirect_uri": appRedirect})
 	if err != nil || resp.IsError() {
 		t.Fatalf("auth-url: %v %v", err, resp)
 	}
@@ -363,5 +364,39 @@ func BenchmarkUserTokenRead(b *testing.B) {
 		if resp, err := be.HandleRequest(context.Background(), req); err != nil || resp.IsError() {
 			b.Fatal(err, resp)
 		}
+	}
+}
+
+func TestGrantOfAnotherClientIsNeverSent(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	connectUnitUser(t, b, s, sv, "driver")
+	sv.AddClient(standin.Client{ID: "other-app", Secret: "other-secret", Scopes: testScopes})
+	if resp, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"client_id": "other-app", "client_secret": "other-secret", "refresh_window": "11h"}); err != nil || resp.IsError() {
+		t.Fatalf("config: %v %v", err, resp)
+	}
+	issued := len(sv.Tokens())
+
+	_, err := request(t, b, s, logical.ReadOperation, "users/driver/token", nil)
+	var coded logical.HTTPCodedError
+	if !errors.As(err, &coded) || coded.Code() != http.StatusBadRequest || !strings.Contains(err.Error(), "made for ev.energy client "+testClientID+", not for the configured client other-app") {
+		t.Fatalf("want a 400 naming both clients, got %v", err)
+	}
+	resp, err := request(t, b, s, logical.ReadOperation, "users/driver", nil)
+	if err != nil || resp.Data["client_id"] != testClientID || resp.Data["status"] != grantOtherClient {
+		t.Fatalf("users/driver = %v %v", resp, err)
+	}
+	if err := b.refreshDueUsers(t.Context(), &logical.Request{Storage: s}); err != nil {
+		t.Fatalf("the periodic function failed on a grant of another client: %v", err)
+	}
+	if len(sv.Tokens()) != issued {
+		t.Fatal("a grant of another client was sent to ev.energy")
+	}
+	resp, err = request(t, b, s, logical.DeleteOperation, "users/driver", nil)
+	if err != nil || len(resp.Warnings) != 1 || !strings.Contains(resp.Warnings[0], "cannot revoke") {
+		t.Fatalf("delete: want a warning that the old client's grant stays at ev.energy, got %v %v", resp, err)
+	}
+	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"driver"); g != nil {
+		t.Fatal("the grant is still stored after delete")
 	}
 }

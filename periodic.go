@@ -34,7 +34,8 @@ func (b *backend) refreshDueUsers(ctx context.Context, req *logical.Request) err
 	errs = append(errs, err)
 	for _, user := range users {
 		var revoked *revokedGrantError
-		if _, err := b.currentGrant(ctx, req.Storage, cfg, user); err != nil && !errors.As(err, &revoked) {
+		var otherClient *otherClientError
+		if _, err := b.currentGrant(ctx, req.Storage, cfg, user); err != nil && !errors.As(err, &revoked) && !errors.As(err, &otherClient) {
 			errs = append(errs, fmt.Errorf("user %s: %w", user, err))
 		}
 	}
