@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/helper/consts"
 	"github.com/hashicorp/vault/sdk/helper/locksutil"
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -26,6 +27,7 @@ type backend struct {
 	// locks serialize work on one user's grant (ev.energy rotates its refresh token on each refresh)
 	// or on one pending authorization.
 	locks []*locksutil.LockEntry
+	cache *cache
 }
 
 // Factory returns a configured ev.energy secrets engine.
@@ -38,7 +40,7 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 }
 
 func newBackend() *backend {
-	b := &backend{locks: locksutil.CreateLocks()}
+	b := &backend{locks: locksutil.CreateLocks(), cache: newCache()}
 	b.Backend = &framework.Backend{
 		Help:        strings.TrimSpace(backendHelp),
 		BackendType: logical.TypeLogical,
@@ -52,8 +54,12 @@ func newBackend() *backend {
 			pathToken(b),
 			pathUsers(b),
 		),
-		Secrets:      []*framework.Secret{secretAccessToken(b), secretUserToken()},
-		PeriodicFunc: b.refreshDueUsers,
+		Secrets: []*framework.Secret{secretAccessToken(b), secretUserToken()},
+		InitializeFunc: func(ctx context.Context, req *logical.InitializationRequest) error {
+			return b.loadGrants(ctx, req.Storage)
+		},
+		Invalidate:   func(_ context.Context, key string) { b.cache.invalidate(key) },
+		PeriodicFunc: b.periodic,
 		WALRollback:  b.rollbackMintedToken,
 	}
 	passRetryAfter(b.Paths)
@@ -62,8 +68,11 @@ func newBackend() *backend {
 
 // ensureWritable sends a request that will call ev.energy and then write (a lease or a rotated
 // token) on to the active node, before anything is minted that a read-only node could not keep.
+// It is framework.Backend's WriteSafeReplicationState asking Vault one question, not two.
 func (b *backend) ensureWritable() error {
-	if !b.WriteSafeReplicationState() {
+	state := b.System().ReplicationState()
+	if state.HasState(consts.ReplicationPerformanceStandby|consts.ReplicationDRSecondary) ||
+		(state.HasState(consts.ReplicationPerformanceSecondary) && !b.System().LocalMount()) {
 		return logical.ErrReadOnly
 	}
 	return nil

@@ -19,10 +19,15 @@ type evenergyClient struct {
 	http *http.Client
 }
 
+// newClient makes the client of one config, with its own connection pool; request_timeout bounds
+// each whole call (a retry included) through its context, not per attempt.
 func newClient(cfg *config) *evenergyClient {
-	// request_timeout bounds each whole call (a retry included) through its context, not per attempt.
-	return &evenergyClient{cfg: cfg, http: &http.Client{}}
+	transport := http.DefaultTransport.(*http.Transport).Clone()
+	return &evenergyClient{cfg: cfg, http: &http.Client{Transport: transport}}
 }
+
+// close lets go of the connections of a client whose config was replaced.
+func (c *evenergyClient) close() { c.http.CloseIdleConnections() }
 
 func (c *evenergyClient) tokenURL() string  { return c.cfg.BaseURL + "/o/token" }
 func (c *evenergyClient) revokeURL() string { return c.cfg.BaseURL + "/o/revoke_token/" } // 405 without the slash

@@ -45,6 +45,7 @@ func TestUpstreamErrorWhenEvenergyFails(t *testing.T) {
 		t.Errorf("HTTP 500: got %v", err)
 	}
 	server.Close()
+	client = newClient(client.cfg) // without connections kept alive from before
 	_, err = client.clientCredentialsToken(t.Context(), nil)
 	if upstream, ok := err.(*upstreamError); !ok || upstream.Code() != http.StatusBadGateway || upstream.Fault != faultRefused {
 		t.Errorf("unreachable: got %v", err)

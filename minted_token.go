@@ -72,11 +72,11 @@ func (b *backend) rollbackMintedToken(ctx context.Context, req *logical.Request,
 	if err := json.Unmarshal(raw, &minted); err != nil {
 		return err
 	}
-	cfg, err := getConfig(ctx, req.Storage)
+	_, client, err := b.config(ctx, req.Storage)
 	if err != nil {
 		return err
 	}
-	return revokeMinted(ctx, newClient(cfg), minted)
+	return revokeMinted(ctx, client, minted)
 }
 
 // revokeMinted revokes both tokens of a grant; revoking the refresh token alone would also end the access token.

@@ -54,7 +54,7 @@ func (b *backend) pathAuthURLWrite(ctx context.Context, req *logical.Request, d 
 	if err := checkURL("redirect_uri", redirectURI); err != nil {
 		return logical.ErrorResponse(err.Error()), nil
 	}
-	cfg, err := getConfig(ctx, req.Storage)
+	cfg, client, err := b.config(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
@@ -70,11 +70,11 @@ func (b *backend) pathAuthURLWrite(ctx context.Context, req *logical.Request, d 
 		Verifier:    oauth2.GenerateVerifier(),
 		ExpiresAt:   time.Now().Add(authRequestTTL).UTC(),
 	}
-	if err := putJSON(ctx, req.Storage, authRequestPrefix+state, pending); err != nil {
+	if err := b.putPending(ctx, req.Storage, state, &pending); err != nil {
 		return nil, err
 	}
 	return &logical.Response{Data: map[string]any{
-		"authorize_url": newClient(cfg).authorizeURL(redirectURI, scopes, state, pending.Verifier),
+		"authorize_url": client.authorizeURL(redirectURI, scopes, state, pending.Verifier),
 		"state":         state,
 		"expires_at":    pending.ExpiresAt.Format(time.RFC3339),
 	}}, nil
@@ -97,7 +97,7 @@ func (b *backend) consumeAuthRequest(ctx context.Context, s logical.Storage, wan
 	if pending == nil || time.Now().After(pending.ExpiresAt) || (wantUser != "" && pending.User != wantUser) {
 		return nil, logical.CodedError(http.StatusBadRequest, "the state is unknown, expired, already used or for another user: start again at auth-url")
 	}
-	return pending, s.Delete(ctx, authRequestPrefix+state)
+	return pending, b.deletePending(ctx, s, state)
 }
 
 // completeAuthorization exchanges the code ev.energy gave for a pending authorization and keeps the grant.
@@ -105,15 +105,15 @@ func (b *backend) completeAuthorization(ctx context.Context, s logical.Storage, 
 	if code == "" {
 		return logical.CodedError(http.StatusBadRequest, "code is required: the code ev.energy added to the redirect")
 	}
-	cfg, err := getConfig(ctx, s)
+	cfg, client, err := b.config(ctx, s)
 	if err != nil {
 		return err
 	}
 	// Once sent, the exchange must reach storage even if the caller goes away, or its tokens are orphans.
 	ctx = context.WithoutCancel(ctx)
-	tok, err := newClient(cfg).exchangeCode(ctx, code, pending.Verifier, pending.RedirectURI)
+	tok, err := client.exchangeCode(ctx, code, pending.Verifier, pending.RedirectURI)
 	if err != nil {
 		return err
 	}
-	return b.storeGrant(ctx, s, cfg, pending.User, tok)
+	return b.storeGrant(ctx, s, cfg, client, pending.User, tok)
 }

@@ -91,7 +91,7 @@ func TestPeriodicForgetsExpiredAuthorizations(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := b.refreshDueUsers(t.Context(), &logical.Request{Storage: s}); err != nil {
+	if err := b.periodic(t.Context(), &logical.Request{Storage: s}); err != nil {
 		t.Fatal(err)
 	}
 	if keys, _ := s.List(t.Context(), authRequestPrefix); strings.Join(keys, ",") != "fresh" {

@@ -145,9 +145,11 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 		return logical.ErrorResponse("request_timeout must be a positive duration, e.g. 30s"), nil
 	}
 
+	defer b.cache.invalidate(configPath)
 	return nil, putJSON(ctx, req.Storage, configPath, cfg)
 }
 
 func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	defer b.cache.invalidate(configPath)
 	return nil, req.Storage.Delete(ctx, configPath)
 }

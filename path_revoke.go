@@ -40,9 +40,9 @@ func (b *backend) pathRevokeWrite(ctx context.Context, req *logical.Request, d *
 	if hint != "" && hint != "access_token" && hint != "refresh_token" {
 		return logical.ErrorResponse("token_type_hint must be access_token or refresh_token"), nil
 	}
-	cfg, err := getConfig(ctx, req.Storage)
+	_, client, err := b.config(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
-	return nil, newClient(cfg).revoke(ctx, token, hint)
+	return nil, client.revoke(ctx, token, hint)
 }

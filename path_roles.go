@@ -96,11 +96,14 @@ func (b *backend) pathRoleWrite(ctx context.Context, req *logical.Request, d *fr
 	if r.MaxTTL > 0 && r.TTL > r.MaxTTL {
 		return logical.ErrorResponse("ttl must not be greater than max_ttl"), nil
 	}
+	defer b.cache.invalidate(rolePrefix + name)
 	return nil, putJSON(ctx, req.Storage, rolePrefix+name, r)
 }
 
 func (b *backend) pathRoleDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	return nil, req.Storage.Delete(ctx, rolePrefix+d.Get("name").(string))
+	name := d.Get("name").(string)
+	defer b.cache.invalidate(rolePrefix + name)
+	return nil, req.Storage.Delete(ctx, rolePrefix+name)
 }
 
 func (b *backend) pathRoleList(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {

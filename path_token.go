@@ -12,13 +12,13 @@ import (
 const secretAccessTokenType = "evenergy_access_token"
 
 func pathToken(b *backend) []*framework.Path {
-	operations := map[logical.Operation]framework.OperationHandler{
-		logical.ReadOperation: &framework.PathOperation{Callback: b.pathTokenRead},
-	}
+	// Callbacks, not Operations: the framework asks Vault for the replication state before every
+	// Operations handler, a round trip the hot read paths do without (ensureWritable asks when it matters).
+	callbacks := map[logical.Operation]framework.OperationFunc{logical.ReadOperation: b.pathTokenRead}
 	return []*framework.Path{
 		{
 			Pattern:         "token",
-			Operations:      operations,
+			Callbacks:       callbacks,
 			HelpSynopsis:    "Get a new client-credentials access token with the config's scopes.",
 			HelpDescription: tokenHelp,
 		},
@@ -27,7 +27,7 @@ func pathToken(b *backend) []*framework.Path {
 			Fields: map[string]*framework.FieldSchema{
 				"role": {Type: framework.TypeLowerCaseString, Description: "Role whose scopes and TTLs the token gets.", Required: true},
 			},
-			Operations:      operations,
+			Callbacks:       callbacks,
 			HelpSynopsis:    "Get a new client-credentials access token with a role's scopes and TTLs.",
 			HelpDescription: tokenHelp,
 		},
@@ -42,24 +42,24 @@ func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *fr
 	if err := b.ensureWritable(); err != nil {
 		return nil, err
 	}
-	cfg, err := getConfig(ctx, req.Storage)
+	cfg, client, err := b.config(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
-	r := &role{Scopes: cfg.Scopes}
+	r := &role{}
 	roleName, _ := d.GetOk("role")
 	if roleName != nil {
-		if r, err = getRole(ctx, req.Storage, roleName.(string)); err != nil {
+		if r, err = b.role(ctx, req.Storage, roleName.(string)); err != nil {
 			return nil, err
 		}
-		if len(r.Scopes) == 0 {
-			r.Scopes = cfg.Scopes
-		}
+	}
+	scopes := r.Scopes
+	if len(scopes) == 0 {
+		scopes = cfg.Scopes
 	}
 
-	client := newClient(cfg)
 	// The mint finishes even if the caller goes away: ev.energy may have issued the token already.
-	tok, err := client.clientCredentialsToken(context.WithoutCancel(ctx), r.Scopes)
+	tok, err := client.clientCredentialsToken(context.WithoutCancel(ctx), scopes)
 	if err != nil {
 		return nil, err
 	}
@@ -115,7 +115,7 @@ func (b *backend) renewAccessToken(ctx context.Context, req *logical.Request, _ 
 	}
 	r := &role{}
 	if name, ok := req.Secret.InternalData["role"].(string); ok {
-		if r, err = getRole(ctx, req.Storage, name); err != nil {
+		if r, err = b.role(ctx, req.Storage, name); err != nil {
 			return nil, err
 		}
 	}
@@ -126,13 +126,13 @@ func (b *backend) renewAccessToken(ctx context.Context, req *logical.Request, _ 
 
 // revokeAccessToken revokes the lease's tokens at ev.energy; an error makes Vault retry later.
 func (b *backend) revokeAccessToken(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
-	cfg, err := getConfig(ctx, req.Storage)
+	_, client, err := b.config(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
 	accessToken, _ := req.Secret.InternalData["access_token"].(string)
 	refreshToken, _ := req.Secret.InternalData["refresh_token"].(string)
-	return nil, revokeMinted(ctx, newClient(cfg), mintedToken{AccessToken: accessToken, RefreshToken: refreshToken})
+	return nil, revokeMinted(ctx, client, mintedToken{AccessToken: accessToken, RefreshToken: refreshToken})
 }
 
 func internalExpiry(internal map[string]any) (time.Time, error) {

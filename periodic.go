@@ -4,40 +4,89 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
-// refreshDueUsers refreshes, on the active node only, every user token due for a refresh, and
-// forgets expired pending authorizations.
-func (b *backend) refreshDueUsers(ctx context.Context, req *logical.Request) error {
+// refreshWorkers bounds how many refreshes one periodic pass sends to ev.energy at once.
+const refreshWorkers = 16
+
+// periodic runs every minute on the active node only: it refreshes every user token due for a
+// refresh and forgets expired pending authorizations. What is due is known from memory, so a pass
+// with nothing to do reads no storage.
+func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 	if b.ensureWritable() != nil {
 		return nil
 	}
-	var errs []error
-	states, err := req.Storage.List(ctx, authRequestPrefix)
-	errs = append(errs, err)
-	for _, state := range states {
-		pending, err := getJSON[authRequest](ctx, req.Storage, authRequestPrefix+state)
-		if err == nil && pending != nil && time.Now().After(pending.ExpiresAt) {
-			err = req.Storage.Delete(ctx, authRequestPrefix+state)
-		}
-		errs = append(errs, err)
-	}
+	return errors.Join(b.forgetExpiredAuthorizations(ctx, req.Storage), b.refreshDueUsers(ctx, req.Storage))
+}
 
-	cfg, err := getJSON[config](ctx, req.Storage, configPath)
-	if err != nil || cfg == nil {
-		return errors.Join(append(errs, err)...)
+// refreshDueUsers refreshes, a few at a time, the grants whose access token is inside the refresh window.
+func (b *backend) refreshDueUsers(ctx context.Context, s logical.Storage) error {
+	if err := b.loadGrants(ctx, s); err != nil {
+		return err
 	}
-	users, err := req.Storage.List(ctx, userPrefix)
-	errs = append(errs, err)
-	for _, user := range users {
-		var revoked *revokedGrantError
-		var otherClient *otherClientError
-		if _, err := b.currentGrant(ctx, req.Storage, cfg, user); err != nil && !errors.As(err, &revoked) && !errors.As(err, &otherClient) {
-			errs = append(errs, fmt.Errorf("user %s: %w", user, err))
+	cfg, client, err := b.config(ctx, s)
+	if err != nil {
+		return nil // not configured: nothing can be refreshed
+	}
+	var (
+		mu   sync.Mutex
+		errs []error
+		wg   sync.WaitGroup
+		due  = make(chan string)
+	)
+	for range refreshWorkers {
+		wg.Go(func() {
+			for user := range due {
+				// Revoked grants and those of another client wait for their user, not for the next pass.
+				if _, err := b.currentGrant(ctx, s, cfg, client, user); err != nil && !errors.As(err, new(*revokedGrantError)) && !errors.As(err, new(*otherClientError)) {
+					mu.Lock()
+					errs = append(errs, fmt.Errorf("user %s: %w", user, err))
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	for _, user := range b.dueUsers(cfg, time.Now()) {
+		due <- user
+	}
+	close(due)
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// dueUsers lists, from memory, the users whose active grant of this client is inside the refresh window.
+func (b *backend) dueUsers(cfg *config, now time.Time) []string {
+	b.cache.mu.RLock()
+	defer b.cache.mu.RUnlock()
+	var users []string
+	for user, g := range b.cache.grants {
+		if g.usable(cfg, user) == nil && g.due(cfg, now) {
+			users = append(users, user)
 		}
+	}
+	return users
+}
+
+// forgetExpiredAuthorizations deletes pending authorizations nobody came back for in time.
+func (b *backend) forgetExpiredAuthorizations(ctx context.Context, s logical.Storage) error {
+	if err := b.loadPending(ctx, s); err != nil {
+		return err
+	}
+	b.cache.mu.RLock()
+	var expired []string
+	for state, expiresAt := range b.cache.pending {
+		if time.Now().After(expiresAt) {
+			expired = append(expired, state)
+		}
+	}
+	b.cache.mu.RUnlock()
+	var errs []error
+	for _, state := range expired {
+		errs = append(errs, b.deletePending(ctx, s, state))
 	}
 	return errors.Join(errs...)
 }

@@ -144,18 +144,24 @@ func passRetryAfter(paths []*framework.Path) {
 	for _, p := range paths {
 		for _, handler := range p.Operations {
 			op := handler.(*framework.PathOperation)
-			callback := op.Callback
-			op.Callback = func(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-				resp, err := callback(ctx, req, d)
-				var upstream *upstreamError
-				if errors.As(err, &upstream) && upstream.RetryAfter > 0 {
-					if resp == nil {
-						resp = &logical.Response{}
-					}
-					resp.Headers = map[string][]string{"Retry-After": {strconv.Itoa(int(upstream.RetryAfter.Seconds()))}}
-				}
-				return resp, err
-			}
+			op.Callback = withRetryAfter(op.Callback)
 		}
+		for operation, callback := range p.Callbacks {
+			p.Callbacks[operation] = withRetryAfter(callback)
+		}
+	}
+}
+
+func withRetryAfter(callback framework.OperationFunc) framework.OperationFunc {
+	return func(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+		resp, err := callback(ctx, req, d)
+		var upstream *upstreamError
+		if errors.As(err, &upstream) && upstream.RetryAfter > 0 {
+			if resp == nil {
+				resp = &logical.Response{}
+			}
+			resp.Headers = map[string][]string{"Retry-After": {strconv.Itoa(int(upstream.RetryAfter.Seconds()))}}
+		}
+		return resp, err
 	}
 }

@@ -1,0 +1,245 @@
+package evenergy
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// cache keeps what the hot paths read (the config with its client, roles, users' grants and the
+// expiry of pending authorizations) in memory. It is only a copy of storage: the engine's own
+// writes update it, Invalidate drops what storage changed underneath (replication, another node),
+// and it is loaded anew at start. Cached values are never changed in place, only replaced.
+type cache struct {
+	mu         sync.RWMutex
+	generation uint64 // counts invalidations, so a load that raced one is not kept
+
+	configured *configured
+	roles      map[string]*role
+	grants     map[string]*grant    // every user's grant once loaded; stale users are reloaded
+	stale      map[string]bool      // users whose grant changed underneath since it was cached
+	loaded     bool                 // grants holds every stored grant
+	pending    map[string]time.Time // expiry of each pending authorization; nil until listed
+}
+
+// configured is the config and the ev.energy client made from it, reused until the config changes.
+type configured struct {
+	cfg    *config
+	client *evenergyClient
+}
+
+func newCache() *cache {
+	return &cache{roles: map[string]*role{}, grants: map[string]*grant{}, stale: map[string]bool{}}
+}
+
+// invalidate forgets what storage changed at key.
+func (c *cache) invalidate(key string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.generation++
+	switch {
+	case key == configPath:
+		if c.configured != nil {
+			c.configured.client.close()
+		}
+		c.configured = nil
+	case strings.HasPrefix(key, rolePrefix):
+		delete(c.roles, strings.TrimPrefix(key, rolePrefix))
+	case strings.HasPrefix(key, userPrefix):
+		user := strings.TrimPrefix(key, userPrefix)
+		delete(c.grants, user)
+		c.stale[user] = true
+	case strings.HasPrefix(key, authRequestPrefix):
+		// A pending authorization made or used elsewhere: the next periodic pass lists them again.
+		c.pending = nil
+	}
+}
+
+// keep caches v under the generation a load started in, unless an invalidation came in between.
+func (c *cache) keep(generation uint64, store func()) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.generation == generation {
+		store()
+	}
+}
+
+func (c *cache) currentGeneration() uint64 {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.generation
+}
+
+// config returns the config and its client, from memory or else from storage.
+func (b *backend) config(ctx context.Context, s logical.Storage) (*config, *evenergyClient, error) {
+	b.cache.mu.RLock()
+	current := b.cache.configured
+	b.cache.mu.RUnlock()
+	if current != nil {
+		return current.cfg, current.client, nil
+	}
+	generation := b.cache.currentGeneration()
+	cfg, err := getConfig(ctx, s)
+	if err != nil {
+		return nil, nil, err
+	}
+	current = &configured{cfg: cfg, client: newClient(cfg)}
+	b.cache.keep(generation, func() { b.cache.configured = current })
+	return current.cfg, current.client, nil
+}
+
+// role returns the named role, from memory or else from storage.
+func (b *backend) role(ctx context.Context, s logical.Storage, name string) (*role, error) {
+	b.cache.mu.RLock()
+	r := b.cache.roles[name]
+	b.cache.mu.RUnlock()
+	if r != nil {
+		return r, nil
+	}
+	generation := b.cache.currentGeneration()
+	r, err := getRole(ctx, s, name)
+	if err != nil {
+		return nil, err
+	}
+	b.cache.keep(generation, func() { b.cache.roles[name] = r })
+	return r, nil
+}
+
+// grant returns the user's grant (nil if none), from memory or else from storage.
+func (b *backend) grant(ctx context.Context, s logical.Storage, user string) (*grant, error) {
+	b.cache.mu.RLock()
+	g, cached := b.cache.grants[user]
+	known := cached || (b.cache.loaded && !b.cache.stale[user])
+	b.cache.mu.RUnlock()
+	if known {
+		return g, nil
+	}
+	generation := b.cache.currentGeneration()
+	g, err := getJSON[grant](ctx, s, userPrefix+user)
+	if err != nil {
+		return nil, err
+	}
+	b.cache.keep(generation, func() { b.cache.setGrant(user, g) })
+	return g, nil
+}
+
+// putGrant stores the user's grant and then caches it; nil deletes it.
+func (b *backend) putGrant(ctx context.Context, s logical.Storage, user string, g *grant) error {
+	var err error
+	if g == nil {
+		err = s.Delete(ctx, userPrefix+user)
+	} else {
+		err = putJSON(ctx, s, userPrefix+user, g)
+	}
+	b.cache.mu.Lock()
+	defer b.cache.mu.Unlock()
+	b.cache.generation++ // a load that read storage before this write must not be kept
+	if err != nil {
+		// What storage holds now is unknown: read it again next time.
+		delete(b.cache.grants, user)
+		b.cache.stale[user] = true
+		return err
+	}
+	b.cache.setGrant(user, g)
+	return nil
+}
+
+// setGrant caches g (nil: the user has none); call it with mu held.
+func (c *cache) setGrant(user string, g *grant) {
+	delete(c.stale, user)
+	if g == nil {
+		delete(c.grants, user)
+		return
+	}
+	c.grants[user] = g
+}
+
+// loadGrants reads every stored grant into memory, at start and after invalidations.
+func (b *backend) loadGrants(ctx context.Context, s logical.Storage) error {
+	b.cache.mu.RLock()
+	users := make([]string, 0, len(b.cache.stale))
+	for user := range b.cache.stale {
+		users = append(users, user)
+	}
+	loaded := b.cache.loaded
+	b.cache.mu.RUnlock()
+
+	generation := b.cache.currentGeneration()
+	if !loaded {
+		var err error
+		if users, err = s.List(ctx, userPrefix); err != nil {
+			return err
+		}
+	}
+	grants := make(map[string]*grant, len(users))
+	for _, user := range users {
+		g, err := getJSON[grant](ctx, s, userPrefix+user)
+		if err != nil {
+			return err
+		}
+		grants[user] = g
+	}
+	b.cache.keep(generation, func() {
+		for user, g := range grants {
+			b.cache.setGrant(user, g)
+		}
+		b.cache.loaded = true
+	})
+	return nil
+}
+
+// loadPending reads the expiry of every pending authorization into memory, when it is not there.
+func (b *backend) loadPending(ctx context.Context, s logical.Storage) error {
+	b.cache.mu.RLock()
+	known := b.cache.pending != nil
+	b.cache.mu.RUnlock()
+	if known {
+		return nil
+	}
+	generation := b.cache.currentGeneration()
+	states, err := s.List(ctx, authRequestPrefix)
+	if err != nil {
+		return err
+	}
+	pending := make(map[string]time.Time, len(states))
+	for _, state := range states {
+		p, err := getJSON[authRequest](ctx, s, authRequestPrefix+state)
+		if err != nil {
+			return err
+		}
+		if p != nil {
+			pending[state] = p.ExpiresAt
+		}
+	}
+	b.cache.keep(generation, func() { b.cache.pending = pending })
+	return nil
+}
+
+// putPending stores a pending authorization and notes its expiry.
+func (b *backend) putPending(ctx context.Context, s logical.Storage, state string, p *authRequest) error {
+	if err := putJSON(ctx, s, authRequestPrefix+state, p); err != nil {
+		return err
+	}
+	b.cache.mu.Lock()
+	defer b.cache.mu.Unlock()
+	b.cache.generation++ // a listing that missed this state must not be kept
+	if b.cache.pending != nil {
+		b.cache.pending[state] = p.ExpiresAt
+	}
+	return nil
+}
+
+// deletePending deletes a pending authorization, used or expired.
+func (b *backend) deletePending(ctx context.Context, s logical.Storage, state string) error {
+	if err := s.Delete(ctx, authRequestPrefix+state); err != nil {
+		return err
+	}
+	b.cache.mu.Lock()
+	defer b.cache.mu.Unlock()
+	b.cache.generation++
+	delete(b.cache.pending, state)
+	return nil
+}

@@ -1,0 +1,229 @@
+package evenergy
+
+import (
+	"context"
+	"net/http/httptest"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/helper/consts"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
+)
+
+// countingStorage counts every call the engine makes to Vault's storage.
+type countingStorage struct {
+	logical.Storage
+	calls atomic.Int64
+}
+
+func (s *countingStorage) List(ctx context.Context, prefix string) ([]string, error) {
+	s.calls.Add(1)
+	return s.Storage.List(ctx, prefix)
+}
+
+func (s *countingStorage) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
+	s.calls.Add(1)
+	return s.Storage.Get(ctx, key)
+}
+
+func (s *countingStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
+	s.calls.Add(1)
+	return s.Storage.Put(ctx, e)
+}
+
+func (s *countingStorage) Delete(ctx context.Context, key string) error {
+	s.calls.Add(1)
+	return s.Storage.Delete(ctx, key)
+}
+
+// countingSystemView counts the system-view calls a client-credentials read needs; while strict,
+// any other call reaches the nil embedded view and panics, so none can go unseen.
+type countingSystemView struct {
+	logical.SystemView // nil while strict
+	inner              logical.SystemView
+	calls              atomic.Int64
+}
+
+func (v *countingSystemView) ReplicationState() consts.ReplicationState {
+	v.calls.Add(1)
+	return v.inner.ReplicationState()
+}
+
+func (v *countingSystemView) DefaultLeaseTTL() time.Duration {
+	v.calls.Add(1)
+	return v.inner.DefaultLeaseTTL()
+}
+
+func (v *countingSystemView) MaxLeaseTTL() time.Duration {
+	v.calls.Add(1)
+	return v.inner.MaxLeaseTTL()
+}
+
+// strict makes every call count or panic from now on.
+func (v *countingSystemView) strict() {
+	v.SystemView = nil
+	v.calls.Store(0)
+}
+
+// newCountedBackend is a unit backend whose calls back to Vault can be counted.
+func newCountedBackend(t testing.TB, storage logical.Storage) (*backend, *countingStorage, *countingSystemView) {
+	t.Helper()
+	config := logical.TestBackendConfig()
+	sys := &countingSystemView{SystemView: config.System, inner: config.System}
+	counted := &countingStorage{Storage: storage}
+	config.System, config.StorageView = sys, counted
+	b, err := Factory(context.Background(), config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b.(*backend), counted, sys
+}
+
+func TestWarmUserReadCallsVaultNever(t *testing.T) {
+	b, s, sys := newCountedBackend(t, &logical.InmemStorage{})
+	connectUnitUser(t, b, s, newUnitStandin(t, b, s), "driver")
+	if _, err := request(t, b, s, logical.ReadOperation, "users/driver/token", nil); err != nil {
+		t.Fatal(err)
+	}
+	sys.strict()
+	s.calls.Store(0)
+	resp, err := request(t, b, s, logical.ReadOperation, "users/driver/token", nil)
+	if err != nil || resp.Secret == nil {
+		t.Fatalf("warm read: %v %v", err, resp)
+	}
+	if n := s.calls.Load() + sys.calls.Load(); n != 0 {
+		t.Fatalf("a warm read of a fresh user token made %d calls back to Vault, want none", n)
+	}
+}
+
+func TestClientCredentialsReadCallsVaultOnlyForWhatCorrectnessNeeds(t *testing.T) {
+	b, s, sys := newCountedBackend(t, &logical.InmemStorage{})
+	newUnitStandin(t, b, s)
+	if _, err := request(t, b, s, logical.CreateOperation, "roles/fleet", map[string]any{"ttl": "60s"}); err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string]struct{ storage, system int64 }{
+		// A write-ahead record put and deleted; is this node writable, and the mount's default TTL.
+		"token": {2, 2},
+		// The role gives the TTL, so the mount's default is not asked for.
+		"token/fleet": {2, 1},
+	} {
+		if _, err := request(t, b, s, logical.ReadOperation, path, nil); err != nil { // warms the caches
+			t.Fatal(err)
+		}
+		sys.strict()
+		s.calls.Store(0)
+		if resp, err := request(t, b, s, logical.ReadOperation, path, nil); err != nil || resp.Secret == nil {
+			t.Fatalf("%s: %v %v", path, err, resp)
+		}
+		if got := (struct{ storage, system int64 }{s.calls.Load(), sys.calls.Load()}); got != want {
+			t.Errorf("%s made %d storage and %d system-view calls, want %d and %d", path, got.storage, got.system, want.storage, want.system)
+		}
+		sys.SystemView = sys.inner
+	}
+}
+
+// twoNodes are two backends on one storage, as the nodes of a cluster are: one writes, the other
+// learns of it through Invalidate, as Vault calls it on a performance standby.
+func twoNodes(t *testing.T) (active, standby *backend, s logical.Storage, sv *standin.Server) {
+	t.Helper()
+	s = &logical.InmemStorage{}
+	active, _ = newUnitBackend(t)
+	standby, _ = newUnitBackend(t)
+	sv = newUnitStandin(t, active, s)
+	return active, standby, s, sv
+}
+
+func TestGrantRotatedOnOneNodeIsReadOnAnother(t *testing.T) {
+	active, standby, s, sv := twoNodes(t)
+	sv.SetTokenLifetime(5 * time.Minute) // inside the 10-minute refresh window from the start
+	before := connectUnitUser(t, active, s, sv, "driver")
+	if err := standby.loadGrants(t.Context(), s); err != nil {
+		t.Fatal(err)
+	}
+	// The active node refreshes: ev.energy kills the token the standby has cached.
+	sv.SetTokenLifetime(time.Hour)
+	rotated, err := request(t, active, s, logical.ReadOperation, "users/driver/token", nil)
+	if err != nil || rotated.Data["access_token"] == before.AccessToken {
+		t.Fatalf("the active node did not refresh: %v", err)
+	}
+	standby.InvalidateKey(t.Context(), userPrefix+"driver")
+	issued := len(sv.Tokens())
+	after, err := request(t, standby, s, logical.ReadOperation, "users/driver/token", nil)
+	if err != nil || after.Data["access_token"] != rotated.Data["access_token"] {
+		t.Fatalf("the standby served another token than the rotated one: %v", err)
+	}
+	if len(sv.Tokens()) != issued {
+		t.Fatal("the standby refreshed a grant the active node had just refreshed")
+	}
+}
+
+func TestConfigChangesTakeEffectOnTheNextRead(t *testing.T) {
+	active, standby, s, sv := twoNodes(t)
+	if _, err := request(t, standby, s, logical.ReadOperation, "token", nil); err != nil {
+		t.Fatal(err)
+	}
+	// Another node points the config at another ev.energy.
+	other := standin.New()
+	other.AddClient(standin.Client{ID: testClientID, Secret: testClientSecret, Scopes: testScopes})
+	otherServer := httptest.NewServer(other)
+	t.Cleanup(otherServer.Close)
+	if _, err := request(t, active, s, logical.UpdateOperation, "config", map[string]any{"base_url": otherServer.URL}); err != nil {
+		t.Fatal(err)
+	}
+	standby.InvalidateKey(t.Context(), configPath)
+	if _, err := request(t, standby, s, logical.ReadOperation, "token", nil); err != nil {
+		t.Fatal(err)
+	}
+	if len(other.Tokens()) != 1 || len(sv.Tokens()) != 1 {
+		t.Fatalf("after the config moved, the old ev.energy issued %d tokens and the new one %d; want 1 and 1", len(sv.Tokens()), len(other.Tokens()))
+	}
+	// A write or a delete on this node takes effect at once, without an invalidation.
+	if _, err := request(t, standby, s, logical.DeleteOperation, "config", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := request(t, standby, s, logical.ReadOperation, "token", nil); err == nil {
+		t.Fatal("a deleted config still minted tokens")
+	}
+}
+
+func TestGrantWrittenElsewhereIsFoundAndDeletedOneIsGone(t *testing.T) {
+	active, standby, s, sv := twoNodes(t)
+	if err := standby.loadGrants(t.Context(), s); err != nil { // the standby knows every grant: none
+		t.Fatal(err)
+	}
+	connectUnitUser(t, active, s, sv, "driver")
+	standby.InvalidateKey(t.Context(), userPrefix+"driver")
+	if _, err := request(t, standby, s, logical.ReadOperation, "users/driver/token", nil); err != nil {
+		t.Fatalf("a grant written on another node: %v", err)
+	}
+	if _, err := request(t, active, s, logical.DeleteOperation, "users/driver", nil); err != nil {
+		t.Fatal(err)
+	}
+	standby.InvalidateKey(t.Context(), userPrefix+"driver")
+	if _, err := request(t, standby, s, logical.ReadOperation, "users/driver/token", nil); err == nil {
+		t.Fatal("a grant deleted on another node is still served")
+	}
+}
+
+func TestStartLoadsEveryGrant(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	connectUnitUser(t, b, s, sv, "driver")
+	restarted, counted, sys := newCountedBackend(t, s)
+	if err := restarted.Initialize(t.Context(), &logical.InitializationRequest{Storage: counted}); err != nil {
+		t.Fatal(err)
+	}
+	// The config is read once; the grant came with the start.
+	if _, err := request(t, restarted, counted, logical.ReadOperation, "users/driver/token", nil); err != nil {
+		t.Fatal(err)
+	}
+	sys.strict()
+	counted.calls.Store(0)
+	if _, err := request(t, restarted, counted, logical.ReadOperation, "users/driver/token", nil); err != nil || counted.calls.Load() != 0 {
+		t.Fatalf("after a start, a read made %d storage calls: %v", counted.calls.Load(), err)
+	}
+}
