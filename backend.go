@@ -21,13 +21,21 @@ whose refresh tokens stay sealed in Vault.
 Configure the client at "config", then read "token".
 `
 
+// Version is the engine's version, stamped by `make build` from git describe; Vault shows it as
+// the mount's running_plugin_version.
+var Version = "v0.0.0-dev"
+
+// operationPrefix starts every OpenAPI operation ID of the engine, e.g. evenergy-generate-token.
+const operationPrefix = "evenergy"
+
 type backend struct {
 	*framework.Backend
 
 	// locks serialize work on one user's grant (ev.energy rotates its refresh token on each refresh)
 	// or on one pending authorization.
-	locks []*locksutil.LockEntry
-	cache *cache
+	locks   []*locksutil.LockEntry
+	cache   *cache
+	metrics *metrics
 }
 
 // Factory returns a configured ev.energy secrets engine.
@@ -41,15 +49,17 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 
 func newBackend() *backend {
 	b := &backend{locks: locksutil.CreateLocks(), cache: newCache()}
+	b.metrics = newMetrics(b.grantsByStatus)
 	b.Backend = &framework.Backend{
-		Help:        strings.TrimSpace(backendHelp),
-		BackendType: logical.TypeLogical,
+		Help:           strings.TrimSpace(backendHelp),
+		BackendType:    logical.TypeLogical,
+		RunningVersion: Version,
 		PathsSpecial: &logical.Paths{
 			SealWrapStorage: []string{configPath, userPrefix, authRequestPrefix, framework.WALPrefix},
 			Unauthenticated: []string{"callback"},
 		},
 		Paths: framework.PathAppend(
-			[]*framework.Path{pathConfig(b), pathRevoke(b), pathAuthURL(b), pathCallback(b)},
+			[]*framework.Path{pathConfig(b), pathRevoke(b), pathAuthURL(b), pathCallback(b), pathMetrics(b)},
 			pathRoles(b),
 			pathToken(b),
 			pathUsers(b),

@@ -86,7 +86,7 @@ func (b *backend) config(ctx context.Context, s logical.Storage) (*config, *even
 	if err != nil {
 		return nil, nil, err
 	}
-	current = &configured{cfg: cfg, client: newClient(cfg)}
+	current = &configured{cfg: cfg, client: newClient(cfg, b.metrics)}
 	b.cache.keep(generation, func() { b.cache.configured = current })
 	return current.cfg, current.client, nil
 }
@@ -189,6 +189,21 @@ func (b *backend) loadGrants(ctx context.Context, s logical.Storage) error {
 		b.cache.loaded = true
 	})
 	return nil
+}
+
+// grantsByStatus counts the grants in memory by status, for metrics.
+func (b *backend) grantsByStatus() map[string]int {
+	b.cache.mu.RLock()
+	defer b.cache.mu.RUnlock()
+	counts := map[string]int{grantActive: 0, grantRevoked: 0, grantOtherClient: 0}
+	for _, g := range b.cache.grants {
+		if b.cache.configured != nil && g.ofOtherClient(b.cache.configured.cfg) {
+			counts[grantOtherClient]++
+		} else {
+			counts[g.Status]++
+		}
+	}
+	return counts
 }
 
 // loadPending reads the expiry of every pending authorization into memory, when it is not there.

@@ -1,6 +1,7 @@
 package evenergy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"io"
@@ -15,19 +16,20 @@ import (
 
 // evenergyClient calls ev.energy's OAuth 2 endpoints as the configured client.
 type evenergyClient struct {
-	cfg  *config
-	http *http.Client
+	cfg     *config
+	http    *http.Client
+	metrics *metrics
 }
 
 // newClient makes the client of one config, with its own connection pool; request_timeout bounds
 // each whole call (a retry included) through its context, not per attempt.
-func newClient(cfg *config) *evenergyClient {
-	transport := http.DefaultTransport.(*http.Transport).Clone()
-	return &evenergyClient{cfg: cfg, http: &http.Client{Transport: transport}}
+func newClient(cfg *config, m *metrics) *evenergyClient {
+	transport := timedTransport{next: http.DefaultTransport.(*http.Transport).Clone(), latency: m.latency}
+	return &evenergyClient{cfg: cfg, http: &http.Client{Transport: transport}, metrics: m}
 }
 
 // close lets go of the connections of a client whose config was replaced.
-func (c *evenergyClient) close() { c.http.CloseIdleConnections() }
+func (c *evenergyClient) close() { c.http.Transport.(timedTransport).next.(*http.Transport).CloseIdleConnections() }
 
 func (c *evenergyClient) tokenURL() string  { return c.cfg.BaseURL + "/o/token" }
 func (c *evenergyClient) revokeURL() string { return c.cfg.BaseURL + "/o/revoke_token/" } // 405 without the slash
@@ -90,8 +92,14 @@ func (c *evenergyClient) token(ctx context.Context, op string, call func(context
 		tok, err = call(ctx)
 		return asUpstreamError(op, err)
 	})
+	if err == nil {
+		c.metrics.minted.WithLabelValues(grantTypes[op]).Inc()
+	}
 	return tok, err
 }
+
+// grantTypes are the grant types of the token-endpoint calls, as metrics label them.
+var grantTypes = map[string]string{opToken: "client_credentials", opExchange: "authorization_code", opRefresh: "refresh_token"}
 
 // revoke revokes an access or refresh token (RFC 7009); ev.energy answers 200 for tokens already invalid.
 func (c *evenergyClient) revoke(ctx context.Context, token, hint string) error {
@@ -102,7 +110,7 @@ func (c *evenergyClient) revoke(ctx context.Context, token, hint string) error {
 	if hint != "" {
 		form.Set("token_type_hint", hint)
 	}
-	return c.withRetry(ctx, opRevoke, func(ctx context.Context) error {
+	err := c.withRetry(ctx, opRevoke, func(ctx context.Context) error {
 		req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.revokeURL(), strings.NewReader(form.Encode()))
 		if err != nil {
 			return err
@@ -119,13 +127,22 @@ func (c *evenergyClient) revoke(ctx context.Context, token, hint string) error {
 		}
 		return answerError(opRevoke, resp, body)
 	})
+	if err == nil {
+		c.metrics.revoked.WithLabelValues(cmp.Or(hint, "unknown")).Inc()
+	}
+	return err
 }
 
 // withRetry runs call within request_timeout, and once more after a 429 whose Retry-After still fits in it.
-func (c *evenergyClient) withRetry(ctx context.Context, op string, call func(context.Context) error) error {
+func (c *evenergyClient) withRetry(ctx context.Context, op string, call func(context.Context) error) (err error) {
+	defer func() {
+		if err != nil {
+			c.metrics.failures.WithLabelValues(endpoints[op], failureLabel(err)).Inc()
+		}
+	}()
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
 	defer cancel()
-	err := call(ctx)
+	err = call(ctx)
 	var upstream *upstreamError
 	if !errors.As(err, &upstream) || upstream.Status != http.StatusTooManyRequests {
 		return err

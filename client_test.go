@@ -20,7 +20,7 @@ func TestUpstreamErrorPassesOnOAuthError(t *testing.T) {
 		w.Write([]byte(`{"error": "invalid_client", "error_description": "Client authentication failed."}`))
 	}))
 	defer server.Close()
-	client := newClient(&config{ClientID: "app", ClientSecret: "s3cret", BaseURL: server.URL, RequestTimeout: time.Second})
+	client := testClient(&config{ClientID: "app", ClientSecret: "s3cret", BaseURL: server.URL, RequestTimeout: time.Second})
 
 	for op, err := range map[string]error{
 		"token request":    func() error { _, err := client.clientCredentialsToken(t.Context(), nil); return err }(),
@@ -39,13 +39,13 @@ func TestUpstreamErrorWhenEvenergyFails(t *testing.T) {
 	server := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "oops", http.StatusInternalServerError)
 	}))
-	client := newClient(&config{ClientID: "app", ClientSecret: "s3cret", BaseURL: server.URL, RequestTimeout: time.Second})
+	client := testClient(&config{ClientID: "app", ClientSecret: "s3cret", BaseURL: server.URL, RequestTimeout: time.Second})
 	err := client.revoke(t.Context(), "tok", "")
 	if upstream, ok := err.(*upstreamError); !ok || upstream.Code() != http.StatusBadGateway || err.Error() != "ev.energy failed the token revocation with HTTP 500" {
 		t.Errorf("HTTP 500: got %v", err)
 	}
 	server.Close()
-	client = newClient(client.cfg) // without connections kept alive from before
+	client = testClient(client.cfg) // without connections kept alive from before
 	_, err = client.clientCredentialsToken(t.Context(), nil)
 	if upstream, ok := err.(*upstreamError); !ok || upstream.Code() != http.StatusBadGateway || upstream.Fault != faultRefused {
 		t.Errorf("unreachable: got %v", err)
@@ -109,4 +109,9 @@ func TestRateLimitRetriedOnceWithinRequestTimeout(t *testing.T) {
 	if issued, _ := sv.Counts(); issued != 1 {
 		t.Fatalf("%d tokens issued, want 1", issued)
 	}
+}
+
+// testClient is an ev.energy client outside any backend, with metrics nobody reads.
+func testClient(cfg *config) *evenergyClient {
+	return newClient(cfg, newMetrics(func() map[string]int { return nil }))
 }

@@ -141,6 +141,7 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 	// Once sent, the refresh must reach storage even if the reader goes away: the old token is dead.
 	ctx = context.WithoutCancel(ctx)
 	tok, err := client.refresh(ctx, g.RefreshToken)
+	b.metrics.refreshes.WithLabelValues(refreshOutcome(err)).Inc()
 	if err == nil {
 		next := g.refreshed(tok)
 		if err := b.putGrant(ctx, s, user, next); err != nil {
@@ -153,8 +154,7 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 	b.Logger().Warn("could not refresh an ev.energy user token", "user", user, "error", err)
 	failed := *g
 	failed.LastError = err.Error()
-	var upstream *upstreamError
-	if errors.As(err, &upstream) && upstream.OAuthCode == "invalid_grant" {
+	if refreshOutcome(err) == refreshRevoked {
 		failed.Status = grantRevoked
 		err = &revokedGrantError{user: user, lastError: failed.LastError}
 	}
@@ -166,4 +166,17 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 		return &failed, nil
 	}
 	return nil, err
+}
+
+// refreshOutcome says what a refresh's error means for the grant: ev.energy's invalid_grant ends it.
+func refreshOutcome(err error) string {
+	var upstream *upstreamError
+	switch {
+	case err == nil:
+		return refreshOK
+	case errors.As(err, &upstream) && upstream.OAuthCode == "invalid_grant":
+		return refreshRevoked
+	default:
+		return refreshFailed
+	}
 }

@@ -37,8 +37,12 @@ func pathAuthURL(b *backend) *framework.Path {
 			"redirect_uri": {Type: framework.TypeString, Description: "Where ev.energy sends the user back: this mount's callback (https://VAULT/v1/<mount>/callback) or the application's. Required.", Required: true},
 			"scopes":       {Type: framework.TypeCommaStringSlice, Description: "Scopes to ask the user for; empty uses the config's scopes."},
 		},
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationVerb: "generate", OperationSuffix: "authorization-url"},
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathAuthURLWrite},
+			logical.UpdateOperation: &framework.PathOperation{
+				Callback: b.pathAuthURLWrite,
+				Summary:  "Start an ev.energy user's authorization: returns the URL to send the user to.",
+			},
 		},
 		HelpSynopsis: "Start the authorization-code flow (with PKCE) for an ev.energy user.",
 		HelpDescription: `Returns the authorize_url to send the user to, and its state. The PKCE verifier stays sealed in

@@ -28,6 +28,11 @@ type config struct {
 }
 
 func pathConfig(b *backend) *framework.Path {
+	configure := &framework.PathOperation{
+		Callback:     b.pathConfigWrite,
+		Summary:      "Configure the ev.energy client: client_id, client_secret, base_url, scopes and timings.",
+		DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "configure"},
+	}
 	return &framework.Path{
 		Pattern: configPath,
 		Fields: map[string]*framework.FieldSchema{
@@ -63,11 +68,18 @@ func pathConfig(b *backend) *framework.Path {
 			},
 		},
 		ExistenceCheck: b.configExists,
+		DisplayAttrs:   &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "configuration"},
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.ReadOperation:   &framework.PathOperation{Callback: b.pathConfigRead},
-			logical.CreateOperation: &framework.PathOperation{Callback: b.pathConfigWrite},
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathConfigWrite},
-			logical.DeleteOperation: &framework.PathOperation{Callback: b.pathConfigDelete},
+			logical.ReadOperation: &framework.PathOperation{
+				Callback: b.pathConfigRead,
+				Summary:  "Read the ev.energy client's configuration, without its secret.",
+			},
+			logical.CreateOperation: configure,
+			logical.UpdateOperation: configure,
+			logical.DeleteOperation: &framework.PathOperation{
+				Callback: b.pathConfigDelete,
+				Summary:  "Delete the configuration.",
+			},
 		},
 		HelpSynopsis:    "Configure the ev.energy OAuth client.",
 		HelpDescription: "Stores the client_id and client_secret of the ev.energy OAuth application, the API's base URL and default scopes. The client secret is never returned.",

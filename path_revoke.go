@@ -23,8 +23,12 @@ func pathRevoke(b *backend) *framework.Path {
 				AllowedValues: []any{"access_token", "refresh_token"},
 			},
 		},
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationVerb: "revoke", OperationSuffix: "token"},
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRevokeWrite},
+			logical.UpdateOperation: &framework.PathOperation{
+				Callback: b.pathRevokeWrite,
+				Summary:  "Revoke any ev.energy access or refresh token at ev.energy.",
+			},
 		},
 		HelpSynopsis:    "Revoke any ev.energy token with the configured client.",
 		HelpDescription: "Revokes an access or refresh token at ev.energy (its /o/revoke_token/ endpoint). Use it for a token that leaked outside Vault; tokens under a Vault lease are revoked when their lease ends.",

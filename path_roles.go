@@ -19,6 +19,7 @@ type role struct {
 }
 
 func pathRoles(b *backend) []*framework.Path {
+	write := &framework.PathOperation{Callback: b.pathRoleWrite, Summary: "Create or update a role: the scopes and lease TTLs of an application's tokens."}
 	return []*framework.Path{
 		{
 			Pattern: rolePrefix + framework.GenericNameRegex("name"),
@@ -29,19 +30,21 @@ func pathRoles(b *backend) []*framework.Path {
 				"max_ttl": {Type: framework.TypeDurationSecond, Description: "Maximum lease TTL of this role's tokens; 0 uses the mount's maximum. Never past the token's own expiry."},
 			},
 			ExistenceCheck: b.roleExists,
+			DisplayAttrs:   &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "role"},
 			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.ReadOperation:   &framework.PathOperation{Callback: b.pathRoleRead},
-				logical.CreateOperation: &framework.PathOperation{Callback: b.pathRoleWrite},
-				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRoleWrite},
-				logical.DeleteOperation: &framework.PathOperation{Callback: b.pathRoleDelete},
+				logical.ReadOperation:   &framework.PathOperation{Callback: b.pathRoleRead, Summary: "Read a role."},
+				logical.CreateOperation: write,
+				logical.UpdateOperation: write,
+				logical.DeleteOperation: &framework.PathOperation{Callback: b.pathRoleDelete, Summary: "Delete a role."},
 			},
 			HelpSynopsis:    "Manage roles: the scopes and lease TTLs of an application's tokens.",
 			HelpDescription: "A role lets each application ask for only the ev.energy scopes it needs. Read evenergy/token/<role> to get a token with them.",
 		},
 		{
-			Pattern: rolePrefix + "?$",
+			Pattern:      rolePrefix + "?$",
+			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "roles"},
 			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.ListOperation: &framework.PathOperation{Callback: b.pathRoleList},
+				logical.ListOperation: &framework.PathOperation{Callback: b.pathRoleList, Summary: "List the roles."},
 			},
 			HelpSynopsis:    "List the roles.",
 			HelpDescription: "Lists the names of the roles.",

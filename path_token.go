@@ -18,6 +18,7 @@ func pathToken(b *backend) []*framework.Path {
 	return []*framework.Path{
 		{
 			Pattern:         "token",
+			DisplayAttrs:    &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationVerb: "generate", OperationSuffix: "token"},
 			Callbacks:       callbacks,
 			HelpSynopsis:    "Get a new client-credentials access token with the config's scopes.",
 			HelpDescription: tokenHelp,
@@ -27,6 +28,7 @@ func pathToken(b *backend) []*framework.Path {
 			Fields: map[string]*framework.FieldSchema{
 				"role": {Type: framework.TypeLowerCaseString, Description: "Role whose scopes and TTLs the token gets.", Required: true},
 			},
+			DisplayAttrs:    &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationVerb: "generate", OperationSuffix: "token-for-role"},
 			Callbacks:       callbacks,
 			HelpSynopsis:    "Get a new client-credentials access token with a role's scopes and TTLs.",
 			HelpDescription: tokenHelp,

@@ -24,10 +24,15 @@ func pathUsers(b *backend) []*framework.Path {
 				"state":         {Type: framework.TypeString, Description: "State from auth-url, as ev.energy's redirect returned it."},
 				"refresh_token": {Type: framework.TypeString, Description: "A refresh token obtained elsewhere, to import instead of code and state.", DisplayAttrs: &framework.DisplayAttributes{Sensitive: true}},
 			},
+			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "user"},
 			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.ReadOperation:   &framework.PathOperation{Callback: b.pathUserRead},
-				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathUserWrite},
-				logical.DeleteOperation: &framework.PathOperation{Callback: b.pathUserDelete},
+				logical.ReadOperation: &framework.PathOperation{Callback: b.pathUserRead, Summary: "Read the status of a user's grant, never a token."},
+				logical.UpdateOperation: &framework.PathOperation{
+					Callback:     b.pathUserWrite,
+					Summary:      "Connect a user: finish an authorization with code and state, or import a refresh token.",
+					DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "connect"},
+				},
+				logical.DeleteOperation: &framework.PathOperation{Callback: b.pathUserDelete, Summary: "Revoke a user's grant at ev.energy and forget it."},
 			},
 			HelpSynopsis: "Manage an ev.energy user's grant.",
 			HelpDescription: `Write code and state (from ev.energy's redirect to the application) to finish an authorization
@@ -35,9 +40,10 @@ started at auth-url, or refresh_token to import a grant obtained elsewhere. Read
 status, never a token. Delete revokes the grant at ev.energy and forgets it.`,
 		},
 		{
-			Pattern: userPrefix + "?$",
+			Pattern:      userPrefix + "?$",
+			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "users"},
 			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.ListOperation: &framework.PathOperation{Callback: b.pathUserList},
+				logical.ListOperation: &framework.PathOperation{Callback: b.pathUserList, Summary: "List the users with a grant."},
 			},
 			HelpSynopsis:    "List the ev.energy users with a grant.",
 			HelpDescription: "Lists the names of the users whose grants this engine keeps.",
@@ -47,6 +53,7 @@ status, never a token. Delete revokes the grant at ev.energy and forgets it.`,
 			Fields:  map[string]*framework.FieldSchema{"user": userSchema},
 			// Callbacks, not Operations: a fresh token is served without any call back to Vault (see pathToken).
 			Callbacks:    map[logical.Operation]framework.OperationFunc{logical.ReadOperation: b.pathUserTokenRead},
+			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "user-token"},
 			HelpSynopsis: "Get an ev.energy user's current access token.",
 			HelpDescription: `Returns the user's access token, refreshed first when less than the config's refresh_window
 remains of it. ev.energy allows one live access token per grant, so every reader gets the same

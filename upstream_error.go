@@ -25,6 +25,9 @@ const (
 	opRevoke   = "token revocation"
 )
 
+// endpoints are the ev.energy endpoints of the calls, as metrics label them.
+var endpoints = map[string]string{opToken: "token", opExchange: "token", opRefresh: "token", opRevoke: "revoke_token"}
+
 // Why a call got no usable answer from ev.energy.
 const (
 	faultTimeout = "timeout"

@@ -8,6 +8,7 @@ vault_port=${DEV_VAULT_PORT:-8200}
 standin_port=${DEV_STANDIN_PORT:-8400}
 export VAULT_ADDR="http://127.0.0.1:$vault_port" VAULT_TOKEN=root
 vault="$root/bin/vault"
+VERSION=${VERSION:-v0.0.0-dev} # make dev passes the version make build stamped
 
 stop() {
   for name in vault standin; do
@@ -38,9 +39,13 @@ start)
   "$vault" status >/dev/null || { tail -20 "$run/vault.log"; echo "the dev Vault did not start" >&2; exit 1; }
 
   set -x
-  "$vault" secrets enable -path=evenergy vault-plugin-secrets-evenergy
+  "$vault" plugin register -sha256="$(sha256sum "$root/bin/plugins/vault-plugin-secrets-evenergy" | cut -d' ' -f1)" \
+    -version="$VERSION" secret vault-plugin-secrets-evenergy
+  "$vault" secrets enable -path=evenergy -plugin-version="$VERSION" -allowed-response-headers=Retry-After \
+    vault-plugin-secrets-evenergy
   "$vault" write evenergy/config client_id=dev-client client_secret=dev-secret base_url="http://127.0.0.1:$standin_port"
   "$vault" read evenergy/token
+  "$vault" secrets list -detailed | grep -E '^(Path|evenergy/)'
   { set +x; } 2>/dev/null
   cat <<MSG
 
