@@ -30,36 +30,123 @@ page that says whether the user is connected.`,
 	}
 }
 
-var callbackPage = template.Must(template.New("callback").Parse(`<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>ev.energy: {{.Title}}</title></head>
-<body><h1 id="result">{{.Title}}</h1><p>{{.Message}}</p></body></html>
+// callbackOutcome is what the user's visit to the callback came to, for the page to explain.
+type callbackOutcome string
+
+const (
+	connected      callbackOutcome = "connected"
+	badLink        callbackOutcome = "bad-link"        // the state is unknown, expired, already used or malformed
+	accessDenied   callbackOutcome = "access-denied"   // the user chose not to allow access at ev.energy
+	refusedAtLogin callbackOutcome = "refused"         // ev.energy sent the user back with another OAuth error
+	exchangeFailed callbackOutcome = "exchange-failed" // the code was not exchanged; the page's last branch
+)
+
+// callbackPageData is what the callback page needs to tell the user, in plain words, what happened.
+type callbackPageData struct {
+	Outcome     callbackOutcome
+	App         string // the application the user connects to ev.energy
+	LinkMinutes int    // how long a link from auth-url works
+	Details     string // one short technical line: never a code, a state or a secret
+}
+
+// callbackPage is the one screen a driver sees: self-contained (no scripts, nothing fetched, not
+// even a favicon) and readable from a phone's width up. #result is "Connected" or "Not connected",
+// for scripts and tests. The application's name is an inline block, with the full stop after it,
+// so that a hyphen in it does not break the name across lines.
+var callbackPage = template.Must(template.New("callback").Parse(`{{$connected := eq .Outcome "connected" -}}
+<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>ev.energy: {{if $connected}}Connected{{else}}Not connected{{end}}</title>
+<style>
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%;text-size-adjust:100%}
+body{margin:0;min-height:100vh;display:flex;align-items:center;justify-content:center;padding:1.5rem;background:#eef2f0;color:#1b2420;font:1.125rem/1.55 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
+main{width:100%;max-width:34rem;background:#fff;border-radius:1rem;padding:2.25rem 2rem;box-shadow:0 1px 2px rgba(16,40,30,.06),0 10px 30px rgba(16,40,30,.08);overflow-wrap:anywhere}
+.brand{margin:0 0 1.75rem;font-size:1rem;font-weight:700;letter-spacing:.02em;color:#0a6b47}
+.icon{display:flex;align-items:center;justify-content:center;width:3.5rem;height:3.5rem;margin-bottom:1.25rem;border-radius:50%}
+.ok .icon{background:#dff3e8;color:#0a7a4c}
+.fail .icon{background:#fdebe7;color:#b42318}
+h1{margin:0 0 .75rem;font-size:1.875rem;line-height:1.2}
+p{margin:0 0 1rem}
+.app{display:inline-block}
+.next{font-weight:600}
+.details{margin:1.75rem 0 0;padding-top:1rem;border-top:1px solid #e3e8e5;font-size:.875rem;line-height:1.45;color:#5a6661}
+@media (max-width:30rem){body{align-items:flex-start;padding:1rem}main{padding:1.75rem 1.5rem}}
+</style>
+</head>
+<body>
+<main class="{{if $connected}}ok{{else}}fail{{end}}">
+<p class="brand">ev.energy</p>
+<div class="icon" aria-hidden="true"><svg width="30" height="30" viewBox="0 0 24 24" fill="none" stroke="currentColor" stroke-width="2.5" stroke-linecap="round" stroke-linejoin="round">
+{{- if $connected}}<path d="M5 12.5l4.5 4.5L19 7.5"/>{{else}}<path d="M7 7l10 10M17 7L7 17"/>{{end -}}
+</svg></div>
+<h1 id="result">{{if $connected}}Connected{{else}}Not connected{{end}}</h1>
+{{- if $connected}}
+<p id="happened">Your ev.energy account is now connected to <span class="app">{{.App}}.</span></p>
+<p id="next" class="next">You can close this page and return to <span class="app">{{.App}}.</span></p>
+{{- else if eq .Outcome "bad-link"}}
+<p id="happened">This link has expired, has already been used or is not complete, so your ev.energy account was not connected. Each link works once, within {{.LinkMinutes}} minutes.</p>
+<p id="next" class="next">Ask <span class="app">{{.App}}</span> for a new link and try again.</p>
+{{- else if eq .Outcome "access-denied"}}
+<p id="happened">You chose not to allow <span class="app">{{.App}}</span> to access your ev.energy account, so nothing was connected.</p>
+<p id="next" class="next">If you meant to allow it, ask <span class="app">{{.App}}</span> for a new link and try again. Otherwise you can close this page.</p>
+{{- else if eq .Outcome "refused"}}
+<p id="happened">ev.energy did not let <span class="app">{{.App}}</span> connect to your account.</p>
+<p id="next" class="next">Ask <span class="app">{{.App}}</span> for a new link and try again.</p>
+{{- else}}
+<p id="happened">Something went wrong while finishing the connection with ev.energy, so your account was not connected.</p>
+<p id="next" class="next">Wait a few minutes, then ask <span class="app">{{.App}}</span> for a new link and try again.</p>
+{{- end}}
+<p id="details" class="details">Details: {{.Details}}</p>
+</main>
+</body>
+</html>
 `))
 
 func (b *backend) pathCallbackRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	outcome := badLink
 	pending, err := b.consumeAuthRequest(ctx, req.Storage, "", d.Get("state").(string))
 	if err == nil {
 		if oauthErr := d.Get("error").(string); oauthErr != "" {
+			outcome = refusedAtLogin
+			if oauthErr == "access_denied" {
+				outcome = accessDenied
+			}
 			err = &upstreamError{Op: "authorization", Status: http.StatusBadRequest, OAuthCode: oauthErr, Description: d.Get("error_description").(string)}
 		} else {
+			outcome = exchangeFailed
 			err = b.completeAuthorization(ctx, req.Storage, pending, d.Get("code").(string))
 		}
 	}
 	var coded logical.HTTPCodedError
 	switch {
 	case err == nil:
-		return callbackResponse(http.StatusOK, "Connected", "ev.energy user "+pending.User+" is connected. You can close this page.")
+		return callbackResponse(http.StatusOK, b.callbackPageData(ctx, req.Storage, connected, "connected as "+pending.User))
 	case errors.Is(err, logical.ErrReadOnly):
 		return nil, err // Vault forwards the request to the active node
 	case errors.As(err, &coded):
-		return callbackResponse(coded.Code(), "Not connected", err.Error())
+		return callbackResponse(coded.Code(), b.callbackPageData(ctx, req.Storage, outcome, err.Error()))
 	default:
 		return nil, err
 	}
 }
 
-func callbackResponse(status int, title, message string) (*logical.Response, error) {
+// callbackPageData names the application by the config's client_id.
+func (b *backend) callbackPageData(ctx context.Context, s logical.Storage, outcome callbackOutcome, details string) callbackPageData {
+	data := callbackPageData{Outcome: outcome, App: "the application", LinkMinutes: int(authRequestTTL.Minutes()), Details: details}
+	if cfg, _, err := b.config(ctx, s); err == nil { // without a config the page still answers, naming no application
+		data.App = cfg.ClientID
+	}
+	return data
+}
+
+func callbackResponse(status int, data callbackPageData) (*logical.Response, error) {
 	var page bytes.Buffer
-	if err := callbackPage.Execute(&page, map[string]string{"Title": title, "Message": message}); err != nil {
+	if err := callbackPage.Execute(&page, data); err != nil {
 		return nil, err
 	}
 	return &logical.Response{Data: map[string]any{
