@@ -18,8 +18,12 @@ test: vault chromium
 	go vet ./...
 	VAULT_BIN=$(VAULT) go test -count=1 -timeout 20m ./...
 
-bench:
+# One dev Vault with the engine and a no-op leased plugin (bench/noop) from bin/bench-plugins; see bench/main.go.
+bench: vault
+	go build -o bin/bench-plugins/$(PLUGIN) ./cmd/$(PLUGIN)
+	go build -o bin/bench-plugins/bench-noop ./bench/noop
 	go test -run '^$$' -bench . -benchmem ./...
+	go run ./bench -vault $(VAULT) -plugins bin/bench-plugins -out bin/bench.json
 
 dev: build vault
 	scripts/dev.sh start
