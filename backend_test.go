@@ -2,6 +2,7 @@ package evenergy
 
 import (
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"net"
 	"net/http"
@@ -13,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -42,8 +44,17 @@ var devVault struct {
 func TestMain(m *testing.M) {
 	code := m.Run()
 	if devVault.cmd != nil {
-		_ = devVault.cmd.Process.Kill()
-		_ = devVault.cmd.Wait()
+		stopServer(devVault.cmd)
+	}
+	// A data race in the plugin shows only in the logs of the Vault servers that ran it.
+	if races := raceReports(); len(races) > 0 {
+		fmt.Fprintf(os.Stderr, "FAIL: the race-built plugin reported data races:\n%s\n", strings.Join(races, "\n"))
+		code = 1
+	}
+	if code == 0 && shared.dir != "" {
+		_ = os.RemoveAll(shared.dir)
+	} else if shared.dir != "" {
+		fmt.Fprintf(os.Stderr, "Vault server logs kept in %s\n", shared.dir)
 	}
 	os.Exit(code)
 }
@@ -68,27 +79,24 @@ func startDevVault() error {
 	if bin == "" {
 		return fmt.Errorf("VAULT_BIN is not set: run `make test`, which builds the Vault server into bin/vault")
 	}
-	dir, err := os.MkdirTemp("", "evenergy-acc-")
+	pluginDir, _, err := racePlugin()
 	if err != nil {
 		return err
-	}
-	pluginDir := filepath.Join(dir, "plugins")
-	build := exec.Command("go", "build", "-o", filepath.Join(pluginDir, pluginName), "./cmd/"+pluginName)
-	if out, err := build.CombinedOutput(); err != nil {
-		return fmt.Errorf("building the plugin: %v\n%s", err, out)
 	}
 	addr, err := freeLoopbackAddr()
 	if err != nil {
 		return err
 	}
-	devVault.log = filepath.Join(dir, "vault.log")
-	logFile, err := os.Create(devVault.log)
+	logFile, err := serverLog("dev-vault")
 	if err != nil {
 		return err
 	}
+	defer logFile.Close()
+	devVault.log = logFile.Name()
 	cmd := exec.Command(bin, "server", "-dev", "-dev-root-token-id=root", "-dev-no-store-token",
 		"-dev-listen-address="+addr, "-dev-plugin-dir="+pluginDir, "-log-level=debug")
 	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.SysProcAttr = serverProcAttr()
 	if err := cmd.Start(); err != nil {
 		return err
 	}
@@ -258,4 +266,107 @@ func get(t *testing.T, rawURL string) *http.Response {
 		t.Fatal(err)
 	}
 	return resp
+}
+
+// shared is what every Vault server this test binary starts shares: one race-built plugin, and a
+// directory of server logs that TestMain scans for race reports.
+var shared struct {
+	once      sync.Once
+	dir       string
+	pluginDir string
+	pluginSum string // hex sha256 of the plugin binary, for the catalog
+	err       error
+	mu        sync.Mutex
+	logs      []string
+}
+
+// racePlugin builds the plugin with the race detector, once, and returns its directory and sha256.
+func racePlugin() (dir, sum string, err error) {
+	shared.once.Do(func() { shared.err = buildRacePlugin() })
+	return shared.pluginDir, shared.pluginSum, shared.err
+}
+
+func buildRacePlugin() error {
+	dir, err := os.MkdirTemp("", "evenergy-acc-")
+	if err != nil {
+		return err
+	}
+	shared.dir, shared.pluginDir = dir, filepath.Join(dir, "plugins")
+	bin := filepath.Join(shared.pluginDir, pluginName)
+	build := exec.Command("go", "build", "-race", "-o", bin, "./cmd/"+pluginName)
+	build.Env = append(os.Environ(), "CGO_ENABLED=1") // the race detector needs cgo
+	if out, err := build.CombinedOutput(); err != nil {
+		return fmt.Errorf("building the plugin with -race: %v\n%s", err, out)
+	}
+	data, err := os.ReadFile(bin)
+	if err != nil {
+		return err
+	}
+	shared.pluginSum = fmt.Sprintf("%x", sha256.Sum256(data))
+	return nil
+}
+
+// serverLog creates the log file of a Vault server and has TestMain scan it for race reports.
+func serverLog(name string) (*os.File, error) {
+	if shared.dir == "" {
+		return nil, fmt.Errorf("the plugin must be built before a server starts")
+	}
+	f, err := os.Create(filepath.Join(shared.dir, name+".log"))
+	if err != nil {
+		return nil, err
+	}
+	shared.mu.Lock()
+	defer shared.mu.Unlock()
+	shared.logs = append(shared.logs, f.Name())
+	return f, nil
+}
+
+// serverProcAttr puts a Vault server in its own process group, so that killing the group ends its
+// plugins too; if the test binary dies, the server gets SIGTERM and stops them itself.
+func serverProcAttr() *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+}
+
+// stopServer stops a Vault server gracefully, so its plugins stop and what they wrote reaches the
+// log, then kills whatever is left of its process group.
+func stopServer(cmd *exec.Cmd) {
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+	}
+	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	<-done
+}
+
+// logPrefix is the time, level and logger name Vault puts before each line a plugin writes to stderr.
+var logPrefix = regexp.MustCompile(`^\S+ +\[[A-Z]+\] +\S+?(: |$)`)
+
+// raceReports returns the lines of every Go race report in the logs of the Vault servers started.
+func raceReports() []string {
+	shared.mu.Lock()
+	defer shared.mu.Unlock()
+	var out []string
+	for _, path := range shared.logs {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			out = append(out, fmt.Sprintf("cannot read %s to look for race reports: %v", path, err))
+			continue
+		}
+		inReport := false
+		for line := range strings.Lines(string(data)) {
+			line = strings.TrimRight(line, "\n")
+			if strings.Contains(line, "WARNING: DATA RACE") {
+				inReport = true
+				out = append(out, "in "+path+":")
+			}
+			if inReport {
+				out = append(out, logPrefix.ReplaceAllString(line, ""))
+				inReport = !strings.HasSuffix(line, "==================") // a report ends with a line of = signs
+			}
+		}
+	}
+	return out
 }
