@@ -205,17 +205,23 @@ func (e *accEnv) wantWriteError(t *testing.T, p string, data map[string]any, sta
 // wantLeases checks how many leases Vault holds under a path of this mount.
 func (e *accEnv) wantLeases(t *testing.T, p string, want int) {
 	t.Helper()
+	if n := e.leaseCount(t, p); n != want {
+		t.Fatalf("Vault holds %d leases under %s, want %d", n, p, want)
+	}
+}
+
+// leaseCount is how many leases Vault holds under a path of this mount.
+func (e *accEnv) leaseCount(t *testing.T, p string) int {
+	t.Helper()
 	s, err := e.vault.Logical().List("sys/leases/lookup/" + e.path(p))
 	if err != nil {
 		t.Fatal(err)
 	}
-	var keys []any
-	if s != nil {
-		keys, _ = s.Data["keys"].([]any)
+	if s == nil {
+		return 0
 	}
-	if len(keys) != want {
-		t.Fatalf("Vault holds %d leases under %s, want %d", len(keys), p, want)
-	}
+	keys, _ := s.Data["keys"].([]any)
+	return len(keys)
 }
 
 // wantStatus checks that err is a Vault API error with this HTTP status whose message says want.
@@ -293,7 +299,7 @@ func buildRacePlugin() error {
 	}
 	shared.dir, shared.pluginDir = dir, filepath.Join(dir, "plugins")
 	bin := filepath.Join(shared.pluginDir, pluginName)
-	build := exec.Command("go", "build", "-race", "-o", bin, "./cmd/"+pluginName)
+	build := exec.Command("go", "build", "-race", "-ldflags", "-X "+versionVar+"="+testVersion, "-o", bin, "./cmd/"+pluginName)
 	build.Env = append(os.Environ(), "CGO_ENABLED=1") // the race detector needs cgo
 	if out, err := build.CombinedOutput(); err != nil {
 		return fmt.Errorf("building the plugin with -race: %v\n%s", err, out)

@@ -20,8 +20,12 @@ func pathCallback(b *backend) *framework.Path {
 			"error":             {Type: framework.TypeString, Description: "OAuth error from ev.energy, e.g. access_denied."},
 			"error_description": {Type: framework.TypeString, Description: "ev.energy's description of the error."},
 		},
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationVerb: "complete", OperationSuffix: "authorization"},
 		Operations: map[logical.Operation]framework.OperationHandler{
-			logical.ReadOperation: &framework.PathOperation{Callback: b.pathCallbackRead},
+			logical.ReadOperation: &framework.PathOperation{
+				Callback: b.pathCallbackRead,
+				Summary:  "Where ev.energy sends a user's browser back; exchanges the code and answers a page.",
+			},
 		},
 		HelpSynopsis: "Where ev.energy sends a user back after authorizing (unauthenticated).",
 		HelpDescription: `Give https://VAULT/v1/<mount>/callback as redirect_uri to auth-url: the user's browser then comes

@@ -3,6 +3,7 @@ package evenergy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/vault/api"
 	"github.com/hashicorp/vault/sdk/helper/consts"
 	"github.com/hashicorp/vault/sdk/logical"
 	"golang.org/x/oauth2"
@@ -313,7 +315,7 @@ func TestPeriodicRefreshesOnlyDueUsers(t *testing.T) {
 		t.Fatal(err)
 	}
 	sv.SetTokenLifetime(10 * time.Hour)
-	if err := b.refreshDueUsers(t.Context(), &logical.Request{Storage: s}); err != nil {
+	if err := b.periodic(t.Context(), &logical.Request{Storage: s}); err != nil {
 		t.Fatal(err)
 	}
 	shortAfter, _ := getJSON[grant](t.Context(), s, userPrefix+"short")
@@ -336,7 +338,7 @@ func TestStandbyNeverRefreshes(t *testing.T) {
 	before := len(sv.Tokens())
 	b.System().(*logical.StaticSystemView).ReplicationStateVal = consts.ReplicationPerformanceStandby
 
-	if err := b.refreshDueUsers(t.Context(), &logical.Request{Storage: s}); err != nil {
+	if err := b.periodic(t.Context(), &logical.Request{Storage: s}); err != nil {
 		t.Fatal(err)
 	}
 	// A read that needs a refresh is sent on to the active node, which can persist the rotated token.
@@ -386,7 +388,7 @@ func TestGrantOfAnotherClientIsNeverSent(t *testing.T) {
 	if err != nil || resp.Data["client_id"] != testClientID || resp.Data["status"] != grantOtherClient {
 		t.Fatalf("users/driver = %v %v", resp, err)
 	}
-	if err := b.refreshDueUsers(t.Context(), &logical.Request{Storage: s}); err != nil {
+	if err := b.periodic(t.Context(), &logical.Request{Storage: s}); err != nil {
 		t.Fatalf("the periodic function failed on a grant of another client: %v", err)
 	}
 	if len(sv.Tokens()) != issued {
@@ -398,5 +400,82 @@ func TestGrantOfAnotherClientIsNeverSent(t *testing.T) {
 	}
 	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"driver"); g != nil {
 		t.Fatal("the grant is still stored after delete")
+	}
+}
+
+// TestAccEntitiesReachOnlyTheirOwnGrant logs two Vault entities in through userpass under one
+// templated policy: each authorizes, reads and deletes its own grant and gets 403 on the other's.
+func TestAccEntitiesReachOnlyTheirOwnGrant(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	auth := "userpass-" + strings.TrimPrefix(e.mount, "evenergy-")
+	if err := e.vault.Sys().EnableAuthWithOptions(auth, &api.EnableAuthOptions{Type: "userpass"}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.vault.Sys().DisableAuth(auth) })
+	policy := fmt.Sprintf(`
+path "%[1]s/+/{{identity.entity.id}}" { capabilities = ["read", "update", "delete"] }
+path "%[1]s/users/{{identity.entity.id}}/*" { capabilities = ["read"] }
+`, e.mount)
+	if err := e.vault.Sys().PutPolicy(e.mount+"-self", policy); err != nil {
+		t.Fatal(err)
+	}
+	login := func(name string) (*api.Client, string) {
+		if _, err := e.vault.Logical().Write("auth/"+auth+"/users/"+name, map[string]any{"password": "pw-" + name, "token_policies": e.mount + "-self"}); err != nil {
+			t.Fatal(err)
+		}
+		c, err := e.vault.Clone()
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := c.Logical().Write("auth/"+auth+"/login/"+name, map[string]any{"password": "pw-" + name})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetToken(s.Auth.ClientToken)
+		return c, s.Auth.EntityID
+	}
+	alice, aliceID := login("alice")
+	bob, bobID := login("bob")
+
+	for _, who := range []struct {
+		client     *api.Client
+		own, other string
+	}{{alice, aliceID, bobID}, {bob, bobID, aliceID}} {
+		s, err := who.client.Logical().Write(e.path("auth-url/"+who.own), map[string]any{"redirect_uri": appRedirect})
+		if err != nil {
+			t.Fatalf("auth-url for one's own entity: %v", err)
+		}
+		redirect, err := e.standin.Authorize(t.Context(), s.Data["authorize_url"].(string), who.own, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := who.client.Logical().Write(e.path("users/"+who.own), map[string]any{"code": redirect.Query().Get("code"), "state": s.Data["state"]}); err != nil {
+			t.Fatalf("finishing one's own authorization: %v", err)
+		}
+		tok, err := who.client.Logical().Read(e.path("users/" + who.own + "/token"))
+		if err != nil {
+			t.Fatalf("reading one's own token: %v", err)
+		}
+		e.standinToken(t, tok)
+	}
+	for _, who := range []struct {
+		client *api.Client
+		other  string
+	}{{alice, bobID}, {bob, aliceID}} {
+		_, err := who.client.Logical().Write(e.path("auth-url/"+who.other), map[string]any{"redirect_uri": appRedirect})
+		wantStatus(t, err, http.StatusForbidden, "permission denied")
+		_, err = who.client.Logical().Read(e.path("users/" + who.other + "/token"))
+		wantStatus(t, err, http.StatusForbidden, "permission denied")
+		_, err = who.client.Logical().Read(e.path("users/" + who.other))
+		wantStatus(t, err, http.StatusForbidden, "permission denied")
+		_, err = who.client.Logical().Delete(e.path("users/" + who.other))
+		wantStatus(t, err, http.StatusForbidden, "permission denied")
+	}
+	if _, err := alice.Logical().Delete(e.path("users/" + aliceID)); err != nil {
+		t.Fatalf("deleting one's own grant: %v", err)
+	}
+	if users := e.users(t); len(users) != 1 || users[0] != bobID {
+		t.Fatalf("users after alice deleted hers: %v", users)
 	}
 }
