@@ -1,10 +1,13 @@
-PLUGIN := vault-plugin-secrets-evenergy
-VAULT  := $(CURDIR)/bin/vault
+PLUGIN  := vault-plugin-secrets-evenergy
+VAULT   := $(CURDIR)/bin/vault
+# The version stamped into the plugin: the latest v* tag as git describes it, or v0.0.0-dev.
+VERSION := $(shell git describe --tags --match 'v*' 2>/dev/null || echo v0.0.0-dev)
+LDFLAGS := -X github.com/evenergy/vault-plugin-secrets-evenergy.Version=$(VERSION)
 
-.PHONY: build vault chromium test bench dev dev-stop
+.PHONY: build vault chromium test bench fuzz dev dev-stop
 
 build:
-	go build -o bin/plugins/$(PLUGIN) ./cmd/$(PLUGIN)
+	go build -ldflags "$(LDFLAGS)" -o bin/plugins/$(PLUGIN) ./cmd/$(PLUGIN)
 	go build -o bin/evenergy-standin ./cmd/evenergy-standin
 
 # The Vault server is built once from the Go module proxy and cached (see scripts/build-vault.sh).
@@ -16,7 +19,7 @@ chromium:
 
 test: vault chromium
 	go vet ./...
-	VAULT_BIN=$(VAULT) go test -count=1 -timeout 20m ./...
+	VAULT_BIN=$(VAULT) go test -count=1 -timeout 30m ./...
 
 # One dev Vault with the engine and a no-op leased plugin (bench/noop) from bin/bench-plugins; see bench/main.go.
 bench: vault
@@ -25,8 +28,17 @@ bench: vault
 	go test -run '^$$' -bench . -benchmem ./...
 	go run ./bench -vault $(VAULT) -plugins bin/bench-plugins -out bin/bench.json
 
+FUZZTIME ?= 60s
+
+# Fuzzes each Fuzz target in turn for FUZZTIME with one worker (`make test` runs only their seeds);
+# a short minimize time keeps the worker from spending the run minimizing one long input.
+fuzz:
+	for target in $$(go test -list '^Fuzz' . | grep '^Fuzz'); do \
+		go test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s -parallel 1 . || exit 1; \
+	done
+
 dev: build vault
-	scripts/dev.sh start
+	VERSION=$(VERSION) scripts/dev.sh start
 
 dev-stop:
 	scripts/dev.sh stop

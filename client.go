@@ -29,7 +29,9 @@ func newClient(cfg *config, m *metrics) *evenergyClient {
 }
 
 // close lets go of the connections of a client whose config was replaced.
-func (c *evenergyClient) close() { c.http.Transport.(timedTransport).next.(*http.Transport).CloseIdleConnections() }
+func (c *evenergyClient) close() {
+	c.http.Transport.(timedTransport).next.(*http.Transport).CloseIdleConnections()
+}
 
 func (c *evenergyClient) tokenURL() string  { return c.cfg.BaseURL + "/o/token" }
 func (c *evenergyClient) revokeURL() string { return c.cfg.BaseURL + "/o/revoke_token/" } // 405 without the slash

@@ -11,13 +11,20 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
-// userName is how this engine names an ev.energy user: a path segment, and a storage key.
-const userName = `\w[\w.@+-]*`
+// Names of users and roles are path segments and storage keys: a dot only between other
+// characters, as ".." is a relative path that Vault's storage refuses.
+const (
+	userName = `\w[\w@+-]*(?:\.[\w@+-]+)*` // e.g. driver-42, ada.driver@example.com, a Vault entity ID
+	roleName = `\w[\w-]*(?:\.[\w-]+)*`
+)
 
 var (
 	userNamePattern = regexp.MustCompile("^" + userName + "$")
 	userField       = "(?P<user>" + userName + ")"
 )
+
+// roleField is a role name in a path pattern, captured as field.
+func roleField(field string) string { return "(?P<" + field + ">" + roleName + ")" }
 
 // fieldOnWrite returns a field the request sets, or its default when the request creates the entry.
 func fieldOnWrite(req *logical.Request, d *framework.FieldData, name string) (any, bool) {
@@ -30,7 +37,7 @@ func fieldOnWrite(req *logical.Request, d *framework.FieldData, name string) (an
 // checkURL accepts an absolute https:// URL, or http:// for a loopback host only.
 func checkURL(field, raw string) error {
 	u, err := url.Parse(raw)
-	if err != nil || u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
+	if err != nil || u.Host == "" || strings.ContainsAny(raw, "?#") { // url.Parse hides an empty query or fragment
 		return fmt.Errorf("%s must be an absolute URL such as https://api.ev.energy, without query or fragment", field)
 	}
 	if u.User != nil {

@@ -22,7 +22,7 @@ func pathRoles(b *backend) []*framework.Path {
 	write := &framework.PathOperation{Callback: b.pathRoleWrite, Summary: "Create or update a role: the scopes and lease TTLs of an application's tokens."}
 	return []*framework.Path{
 		{
-			Pattern: rolePrefix + framework.GenericNameRegex("name"),
+			Pattern: rolePrefix + roleField("name"),
 			Fields: map[string]*framework.FieldSchema{
 				"name":    {Type: framework.TypeLowerCaseString, Description: "Name of the role.", Required: true},
 				"scopes":  {Type: framework.TypeCommaStringSlice, Description: "Scopes of this role's tokens; empty uses the config's scopes."},

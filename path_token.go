@@ -24,7 +24,7 @@ func pathToken(b *backend) []*framework.Path {
 			HelpDescription: tokenHelp,
 		},
 		{
-			Pattern: "token/" + framework.GenericNameRegex("role"),
+			Pattern: "token/" + roleField("role"),
 			Fields: map[string]*framework.FieldSchema{
 				"role": {Type: framework.TypeLowerCaseString, Description: "Role whose scopes and TTLs the token gets.", Required: true},
 			},
