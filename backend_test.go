@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -375,4 +376,25 @@ func raceReports() []string {
 		}
 	}
 	return out
+}
+
+// rawRead GETs a path of this mount as plain HTTP, for what the API client hides: headers, raw
+// bodies, a 429 it would wait out.
+func (e *accEnv) rawRead(t *testing.T, p string) (*http.Response, []byte) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, e.vault.Address()+"/v1/"+e.path(p), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("X-Vault-Token", "root")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp, body
 }

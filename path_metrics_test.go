@@ -1,7 +1,6 @@
 package evenergy
 
 import (
-	"io"
 	"net/http"
 	"sort"
 	"strings"
@@ -73,17 +72,7 @@ func TestAccMetricsCountAKnownSequence(t *testing.T) {
 // metrics reads this mount's metrics path through Vault and returns every series by name and labels.
 func (e *accEnv) metrics(t *testing.T) map[string]float64 {
 	t.Helper()
-	req, err := http.NewRequest(http.MethodGet, e.vault.Address()+"/v1/"+e.path("metrics"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("X-Vault-Token", "root")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
+	resp, body := e.rawRead(t, "metrics")
 	if resp.StatusCode != http.StatusOK || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/plain") {
 		t.Fatalf("metrics answered %d %s", resp.StatusCode, resp.Header.Get("Content-Type"))
 	}

@@ -25,23 +25,14 @@ func TestAccRateLimitReachesTheClient(t *testing.T) {
 	e.standin.SetFault(standin.Fault{Kind: standin.FaultRateLimited, RetryAfter: 45 * time.Second})
 	t.Cleanup(func() { e.standin.SetFault(standin.Fault{}) })
 
-	req, err := http.NewRequest(http.MethodGet, e.vault.Address()+"/v1/"+e.path("token"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("X-Vault-Token", "root")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
+	resp, _ := e.rawRead(t, "token")
 	if resp.StatusCode != http.StatusTooManyRequests || resp.Header.Get("Retry-After") != "45" {
 		t.Fatalf("got HTTP %d with Retry-After %q, want 429 with 45", resp.StatusCode, resp.Header.Get("Retry-After"))
 	}
 	e.wantReadError(t, "token", http.StatusTooManyRequests, "ev.energy is rate limiting the token request (HTTP 429): retry after 45s")
 
 	e.standin.SetFault(standin.Fault{Kind: standin.FaultGarbage})
-	_, err = e.vault.Logical().Read(e.path("token"))
+	_, err := e.vault.Logical().Read(e.path("token"))
 	wantStatus(t, err, http.StatusBadGateway, "not an OAuth response")
 	if strings.Contains(err.Error(), "<") {
 		t.Fatalf("the error carries ev.energy's markup: %v", err)
