@@ -3,12 +3,8 @@ package evenergy
 import (
 	"context"
 	"errors"
-	"fmt"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -218,57 +214,6 @@ func TestAccTokenRevocationRetriedWhileEvenergyDown(t *testing.T) {
 	}
 	if !e.revoked(tok) {
 		t.Fatal("token still live after the retried revocation")
-	}
-}
-
-// TestAccAgentRendersLiveToken runs a real Vault Agent whose template renders evenergy/token: as each
-// lease ends with its short-lived token, Agent must have read a new one, so the file never holds a dead token.
-func TestAccAgentRendersLiveToken(t *testing.T) {
-	t.Parallel()
-	e := newAccEnv(t)
-	e.standin.SetTokenLifetime(10 * time.Second)
-	dir := t.TempDir()
-	tokenFile, rendered, config := filepath.Join(dir, "vault-token"), filepath.Join(dir, "evenergy-token"), filepath.Join(dir, "agent.hcl")
-	if err := os.WriteFile(tokenFile, []byte("root"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	hcl := fmt.Sprintf(`
-vault { address = %q }
-auto_auth {
-  method "token_file" { config = { token_file_path = %q } }
-}
-template {
-  contents    = "{{ with secret \"%s/token\" }}{{ .Data.access_token }}{{ end }}"
-  destination = %q
-}
-`, e.vault.Address(), tokenFile, e.mount, rendered)
-	if err := os.WriteFile(config, []byte(hcl), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	agent := exec.Command(os.Getenv("VAULT_BIN"), "agent", "-config", config)
-	logFile, err := os.Create(filepath.Join(dir, "agent.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	agent.Stdout, agent.Stderr = logFile, logFile
-	if err := agent.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = agent.Process.Kill(); _ = agent.Wait() })
-
-	seen := map[string]bool{}
-	for deadline := time.Now().Add(35 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
-		tok, err := os.ReadFile(rendered)
-		if err != nil || len(tok) == 0 {
-			continue // not rendered yet
-		}
-		if !e.standin.Active(string(tok)) {
-			t.Fatalf("the rendered token is dead at ev.energy: Agent did not re-read it in time (%d tokens rendered before)", len(seen))
-		}
-		seen[string(tok)] = true
-	}
-	if len(seen) < 3 {
-		t.Fatalf("Agent rendered %d tokens in 35 s of 10-second tokens; it should re-read before each one dies", len(seen))
 	}
 }
 
