@@ -48,8 +48,19 @@ func (g *grant) ofOtherClient(cfg *config) bool {
 	return g.ClientID != "" && g.ClientID != cfg.ClientID
 }
 
-// due reports whether the access token is inside the refresh window.
+// readAhead is how long before the refresh window a read refreshes. No lease is then shorter than
+// it, so Vault Agent's reads come at least a second apart (it drops a read answered in the same
+// second as the one before), and the periodic pass, which waits for the window itself, never
+// rotates a token between the reads of an active reader.
+const readAhead = 2 * time.Second
+
+// due reports whether a read refreshes the access token first.
 func (g *grant) due(cfg *config, now time.Time) bool {
+	return g.ExpiresAt.Sub(now) <= cfg.RefreshWindow+readAhead
+}
+
+// unattended reports whether the token entered the refresh window with no reader refreshing it.
+func (g *grant) unattended(cfg *config, now time.Time) bool {
 	return g.ExpiresAt.Sub(now) <= cfg.RefreshWindow
 }
 

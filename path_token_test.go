@@ -187,11 +187,11 @@ func TestAccTokenEvenergyDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.write(t, "config", map[string]any{"base_url": "http://" + closed})
-	e.wantReadError(t, "token", http.StatusBadGateway, "could not reach ev.energy for the token request")
+	e.wantReadError(t, "token", http.StatusBadGateway, "could not connect to ev.energy for the token request: connection refused")
 
 	e.write(t, "config", map[string]any{"base_url": e.url})
 	e.outage.Store(true)
-	e.wantReadError(t, "token", http.StatusBadGateway, "ev.energy answered the token request with HTTP 503")
+	e.wantReadError(t, "token", http.StatusBadGateway, "ev.energy failed the token request with HTTP 503")
 	e.wantLeases(t, "token", 0)
 }
 
@@ -309,7 +309,7 @@ func TestWriteAheadRollbackRevokesAnOrphan(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The plugin died between the mint and its answer: only the write-ahead record knows the token.
-	tok, err := newClient(cfg).clientCredentialsToken(t.Context(), nil)
+	tok, err := testClient(cfg).clientCredentialsToken(t.Context(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

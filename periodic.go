@@ -58,13 +58,14 @@ func (b *backend) refreshDueUsers(ctx context.Context, s logical.Storage) error 
 	return errors.Join(errs...)
 }
 
-// dueUsers lists, from memory, the users whose active grant of this client is inside the refresh window.
+// dueUsers lists, from memory, the users whose active grant of this client entered the refresh
+// window unattended: an active reader has refreshed it already.
 func (b *backend) dueUsers(cfg *config, now time.Time) []string {
 	b.cache.mu.RLock()
 	defer b.cache.mu.RUnlock()
 	var users []string
 	for user, g := range b.cache.grants {
-		if g.usable(cfg, user) == nil && g.due(cfg, now) {
+		if g.usable(cfg, user) == nil && g.unattended(cfg, now) {
 			users = append(users, user)
 		}
 	}

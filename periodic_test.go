@@ -113,3 +113,33 @@ func timeEach(n int, f func()) time.Duration {
 	}
 	return time.Since(start) / time.Duration(n)
 }
+
+// TestPeriodicLeavesRefreshesToActiveReaders: a read refreshes a token readAhead before the window,
+// the periodic pass only once the window has begun, so it never rotates a token between the reads
+// of a Vault Agent, whose leases end at the window.
+func TestPeriodicLeavesRefreshesToActiveReaders(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	cfg, _, err := b.config(t.Context(), s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seedGrants(t, b, s, sv, 1, time.Now().Add(cfg.RefreshWindow+readAhead/2))
+	issued := len(sv.Tokens())
+	if err := b.periodic(t.Context(), &logical.Request{Storage: s}); err != nil {
+		t.Fatal(err)
+	}
+	if len(sv.Tokens()) != issued {
+		t.Fatal("the periodic pass refreshed a token before its refresh window began")
+	}
+	if _, err := request(t, b, s, logical.ReadOperation, "users/u0/token", nil); err != nil {
+		t.Fatal(err)
+	}
+	if len(sv.Tokens()) != issued+2 {
+		t.Fatal("a read inside readAhead of the window did not refresh the token")
+	}
+	resp, err := request(t, b, s, logical.ReadOperation, "users/u0/token", nil)
+	if err != nil || resp.Secret.TTL < readAhead {
+		t.Fatalf("a lease of %v is shorter than readAhead: %v", resp.Secret.TTL, err)
+	}
+}
