@@ -15,7 +15,7 @@ import (
 // and it is loaded anew at start. Cached values are never changed in place, only replaced.
 type cache struct {
 	mu         sync.RWMutex
-	generation uint64 // counts invalidations, so a load that raced one is not kept
+	generation uint64 // counts changes (invalidations and the engine's own writes), so a load that raced one is not kept
 
 	configured *configured
 	roles      map[string]*role
@@ -58,7 +58,7 @@ func (c *cache) invalidate(key string) {
 	}
 }
 
-// keep caches v under the generation a load started in, unless an invalidation came in between.
+// keep runs store, which caches what a load read, unless the cache changed since the load began.
 func (c *cache) keep(generation uint64, store func()) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
