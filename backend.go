@@ -4,7 +4,9 @@ package evenergy
 
 import (
 	"context"
+	"errors"
 	"strings"
+	"sync"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/consts"
@@ -33,9 +35,16 @@ type backend struct {
 
 	// locks serialize work on one user's grant (ev.energy rotates its refresh token on each refresh)
 	// or on one pending authorization.
-	locks   []*locksutil.LockEntry
-	cache   *cache
-	metrics *metrics
+	locks       []*locksutil.LockEntry
+	cache       *cache
+	revocations *revocations
+	retired     *retiredClients
+	metrics     *metrics
+
+	// writable is whether this node may mint and write: read once, as Vault builds its mounts anew
+	// when a node's replication role changes.
+	writable    sync.Once
+	writableErr error
 }
 
 // Factory returns a configured ev.energy secrets engine.
@@ -48,27 +57,32 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 }
 
 func newBackend() *backend {
-	b := &backend{locks: locksutil.CreateLocks(), cache: newCache()}
-	b.metrics = newMetrics(b.grantsByStatus)
+	b := &backend{locks: locksutil.CreateLocks(), cache: newCache(), revocations: newRevocations(), retired: newRetiredClients()}
+	b.metrics = newMetrics(b.grantsByStatus, b.revocations.count)
 	b.Backend = &framework.Backend{
 		Help:           strings.TrimSpace(backendHelp),
 		BackendType:    logical.TypeLogical,
 		RunningVersion: Version,
 		PathsSpecial: &logical.Paths{
-			SealWrapStorage: []string{configPath, userPrefix, authRequestPrefix, framework.WALPrefix},
+			SealWrapStorage: []string{configPath, userPrefix, authRequestPrefix, revocationPrefix, retiredClientPrefix, framework.WALPrefix},
 			Unauthenticated: []string{"callback"},
 		},
 		Paths: framework.PathAppend(
-			[]*framework.Path{pathConfig(b), pathRevoke(b), pathAuthURL(b), pathCallback(b), pathMetrics(b)},
+			[]*framework.Path{pathConfig(b), pathRevoke(b), pathRevocations(b), pathAuthURL(b), pathCallback(b), pathMetrics(b)},
 			pathRoles(b),
 			pathToken(b),
 			pathUsers(b),
 		),
 		Secrets: []*framework.Secret{secretAccessToken(b), secretUserToken()},
 		InitializeFunc: func(ctx context.Context, req *logical.InitializationRequest) error {
-			return b.loadGrants(ctx, req.Storage)
+			_, err := b.revocations.all(ctx, req.Storage)
+			return errors.Join(err, b.loadGrants(ctx, req.Storage))
 		},
-		Invalidate:   func(_ context.Context, key string) { b.cache.invalidate(key) },
+		Invalidate: func(_ context.Context, key string) {
+			b.cache.invalidate(key)
+			b.revocations.invalidate(key)
+			b.retired.stored.invalidate(key)
+		},
 		PeriodicFunc: b.periodic,
 		WALRollback:  b.rollbackMintedToken,
 	}
@@ -78,12 +92,14 @@ func newBackend() *backend {
 
 // ensureWritable sends a request that will call ev.energy and then write (a lease or a rotated
 // token) on to the active node, before anything is minted that a read-only node could not keep.
-// It is framework.Backend's WriteSafeReplicationState asking Vault one question, not two.
+// It is framework.Backend's WriteSafeReplicationState, asked of Vault once per backend instance.
 func (b *backend) ensureWritable() error {
-	state := b.System().ReplicationState()
-	if state.HasState(consts.ReplicationPerformanceStandby|consts.ReplicationDRSecondary) ||
-		(state.HasState(consts.ReplicationPerformanceSecondary) && !b.System().LocalMount()) {
-		return logical.ErrReadOnly
-	}
-	return nil
+	b.writable.Do(func() {
+		state := b.System().ReplicationState()
+		if state.HasState(consts.ReplicationPerformanceStandby|consts.ReplicationDRSecondary) ||
+			(state.HasState(consts.ReplicationPerformanceSecondary) && !b.System().LocalMount()) {
+			b.writableErr = logical.ErrReadOnly
+		}
+	})
+	return b.writableErr
 }

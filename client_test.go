@@ -113,5 +113,5 @@ func TestRateLimitRetriedOnceWithinRequestTimeout(t *testing.T) {
 
 // testClient is an ev.energy client outside any backend, with metrics nobody reads.
 func testClient(cfg *config) *evenergyClient {
-	return newClient(cfg, newMetrics(func() map[string]int { return nil }))
+	return newClient(cfg, newMetrics(func() map[string]int { return nil }, func() int { return 0 }))
 }

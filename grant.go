@@ -64,6 +64,15 @@ func (g *grant) unattended(cfg *config, now time.Time) bool {
 	return g.ExpiresAt.Sub(now) <= cfg.RefreshWindow
 }
 
+// leasesEndBy is when the last lease handed out for g's access token ends: reads lease it until
+// the refresh window, or, once inside the window, until its expiry at the latest.
+func (g *grant) leasesEndBy(cfg *config, now time.Time) time.Time {
+	if end := g.ExpiresAt.Add(-cfg.RefreshWindow); now.Before(end) {
+		return end
+	}
+	return g.ExpiresAt
+}
+
 // usable returns why the user's grant cannot give a token now, or nil.
 func (g *grant) usable(cfg *config, user string) error {
 	switch {
@@ -102,8 +111,9 @@ func (b *backend) lockUser(user string) func() {
 	return lock.Unlock
 }
 
-// storeGrant keeps a user's new tokens, replacing (and revoking) any grant the user had.
-func (b *backend) storeGrant(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string, tok *oauth2.Token) error {
+// storeGrant keeps a user's new tokens, replacing any grant the user had; the replaced grant is
+// revoked once the leases handed out from it have ended.
+func (b *backend) storeGrant(ctx context.Context, s logical.Storage, cfg *config, user string, tok *oauth2.Token) error {
 	defer b.lockUser(user)()
 	old, err := b.grant(ctx, s, user)
 	if err == nil {
@@ -111,18 +121,24 @@ func (b *backend) storeGrant(ctx context.Context, s logical.Storage, cfg *config
 	}
 	if err != nil {
 		// Vault could not keep the tokens, so ev.energy must not keep them either.
-		b.revokeBestEffort(ctx, client, user, tok.RefreshToken)
+		b.disown(ctx, s, revocation{ClientID: cfg.ClientID, AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry, Reason: reasonUnowned})
 		return err
 	}
-	if old != nil && old.Status == grantActive && !old.ofOtherClient(cfg) {
-		b.revokeBestEffort(ctx, client, user, old.RefreshToken)
+	if old != nil && old.Status == grantActive {
+		replaced := revocation{ClientID: old.ClientID, AccessToken: old.AccessToken, RefreshToken: old.RefreshToken,
+			ExpiresAt: old.ExpiresAt, NotBefore: old.leasesEndBy(cfg, time.Now()), Reason: reasonReplacedGrant}
+		if err := b.queueRevocation(ctx, s, replaced, nil); err != nil {
+			b.disown(ctx, s, replaced) // better end the readers' leases early than leave the grant alive
+		}
 	}
 	return nil
 }
 
-func (b *backend) revokeBestEffort(ctx context.Context, client *evenergyClient, user, refreshToken string) {
-	if err := client.revoke(ctx, refreshToken, "refresh_token"); err != nil {
-		b.Logger().Warn("could not revoke a replaced ev.energy grant", "user", user, "error", err)
+// disown revokes tokens that nothing in Vault owns, now or through the queue.
+func (b *backend) disown(ctx context.Context, s logical.Storage, rec revocation) {
+	rec.NotBefore = time.Time{}
+	if err := b.revokeOrQueue(context.WithoutCancel(ctx), s, rec); err != nil {
+		b.Logger().Error("ev.energy tokens that Vault does not own could not be revoked nor queued", "client_id", rec.ClientID, "reason", rec.Reason, "error", err)
 	}
 }
 
@@ -157,7 +173,7 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 		next := g.refreshed(tok)
 		if err := b.putGrant(ctx, s, user, next); err != nil {
 			// Vault could not keep the rotated tokens, so ev.energy must not keep them either.
-			b.revokeBestEffort(ctx, client, user, tok.RefreshToken)
+			b.disown(ctx, s, revocation{ClientID: cfg.ClientID, AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry, Reason: reasonUnowned})
 			return nil, err
 		}
 		return next, nil

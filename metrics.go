@@ -28,7 +28,7 @@ const (
 	refreshRevoked = "revoked" // ev.energy no longer accepts the grant
 )
 
-func newMetrics(grantsByStatus func() map[string]int) *metrics {
+func newMetrics(grantsByStatus func() map[string]int, pendingRevocations func() int) *metrics {
 	m := &metrics{
 		registry: prometheus.NewRegistry(),
 		minted: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -57,8 +57,12 @@ func newMetrics(grantsByStatus func() map[string]int) *metrics {
 		Name: "evenergy_user_grants",
 		Help: "Users' grants this node knows, by status.",
 	}, []string{"status"})
+	pending := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "evenergy_revocations_pending",
+		Help: "Tokens queued for revocation at ev.energy that ev.energy has not confirmed yet.",
+	}, func() float64 { return float64(pendingRevocations()) })
 	m.registry.MustRegister(m.minted, m.revoked, m.failures, m.refreshes, m.latency,
-		gaugeFunc{grants, grantsByStatus})
+		gaugeFunc{grants, grantsByStatus}, pending)
 	return m
 }
 

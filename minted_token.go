@@ -3,62 +3,29 @@ package evenergy
 import (
 	"context"
 	"encoding/json"
-	"errors"
 
-	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
 	"golang.org/x/oauth2"
 )
 
-// walKindMintedToken marks the write-ahead record of a client-credentials token between its mint
-// and the answer that hands it to Vault as a lease.
-const walKindMintedToken = "minted_token"
-
-// mintedToken is what the write-ahead record keeps: enough to revoke the token.
-type mintedToken struct {
-	AccessToken  string `json:"access_token"`
-	RefreshToken string `json:"refresh_token,omitempty"`
-}
-
 // leaseOrRevoke returns resp, which hands Vault a token just minted, only while its caller is still
 // there: Vault registers no lease for an answer to a caller that went away, so then the token is
-// revoked instead. A write-ahead record covers a crash of the plugin in between.
-func (b *backend) leaseOrRevoke(ctx context.Context, s logical.Storage, client *evenergyClient, tok *oauth2.Token, resp *logical.Response) (*logical.Response, error) {
-	minted := mintedToken{AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken}
-	detached := context.WithoutCancel(ctx)
-	walID, err := framework.PutWAL(detached, s, walKindMintedToken, minted)
-	if err != nil {
-		b.abandon(detached, s, client, minted, "")
-		return nil, err
-	}
-	if err := framework.DeleteWAL(detached, s, walID); err != nil {
-		b.abandon(detached, s, client, minted, walID)
-		return nil, err
-	}
+// revoked (or queued for revocation) instead. A healthy read writes nothing to storage.
+func (b *backend) leaseOrRevoke(ctx context.Context, s logical.Storage, clientID string, tok *oauth2.Token, resp *logical.Response) (*logical.Response, error) {
 	if err := ctx.Err(); err != nil {
-		b.abandon(detached, s, client, minted, "")
+		unowned := revocation{ClientID: clientID, AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry, Reason: reasonUnowned}
+		if qerr := b.revokeOrQueue(context.WithoutCancel(ctx), s, unowned); qerr != nil {
+			b.Logger().Error("a minted ev.energy token that no lease owns could not be revoked nor queued", "error", qerr)
+		}
 		return nil, err
 	}
 	return resp, nil
 }
 
-// abandon revokes a minted token that no lease will own. Until ev.energy confirms, a write-ahead
-// record (walID, or a new one) stays for the rollback to try again.
-func (b *backend) abandon(ctx context.Context, s logical.Storage, client *evenergyClient, minted mintedToken, walID string) {
-	err := revokeMinted(ctx, client, minted)
-	switch {
-	case err == nil && walID != "":
-		err = framework.DeleteWAL(ctx, s, walID)
-	case err != nil && walID == "":
-		_, walErr := framework.PutWAL(ctx, s, walKindMintedToken, minted)
-		err = errors.Join(err, walErr)
-	}
-	if err != nil {
-		b.Logger().Warn("a minted ev.energy token that no lease owns is not revoked yet", "error", err)
-	}
-}
+// walKindMintedToken marks the write-ahead records that versions before v0.3 wrote around each
+// mint; the rollback hands any that are left to the revocation queue.
+const walKindMintedToken = "minted_token"
 
-// rollbackMintedToken revokes the token of a write-ahead record that outlived its request.
 func (b *backend) rollbackMintedToken(ctx context.Context, req *logical.Request, kind string, data any) error {
 	if kind != walKindMintedToken {
 		return nil // not ours to undo; the record is dropped
@@ -68,23 +35,9 @@ func (b *backend) rollbackMintedToken(ctx context.Context, req *logical.Request,
 	if err != nil {
 		return err
 	}
-	var minted mintedToken
-	if err := json.Unmarshal(raw, &minted); err != nil {
+	rec := revocation{Reason: reasonUnowned}
+	if err := json.Unmarshal(raw, &rec); err != nil {
 		return err
 	}
-	_, client, err := b.config(ctx, req.Storage)
-	if err != nil {
-		return err
-	}
-	return revokeMinted(ctx, client, minted)
-}
-
-// revokeMinted revokes both tokens of a grant; revoking the refresh token alone would also end the access token.
-func revokeMinted(ctx context.Context, client *evenergyClient, minted mintedToken) error {
-	if minted.RefreshToken != "" {
-		if err := client.revoke(ctx, minted.RefreshToken, "refresh_token"); err != nil {
-			return err
-		}
-	}
-	return client.revoke(ctx, minted.AccessToken, "access_token")
+	return b.revokeOrQueue(ctx, req.Storage, rec)
 }

@@ -119,5 +119,5 @@ func (b *backend) completeAuthorization(ctx context.Context, s logical.Storage, 
 	if err != nil {
 		return err
 	}
-	return b.storeGrant(ctx, s, cfg, client, pending.User, tok)
+	return b.storeGrant(ctx, s, cfg, pending.User, tok)
 }

@@ -117,12 +117,16 @@ func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, _ *f
 }
 
 func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	previous, err := getJSON[config](ctx, req.Storage, configPath)
+	if err != nil {
+		return nil, err
+	}
 	cfg := &config{}
 	if req.Operation == logical.UpdateOperation {
-		var err error
-		if cfg, err = getConfig(ctx, req.Storage); err != nil {
-			return nil, err
+		if previous == nil {
+			return nil, logical.CodedError(http.StatusBadRequest, notConfigured)
 		}
+		*cfg = *previous
 	}
 	previousClientID := cfg.ClientID
 	if v, ok := fieldOnWrite(req, d, "client_id"); ok {
@@ -157,11 +161,27 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 		return logical.ErrorResponse("request_timeout must be a positive duration, e.g. 30s"), nil
 	}
 
+	if previous != nil && previous.ClientID != cfg.ClientID {
+		// The previous client's tokens and grants may still be alive: only it can revoke them.
+		if err := b.retireClient(ctx, req.Storage, previous); err != nil {
+			return nil, err
+		}
+	}
+	if err := b.unretireClient(ctx, req.Storage, cfg.ClientID); err != nil {
+		return nil, err
+	}
 	defer b.cache.invalidate(configPath)
 	return nil, putJSON(ctx, req.Storage, configPath, cfg)
 }
 
 func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	previous, err := getJSON[config](ctx, req.Storage, configPath)
+	if err != nil || previous == nil {
+		return nil, err
+	}
+	if err := b.retireClient(ctx, req.Storage, previous); err != nil {
+		return nil, err
+	}
 	defer b.cache.invalidate(configPath)
 	return nil, req.Storage.Delete(ctx, configPath)
 }

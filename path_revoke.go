@@ -2,6 +2,7 @@ package evenergy
 
 import (
 	"context"
+	"fmt"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -30,8 +31,11 @@ func pathRevoke(b *backend) *framework.Path {
 				Summary:  "Revoke any ev.energy access or refresh token at ev.energy.",
 			},
 		},
-		HelpSynopsis:    "Revoke any ev.energy token with the configured client.",
-		HelpDescription: "Revokes an access or refresh token at ev.energy (its /o/revoke_token/ endpoint). Use it for a token that leaked outside Vault; tokens under a Vault lease are revoked when their lease ends.",
+		HelpSynopsis: "Revoke any ev.energy token at once, as every client the engine holds.",
+		HelpDescription: `Revokes an access or refresh token at ev.energy (its /o/revoke_token/ endpoint) now, for an
+incident or a token that leaked outside Vault. ev.energy answers every client alike but revokes a
+token only for the client that holds it, so the request is sent as the configured client and then
+as each retired client whose credentials the engine still keeps; revoked_as lists them.`,
 	}
 }
 
@@ -44,9 +48,29 @@ func (b *backend) pathRevokeWrite(ctx context.Context, req *logical.Request, d *
 	if hint != "" && hint != "access_token" && hint != "refresh_token" {
 		return logical.ErrorResponse("token_type_hint must be access_token or refresh_token"), nil
 	}
-	_, client, err := b.config(ctx, req.Storage)
+	cfg, client, err := b.config(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
-	return nil, client.revoke(ctx, token, hint)
+	retired, err := b.retiredClientIDs(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	// ev.energy answers 200 to every client, and revokes a token only for the client that holds it
+	// (RFC 7009), so the configured client and then each retired one sends it.
+	if err := client.revoke(ctx, token, hint); err != nil {
+		return nil, err
+	}
+	sentAs := []string{cfg.ClientID}
+	for _, id := range retired {
+		retiredClient, err := b.clientFor(ctx, req.Storage, id)
+		if err == nil {
+			err = retiredClient.revoke(ctx, token, hint)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("revoked as the configured client %s, but not as the retired client %s: %w", cfg.ClientID, id, err)
+		}
+		sentAs = append(sentAs, id)
+	}
+	return &logical.Response{Data: map[string]any{"revoked_as": sentAs}}, nil
 }

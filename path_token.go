@@ -3,6 +3,7 @@ package evenergy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -65,7 +66,9 @@ func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *fr
 	if err != nil {
 		return nil, err
 	}
+	b.retired.minted(tok.Expiry)
 	internal := map[string]any{
+		"client_id":    cfg.ClientID,
 		"access_token": tok.AccessToken,
 		"expires_at":   tok.Expiry.Format(time.RFC3339),
 	}
@@ -76,21 +79,21 @@ func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *fr
 		internal["role"] = roleName
 	}
 	resp := b.Secret(secretAccessTokenType).Response(tokenData(tok.AccessToken, tok.Type(), tokenScope(tok), tok.Expiry), internal)
-	resp.Secret.TTL, resp.Secret.MaxTTL = b.leaseTTLs(r, time.Now(), tok.Expiry)
-	return b.leaseOrRevoke(ctx, req.Storage, client, tok, resp)
+	resp.Secret.TTL, resp.Secret.MaxTTL = leaseTTLs(r, time.Now(), tok.Expiry)
+	return b.leaseOrRevoke(ctx, req.Storage, cfg.ClientID, tok, resp)
 }
 
-// leaseTTLs are the role's TTL and max TTL (or the mount's), capped so the lease never outlives the token.
-func (b *backend) leaseTTLs(r *role, issued, expiry time.Time) (ttl, maxTTL time.Duration) {
+// leaseTTLs are the role's TTL and max TTL, capped so the lease never outlives the token. A zero
+// TTL lets Vault apply the mount's default lease TTL and max, as tuned at that moment.
+func leaseTTLs(r *role, issued, expiry time.Time) (ttl, maxTTL time.Duration) {
 	ttl, maxTTL = r.TTL, r.MaxTTL
-	if ttl == 0 {
-		ttl = b.System().DefaultLeaseTTL()
-	}
 	if !expiry.IsZero() {
 		if life := expiry.Sub(issued); maxTTL == 0 || life < maxTTL {
 			maxTTL = life
 		}
-		ttl = min(ttl, time.Until(expiry))
+		if ttl > 0 {
+			ttl = min(ttl, time.Until(expiry))
+		}
 	}
 	return ttl, maxTTL
 }
@@ -122,19 +125,29 @@ func (b *backend) renewAccessToken(ctx context.Context, req *logical.Request, _ 
 		}
 	}
 	resp := &logical.Response{Secret: req.Secret}
-	resp.Secret.TTL, resp.Secret.MaxTTL = b.leaseTTLs(r, req.Secret.IssueTime, expiry)
+	resp.Secret.TTL, resp.Secret.MaxTTL = leaseTTLs(r, req.Secret.IssueTime, expiry)
 	return resp, nil
 }
 
-// revokeAccessToken revokes the lease's tokens at ev.energy; an error makes Vault retry later.
+// revokeAccessToken revokes the lease's tokens at ev.energy as the client that minted them. When
+// ev.energy does not confirm, the revocation is queued and the lease ends all the same: Vault gives
+// up on a lease after a few failed attempts and marks it irrevocable, the queue never gives up.
 func (b *backend) revokeAccessToken(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
-	_, client, err := b.config(ctx, req.Storage)
-	if err != nil {
-		return nil, err
+	internal := req.Secret.InternalData
+	rec := revocation{Reason: reasonLeaseEnded}
+	rec.ClientID, _ = internal["client_id"].(string)
+	rec.AccessToken, _ = internal["access_token"].(string)
+	rec.RefreshToken, _ = internal["refresh_token"].(string)
+	rec.ExpiresAt, _ = internalExpiry(internal)
+	if b.System().Tainted() {
+		// The mount is being disabled (or moved), which wipes its storage and so any queued record:
+		// only ev.energy's confirmation ends this lease, and an error keeps it for Vault to retry.
+		if err := b.revokeRecord(ctx, req.Storage, &rec); err != nil {
+			return nil, fmt.Errorf("the mount's storage is going away, so this revocation cannot be queued: %w", err)
+		}
+		return nil, nil
 	}
-	accessToken, _ := req.Secret.InternalData["access_token"].(string)
-	refreshToken, _ := req.Secret.InternalData["refresh_token"].(string)
-	return nil, revokeMinted(ctx, client, mintedToken{AccessToken: accessToken, RefreshToken: refreshToken})
+	return nil, b.revokeOrQueue(ctx, req.Storage, rec)
 }
 
 func internalExpiry(internal map[string]any) (time.Time, error) {

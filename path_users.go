@@ -2,6 +2,8 @@ package evenergy
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -83,7 +85,7 @@ func (b *backend) pathUserWrite(ctx context.Context, req *logical.Request, d *fr
 		if err != nil {
 			return nil, err
 		}
-		return nil, b.storeGrant(ctx, req.Storage, cfg, client, user, tok)
+		return nil, b.storeGrant(ctx, req.Storage, cfg, user, tok)
 	case state != "":
 		pending, err := b.consumeAuthRequest(ctx, req.Storage, user, state)
 		if err != nil {
@@ -119,28 +121,30 @@ func (b *backend) pathUserRead(ctx context.Context, req *logical.Request, d *fra
 }
 
 func (b *backend) pathUserDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	if err := b.ensureWritable(); err != nil {
+		return nil, err
+	}
 	user := d.Get("user").(string)
 	defer b.lockUser(user)()
 	g, err := b.grant(ctx, req.Storage, user)
 	if err != nil || g == nil {
 		return nil, err
 	}
-	if err := b.ensureWritable(); err != nil {
-		return nil, err
-	}
-	cfg, client, err := b.config(ctx, req.Storage)
-	if err != nil {
-		return nil, err
-	}
-	var resp *logical.Response
-	switch {
-	case g.ofOtherClient(cfg):
-		resp = &logical.Response{}
-		resp.AddWarning("the grant was made for ev.energy client " + g.ClientID + ", whose tokens the configured client cannot revoke: revoke it at ev.energy as that client")
-	case g.Status == grantActive:
-		// The grant stays stored until ev.energy has revoked both tokens, so a failure can be retried.
-		if err := revokeMinted(ctx, client, mintedToken{AccessToken: g.AccessToken, RefreshToken: g.RefreshToken}); err != nil {
-			return nil, err
+	resp := &logical.Response{}
+	if g.Status == grantActive {
+		// The operator asked for it: revoked now, and queued when ev.energy does not confirm.
+		rec := revocation{ClientID: g.ClientID, AccessToken: g.AccessToken, RefreshToken: g.RefreshToken, ExpiresAt: g.ExpiresAt, Reason: reasonDeletedUser}
+		switch err := b.revokeRecord(ctx, req.Storage, &rec); {
+		case err == nil:
+			resp.AddWarning(fmt.Sprintf("the grant is revoked at ev.energy; leases already handed out for its access token run until %s at the latest, and `vault lease revoke -prefix %s%s%s/token` ends them now",
+				g.ExpiresAt.Format(time.RFC3339), req.MountPoint, userPrefix, user))
+		case errors.As(err, new(*unknownClientError)):
+			resp.AddWarning(err.Error() + "; the grant is forgotten without being revoked: revoke it at ev.energy as that client")
+		default:
+			if err := b.queueRevocation(ctx, req.Storage, rec, err); err != nil {
+				return nil, err
+			}
+			resp.AddWarning(fmt.Sprintf("ev.energy did not confirm the revocation (%v): it is queued and retried until it does, see %srevocations", err, req.MountPoint))
 		}
 	}
 	return resp, b.putGrant(ctx, req.Storage, user, nil)

@@ -13,14 +13,20 @@ import (
 // refreshWorkers bounds how many refreshes one periodic pass sends to ev.energy at once.
 const refreshWorkers = 16
 
-// periodic runs every minute on the active node only: it refreshes every user token due for a
-// refresh and forgets expired pending authorizations. What is due is known from memory, so a pass
+// periodic runs every minute on the active node only: it forgets expired pending authorizations,
+// retries queued revocations, refreshes every user token due for a refresh and forgets retired
+// clients of which nothing is left. What is due is known from memory, so a pass
 // with nothing to do reads no storage.
 func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 	if b.ensureWritable() != nil {
 		return nil
 	}
-	return errors.Join(b.forgetExpiredAuthorizations(ctx, req.Storage), b.refreshDueUsers(ctx, req.Storage))
+	return errors.Join(
+		b.forgetExpiredAuthorizations(ctx, req.Storage),
+		b.retryRevocations(ctx, req.Storage, time.Now().Add(revocationPassBudget), false),
+		b.refreshDueUsers(ctx, req.Storage),
+		b.forgetSpentClients(ctx, req.Storage, time.Now()),
+	)
 }
 
 // refreshDueUsers refreshes, a few at a time, the grants whose access token is inside the refresh window.

@@ -1,0 +1,104 @@
+package evenergy
+
+import (
+	"context"
+	"maps"
+	"strings"
+	"sync"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// prefixCache is the memory copy of every entry under one storage prefix, for records the engine
+// keeps few of and reads in passes: loaded on first use, updated by the engine's own writes, and
+// dropped whole when Invalidate reports a change underneath (another node, replication).
+type prefixCache[T any] struct {
+	prefix  string
+	mu      sync.Mutex
+	version uint64        // counts invalidations, so a load that raced one is not kept
+	entries map[string]*T // by key below prefix; nil until loaded
+}
+
+func newPrefixCache[T any](prefix string) *prefixCache[T] {
+	return &prefixCache[T]{prefix: prefix}
+}
+
+// all returns a snapshot of every entry, loading them from storage when memory has none.
+func (c *prefixCache[T]) all(ctx context.Context, s logical.Storage) (map[string]*T, error) {
+	c.mu.Lock()
+	entries, version := c.entries, c.version
+	c.mu.Unlock()
+	if entries != nil {
+		return c.snapshot(), nil
+	}
+	keys, err := s.List(ctx, c.prefix)
+	if err != nil {
+		return nil, err
+	}
+	entries = make(map[string]*T, len(keys))
+	for _, key := range keys {
+		v, err := getJSON[T](ctx, s, c.prefix+key)
+		if err != nil {
+			return nil, err
+		}
+		if v != nil {
+			entries[key] = v
+		}
+	}
+	c.mu.Lock()
+	if c.version == version && c.entries == nil {
+		c.entries = entries
+	}
+	c.mu.Unlock()
+	return maps.Clone(entries), nil
+}
+
+func (c *prefixCache[T]) snapshot() map[string]*T {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return maps.Clone(c.entries)
+}
+
+// put stores v under key and then keeps it in memory.
+func (c *prefixCache[T]) put(ctx context.Context, s logical.Storage, key string, v *T) error {
+	if err := putJSON(ctx, s, c.prefix+key, v); err != nil {
+		c.invalidate(c.prefix + key) // what storage holds now is unknown
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.entries != nil {
+		c.entries[key] = v
+	}
+	return nil
+}
+
+// delete deletes the entry at key from storage and memory.
+func (c *prefixCache[T]) delete(ctx context.Context, s logical.Storage, key string) error {
+	if err := s.Delete(ctx, c.prefix+key); err != nil {
+		c.invalidate(c.prefix + key)
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.entries, key)
+	return nil
+}
+
+// invalidate forgets every entry when storageKey is below the prefix; they are listed again on next use.
+func (c *prefixCache[T]) invalidate(storageKey string) {
+	if !strings.HasPrefix(storageKey, c.prefix) {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.version++
+	c.entries = nil
+}
+
+// count is how many entries memory holds, without loading them.
+func (c *prefixCache[T]) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.entries)
+}

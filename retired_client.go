@@ -1,0 +1,184 @@
+package evenergy
+
+import (
+	"context"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// retiredClientPrefix keeps, seal-wrapped, the clients the config named before; keyed by the hex
+// of their client_id, which may hold characters a storage key must not.
+const retiredClientPrefix = "retired-clients/"
+
+// tokenLifetime is how long ev.energy's access tokens live (expires_in 36000).
+const tokenLifetime = 36000 * time.Second
+
+// retiredClient is a client the config named before. ev.energy lets a client revoke only its own
+// tokens (RFC 7009), so its credentials stay while anything it minted may still be alive.
+type retiredClient struct {
+	Config      config    `json:"config"`
+	RetiredAt   time.Time `json:"retired_at"`
+	TokensUntil time.Time `json:"tokens_until"` // when the last access token it may have minted expires
+}
+
+// retiredClients are the retired clients in memory, with an ev.energy client made for each.
+type retiredClients struct {
+	stored *prefixCache[retiredClient]
+
+	mu           sync.Mutex
+	clients      map[string]*evenergyClient // by client_id, made on first use
+	latestExpiry time.Time                  // of the tokens this node minted as the configured client
+}
+
+func newRetiredClients() *retiredClients {
+	return &retiredClients{stored: newPrefixCache[retiredClient](retiredClientPrefix), clients: map[string]*evenergyClient{}}
+}
+
+func retiredClientKey(clientID string) string { return hex.EncodeToString([]byte(clientID)) }
+
+// minted notes the expiry of a token the configured client minted, so that its credentials are
+// kept until then if the config moves to another client.
+func (r *retiredClients) minted(expiry time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if expiry.After(r.latestExpiry) {
+		r.latestExpiry = expiry
+	}
+}
+
+// retire keeps the credentials of a client the config no longer names. Another node may have
+// minted too, so the client is kept at least one token lifetime from now.
+func (b *backend) retireClient(ctx context.Context, s logical.Storage, cfg *config) error {
+	now := time.Now().UTC()
+	b.retired.mu.Lock()
+	until := now.Add(tokenLifetime)
+	if b.retired.latestExpiry.After(until) {
+		until = b.retired.latestExpiry
+	}
+	b.retired.latestExpiry = time.Time{}
+	b.retired.mu.Unlock()
+	return b.retired.stored.put(ctx, s, retiredClientKey(cfg.ClientID), &retiredClient{Config: *cfg, RetiredAt: now, TokensUntil: until})
+}
+
+// unretireClient forgets the retired record of a client the config names again.
+func (b *backend) unretireClient(ctx context.Context, s logical.Storage, clientID string) error {
+	retired, err := b.retired.stored.all(ctx, s)
+	if err != nil || retired[retiredClientKey(clientID)] == nil {
+		return err
+	}
+	b.forgetRetiredClient(clientID)
+	return b.retired.stored.delete(ctx, s, retiredClientKey(clientID))
+}
+
+func (b *backend) forgetRetiredClient(clientID string) {
+	b.retired.mu.Lock()
+	defer b.retired.mu.Unlock()
+	if c := b.retired.clients[clientID]; c != nil {
+		c.close()
+		delete(b.retired.clients, clientID)
+	}
+}
+
+// clientFor returns the ev.energy client that revokes the tokens of clientID: the configured one,
+// or a retired one; "" is the configured client (leases and grants from before clients were recorded).
+func (b *backend) clientFor(ctx context.Context, s logical.Storage, clientID string) (*evenergyClient, error) {
+	cfg, client, err := b.config(ctx, s)
+	if err == nil && (clientID == "" || clientID == cfg.ClientID) {
+		return client, nil
+	}
+	if clientID == "" {
+		return nil, err
+	}
+	b.retired.mu.Lock()
+	client = b.retired.clients[clientID]
+	b.retired.mu.Unlock()
+	if client != nil {
+		return client, nil
+	}
+	retired, err := b.retired.stored.all(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	rc := retired[retiredClientKey(clientID)]
+	if rc == nil {
+		return nil, &unknownClientError{clientID: clientID}
+	}
+	client = newClient(&rc.Config, b.metrics)
+	b.retired.mu.Lock()
+	defer b.retired.mu.Unlock()
+	if existing := b.retired.clients[clientID]; existing != nil {
+		client.close()
+		return existing, nil
+	}
+	b.retired.clients[clientID] = client
+	return client, nil
+}
+
+// unknownClientError says that the engine keeps no credentials of a client, so it cannot revoke its tokens.
+type unknownClientError struct{ clientID string }
+
+func (e *unknownClientError) Error() string {
+	return fmt.Sprintf("no credentials of ev.energy client %s are kept: configure it again to revoke its tokens", e.clientID)
+}
+
+func (e *unknownClientError) Code() int { return http.StatusBadRequest }
+
+// retiredClientIDs lists the client_id of every retired client.
+func (b *backend) retiredClientIDs(ctx context.Context, s logical.Storage) ([]string, error) {
+	retired, err := b.retired.stored.all(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	ids := make([]string, 0, len(retired))
+	for _, rc := range retired {
+		ids = append(ids, rc.Config.ClientID)
+	}
+	return ids, nil
+}
+
+// forgetSpentClients deletes the credentials of retired clients of which nothing may be alive
+// any more: their tokens expired, and no grant or pending revocation is theirs.
+func (b *backend) forgetSpentClients(ctx context.Context, s logical.Storage, now time.Time) error {
+	retired, err := b.retired.stored.all(ctx, s)
+	if err != nil || len(retired) == 0 {
+		return err
+	}
+	records, err := b.revocations.all(ctx, s)
+	if err == nil {
+		err = b.loadGrants(ctx, s)
+	}
+	if err != nil {
+		return err
+	}
+	inUse := b.grantClients()
+	for _, rec := range records {
+		inUse[rec.ClientID] = true
+	}
+	for key, rc := range retired {
+		if now.Before(rc.TokensUntil) || inUse[rc.Config.ClientID] {
+			continue
+		}
+		b.forgetRetiredClient(rc.Config.ClientID)
+		if err := b.retired.stored.delete(ctx, s, key); err != nil {
+			return err
+		}
+		b.Logger().Info("forgot a retired ev.energy client: nothing it issued can be alive", "client_id", rc.Config.ClientID)
+	}
+	return nil
+}
+
+// grantClients is the set of clients the grants in memory were made for.
+func (b *backend) grantClients() map[string]bool {
+	b.cache.mu.RLock()
+	defer b.cache.mu.RUnlock()
+	clients := map[string]bool{}
+	for _, g := range b.cache.grants {
+		clients[g.ClientID] = true
+	}
+	return clients
+}

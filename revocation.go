@@ -1,0 +1,237 @@
+package evenergy
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// revocationPrefix keeps, seal-wrapped, what must still die at ev.energy: revocation is the
+// engine's job until ev.energy confirms it, however long ev.energy is down.
+const revocationPrefix = "revocations/"
+
+// Why a token is to be revoked, as the revocations path names it.
+const (
+	reasonLeaseEnded    = "lease_ended"    // Vault ended a client-credentials lease
+	reasonUnowned       = "unowned"        // minted, but no lease or stored grant owns it
+	reasonReplacedGrant = "replaced_grant" // the user connected again; revoked once its leases end
+	reasonDeletedUser   = "deleted_user"   // the operator deleted the user's grant
+)
+
+// revocationPassBudget bounds how long one periodic pass spends on the queue; the rest waits for the next.
+const revocationPassBudget = 10 * time.Second
+
+// Retries of a client's revocations back off exponentially up to revocationMaxBackoff.
+const (
+	revocationMinBackoff = time.Second
+	revocationMaxBackoff = 60 * time.Second
+)
+
+// revocation is one token pair (or a single token) that must be revoked at ev.energy by ClientID.
+type revocation struct {
+	ClientID     string    `json:"client_id"` // "" in records of leases from before leases recorded their client
+	AccessToken  string    `json:"access_token,omitempty"`
+	RefreshToken string    `json:"refresh_token,omitempty"`
+	ExpiresAt    time.Time `json:"expires_at"` // the access token's expiry; zero when unknown
+	NotBefore    time.Time `json:"not_before"` // leases handed out from a replaced grant run until then
+	Reason       string    `json:"reason"`
+	QueuedAt     time.Time `json:"queued_at"`
+}
+
+// expired reports whether nothing of the record can be alive any more: ev.energy's refresh tokens
+// do not expire, so only a record of an access token alone with a known expiry can.
+func (r *revocation) expired(now time.Time) bool {
+	return r.RefreshToken == "" && !r.ExpiresAt.IsZero() && now.After(r.ExpiresAt)
+}
+
+// revokeWith revokes the record's tokens as client, the refresh token first (which ends its access
+// token too at ev.energy); what it revoked is cleared from the record, so a retry sends only the rest.
+func (r *revocation) revokeWith(ctx context.Context, client *evenergyClient) error {
+	if r.RefreshToken != "" {
+		if err := client.revoke(ctx, r.RefreshToken, "refresh_token"); err != nil {
+			return err
+		}
+		r.RefreshToken = ""
+	}
+	if r.AccessToken != "" {
+		if err := client.revoke(ctx, r.AccessToken, "access_token"); err != nil {
+			return err
+		}
+		r.AccessToken = ""
+	}
+	return nil
+}
+
+// revocations are the pending records, with each client's retry state; that state lives in memory
+// only, as a record is written when queued, never per attempt.
+type revocations struct {
+	*prefixCache[revocation]
+
+	mu      sync.Mutex
+	clients map[string]*clientRetry
+}
+
+// clientRetry is how the revocations of one client are failing: one failure backs off all of
+// that client's records, so a down ev.energy gets one call per client per step.
+type clientRetry struct {
+	failures  int
+	nextTry   time.Time
+	lastError string
+	failedAt  time.Time
+}
+
+func newRevocations() *revocations {
+	return &revocations{prefixCache: newPrefixCache[revocation](revocationPrefix), clients: map[string]*clientRetry{}}
+}
+
+// failed notes a failed attempt for clientID and sets its next attempt.
+func (q *revocations) failed(clientID string, err error, now time.Time) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	r := q.clients[clientID]
+	if r == nil {
+		r = &clientRetry{}
+		q.clients[clientID] = r
+	}
+	r.nextTry = now.Add(min(revocationMinBackoff<<min(r.failures, 6), revocationMaxBackoff))
+	r.failures++
+	r.lastError, r.failedAt = err.Error(), now
+}
+
+func (q *revocations) succeeded(clientID string) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	delete(q.clients, clientID)
+}
+
+// waiting reports whether clientID's revocations back off at now.
+func (q *revocations) waiting(clientID string, now time.Time) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	r := q.clients[clientID]
+	return r != nil && now.Before(r.nextTry)
+}
+
+// revokeOrQueue revokes rec's tokens now, as the client that minted them; when ev.energy does not
+// confirm, the record is queued for the periodic pass. Only a record that cannot be written fails.
+func (b *backend) revokeOrQueue(ctx context.Context, s logical.Storage, rec revocation) error {
+	err := b.revokeRecord(ctx, s, &rec)
+	if err == nil {
+		return nil
+	}
+	return b.queueRevocation(ctx, s, rec, err)
+}
+
+// revokeRecord revokes what rec holds as its client.
+func (b *backend) revokeRecord(ctx context.Context, s logical.Storage, rec *revocation) error {
+	client, err := b.clientFor(ctx, s, rec.ClientID)
+	if err != nil {
+		return err
+	}
+	return rec.revokeWith(ctx, client)
+}
+
+// queueRevocation stores rec for the periodic pass to revoke; cause is why it was not revoked now.
+func (b *backend) queueRevocation(ctx context.Context, s logical.Storage, rec revocation, cause error) error {
+	rec.QueuedAt = time.Now().UTC()
+	if cause != nil {
+		b.revocations.failed(rec.ClientID, cause, rec.QueuedAt)
+		b.Logger().Warn("ev.energy did not confirm a revocation: queued, and retried until it does", "client_id", rec.ClientID, "reason", rec.Reason, "error", cause)
+	}
+	if err := b.revocations.put(context.WithoutCancel(ctx), s, rand.Text(), &rec); err != nil {
+		b.Logger().Error("a token to revoke at ev.energy could not be queued", "client_id", rec.ClientID, "reason", rec.Reason, "error", err)
+		return errors.Join(cause, err)
+	}
+	return nil
+}
+
+// retryRevocations revokes the queued records that are due, until ctx ends or deadline passes:
+// those whose client is not backing off, or every one when force is set (an operator asked).
+func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadline time.Time, force bool) error {
+	records, err := b.revocations.all(ctx, s)
+	if err != nil {
+		return err
+	}
+	keys := make([]string, 0, len(records))
+	for key := range records {
+		keys = append(keys, key)
+	}
+	sort.Slice(keys, func(i, j int) bool { return records[keys[i]].QueuedAt.Before(records[keys[j]].QueuedAt) })
+	var errs []error
+	for _, key := range keys {
+		now := time.Now()
+		rec := *records[key]
+		if ctx.Err() != nil || now.After(deadline) {
+			break // the rest waits for the next pass
+		}
+		switch {
+		case now.Before(rec.NotBefore):
+			continue
+		case rec.expired(now):
+			errs = append(errs, b.revocations.delete(ctx, s, key))
+			continue
+		case !force && b.revocations.waiting(rec.ClientID, now):
+			continue
+		}
+		if err := b.revokeRecord(ctx, s, &rec); err != nil {
+			b.revocations.failed(rec.ClientID, err, now)
+			if rec != *records[key] { // part of it was revoked: keep only the rest
+				errs = append(errs, b.revocations.put(ctx, s, key, &rec))
+			}
+			continue
+		}
+		b.revocations.succeeded(rec.ClientID)
+		errs = append(errs, b.revocations.delete(ctx, s, key))
+	}
+	return errors.Join(errs...)
+}
+
+// clientRevocations is what the revocations path shows of one client's pending records.
+type clientRevocations struct {
+	Pending        int    `json:"pending"`
+	OldestQueuedAt string `json:"oldest_queued_at"`
+	OldestAge      int64  `json:"oldest_age_seconds"`
+	LastError      string `json:"last_error"`
+	LastErrorAt    string `json:"last_error_at,omitempty"`
+	NextAttemptAt  string `json:"next_attempt_at,omitempty"`
+}
+
+// revocationSummary counts the pending records by client, with no token values.
+func (b *backend) revocationSummary(ctx context.Context, s logical.Storage) (map[string]any, error) {
+	records, err := b.revocations.all(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now()
+	oldest := map[string]time.Time{}
+	byClient := map[string]*clientRevocations{}
+	for _, rec := range records {
+		c := byClient[rec.ClientID]
+		if c == nil {
+			c = &clientRevocations{}
+			byClient[rec.ClientID] = c
+		}
+		c.Pending++
+		if at, seen := oldest[rec.ClientID]; !seen || rec.QueuedAt.Before(at) {
+			oldest[rec.ClientID] = rec.QueuedAt
+		}
+	}
+	b.revocations.mu.Lock()
+	clients := map[string]any{}
+	for id, c := range byClient {
+		c.OldestQueuedAt = oldest[id].Format(time.RFC3339)
+		c.OldestAge = int64(now.Sub(oldest[id]).Seconds())
+		if r := b.revocations.clients[id]; r != nil {
+			c.LastError, c.LastErrorAt = r.lastError, r.failedAt.UTC().Format(time.RFC3339)
+			c.NextAttemptAt = r.nextTry.UTC().Format(time.RFC3339)
+		}
+		clients[id] = c
+	}
+	b.revocations.mu.Unlock()
+	return map[string]any{"pending": len(records), "clients": clients}, nil
+}
