@@ -138,22 +138,40 @@ type accEnv struct {
 	standin *standin.Server
 	url     string      // the stand-in's base URL
 	outage  atomic.Bool // while set, the stand-in answers 503 to everything
+	server  *httptest.Server
 	mount   string
+}
+
+// stopStandin stops the stand-in's server: connections to it are refused until startStandin.
+func (e *accEnv) stopStandin() { e.server.Close() }
+
+// startStandin serves the stand-in again at the address it had.
+func (e *accEnv) startStandin(t *testing.T) {
+	t.Helper()
+	l, err := net.Listen("tcp", e.server.Listener.Addr().String())
+	if err != nil {
+		t.Fatalf("restarting the stand-in at its address: %v", err)
+	}
+	restarted := httptest.NewUnstartedServer(e.server.Config.Handler)
+	restarted.Listener.Close()
+	restarted.Listener = l
+	restarted.Start()
+	e.server = restarted
 }
 
 func newAccEnv(t *testing.T) *accEnv {
 	t.Helper()
 	e := &accEnv{vault: testVault(t), standin: standin.New()}
 	e.standin.AddClient(standin.Client{ID: testClientID, Secret: testClientSecret, Scopes: testScopes})
-	server := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	e.server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if e.outage.Load() {
 			http.Error(w, "down for maintenance", http.StatusServiceUnavailable)
 			return
 		}
 		e.standin.ServeHTTP(w, r)
 	}))
-	t.Cleanup(server.Close)
-	e.url = server.URL
+	t.Cleanup(func() { e.server.Close() })
+	e.url = e.server.URL
 
 	e.mount = "evenergy-" + strings.ToLower(regexp.MustCompile(`[^A-Za-z0-9]+`).ReplaceAllString(t.Name(), "-"))
 	if err := e.vault.Sys().Mount(e.mount, &api.MountInput{Type: pluginName}); err != nil {

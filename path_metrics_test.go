@@ -53,6 +53,7 @@ func TestAccMetricsCountAKnownSequence(t *testing.T) {
 		`evenergy_user_grants{status="other_client"}`:                               0,
 		`evenergy_upstream_request_duration_seconds_count{endpoint="token"}`:        8,
 		`evenergy_upstream_request_duration_seconds_count{endpoint="revoke_token"}`: 2,
+		`evenergy_revocations_pending{}`:                                            0,
 	}
 	for series, value := range want {
 		if got[series] != value {

@@ -120,6 +120,9 @@ func (q *revocations) waiting(clientID string, now time.Time) bool {
 // revokeOrQueue revokes rec's tokens now, as the client that minted them; when ev.energy does not
 // confirm, the record is queued for the periodic pass. Only a record that cannot be written fails.
 func (b *backend) revokeOrQueue(ctx context.Context, s logical.Storage, rec revocation) error {
+	if b.revocations.waiting(rec.ClientID, time.Now()) {
+		return b.queueRevocation(ctx, s, rec, nil) // ev.energy failed this client just now: no call per lease
+	}
 	err := b.revokeRecord(ctx, s, &rec)
 	if err == nil {
 		return nil
