@@ -38,8 +38,9 @@ func pathToken(b *backend) []*framework.Path {
 }
 
 const tokenHelp = `Each read mints a new ev.energy access token with the client-credentials grant and returns it
-under a lease. The lease never outlives the token: its TTL and max TTL are capped at the token's
-expiry. When the lease ends, the token is revoked at ev.energy.`
+under a lease. The lease never outlives the token: its max TTL is the token's life. When the lease
+ends, the token is revoked at ev.energy as the client that minted it, or, when ev.energy does not
+confirm, queued at the revocations path and retried until it does.`
 
 func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	if err := b.ensureWritable(); err != nil {

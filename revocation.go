@@ -166,6 +166,7 @@ func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadl
 	}
 	sort.Slice(keys, func(i, j int) bool { return records[keys[i]].QueuedAt.Before(records[keys[j]].QueuedAt) })
 	var errs []error
+	failedNow := map[string]bool{} // clients whose ev.energy call failed in this pass: the rest of theirs waits
 	for _, key := range keys {
 		now := time.Now()
 		rec := *records[key]
@@ -178,10 +179,11 @@ func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadl
 		case rec.expired(now):
 			errs = append(errs, b.revocations.delete(ctx, s, key))
 			continue
-		case !force && b.revocations.waiting(rec.ClientID, now):
+		case failedNow[rec.ClientID] || (!force && b.revocations.waiting(rec.ClientID, now)):
 			continue
 		}
 		if err := b.revokeRecord(ctx, s, &rec); err != nil {
+			failedNow[rec.ClientID] = true
 			b.revocations.failed(rec.ClientID, err, now)
 			if rec != *records[key] { // part of it was revoked: keep only the rest
 				errs = append(errs, b.revocations.put(ctx, s, key, &rec))

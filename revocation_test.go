@@ -110,6 +110,11 @@ func TestLeaseRevokeQueuesWhileEvenergyIsDownAndRetriesWithBackoff(t *testing.T)
 	if n := sw.revokes.Load(); n > 1 {
 		t.Fatalf("one pass sent %d revocations to a failing ev.energy; one per client at the most", n)
 	}
+	sw.revokes.Store(0)
+	resp, err := request(t, b, s, logical.UpdateOperation, "revocations", nil)
+	if err != nil || resp.Data["pending"] != 3 || sw.revokes.Load() != 1 {
+		t.Fatalf("retry now while ev.energy is down: %v %v, %d calls (want one)", resp, err, sw.revokes.Load())
+	}
 	sw.down.Store(false)
 	eventually(t, 30*time.Second, "the queue to be revoked once ev.energy is back", func() bool {
 		runPeriodic(t, b, s)
