@@ -81,7 +81,7 @@ func newBackend() *backend {
 		Invalidate: func(_ context.Context, key string) {
 			b.cache.invalidate(key)
 			b.revocations.invalidate(key)
-			b.retired.stored.invalidate(key)
+			b.retired.invalidate(key)
 		},
 		PeriodicFunc: b.periodic,
 		WALRollback:  b.rollbackMintedToken,

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -37,6 +38,20 @@ type retiredClients struct {
 
 func newRetiredClients() *retiredClients {
 	return &retiredClients{stored: newPrefixCache[retiredClient](retiredClientPrefix), clients: map[string]*evenergyClient{}}
+}
+
+// invalidate forgets the retired clients when storage changed under them, their ev.energy clients too.
+func (r *retiredClients) invalidate(key string) {
+	if !strings.HasPrefix(key, retiredClientPrefix) {
+		return
+	}
+	r.stored.invalidate(key)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for id, c := range r.clients {
+		c.close()
+		delete(r.clients, id)
+	}
 }
 
 func retiredClientKey(clientID string) string { return hex.EncodeToString([]byte(clientID)) }
