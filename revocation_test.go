@@ -249,3 +249,32 @@ func TestDeletedUserIsRevokedAtOnceOrQueued(t *testing.T) {
 		}
 	}
 }
+
+// TestQueueAndRetiredClientsFollowInvalidation: what one node queues or retires, another node
+// (a new active node, say) sees once Vault tells it storage changed.
+func TestQueueAndRetiredClientsFollowInvalidation(t *testing.T) {
+	first, second, s, sv := twoNodes(t)
+	for _, b := range []*backend{first, second} { // both have listed the empty queue and retired clients
+		if _, err := b.revocations.all(t.Context(), s); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := b.retiredClientIDs(t.Context(), s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	switchClient(t, first, s, sv)
+	if err := first.queueRevocation(t.Context(), s, revocation{ClientID: testClientID, AccessToken: "a-token", Reason: reasonLeaseEnded}, nil); err != nil {
+		t.Fatal(err)
+	}
+	keys, _ := s.List(t.Context(), revocationPrefix)
+	retiredKeys, _ := s.List(t.Context(), retiredClientPrefix)
+	second.Invalidate(t.Context(), revocationPrefix+keys[0])
+	second.Invalidate(t.Context(), retiredClientPrefix+retiredKeys[0])
+	summary, err := second.revocationSummary(t.Context(), s)
+	if err != nil || summary["pending"] != 1 {
+		t.Fatalf("the other node sees %v pending revocations (%v), want 1", summary["pending"], err)
+	}
+	if ids, err := second.retiredClientIDs(t.Context(), s); err != nil || len(ids) != 1 || ids[0] != testClientID {
+		t.Fatalf("the other node sees retired clients %v (%v)", ids, err)
+	}
+}
