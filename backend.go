@@ -72,7 +72,7 @@ func newBackend() *backend {
 		PeriodicFunc: b.periodic,
 		WALRollback:  b.rollbackMintedToken,
 	}
-	passRetryAfter(b.Paths)
+	respondToCodedErrors(b.Paths)
 	return b
 }
 
