@@ -1,7 +1,7 @@
 PLUGIN  := vault-plugin-secrets-evenergy
 VAULT   := $(CURDIR)/bin/vault
-# The version stamped into the plugin: the latest v* tag as git describes it, or v0.0.0-dev.
-VERSION := $(shell git describe --tags --match 'v*' 2>/dev/null || echo v0.0.0-dev)
+# The version stamped into the plugin: the VERSION file, which the newest release in CHANGELOG.md names.
+VERSION := v$(shell cat VERSION)
 LDFLAGS := -X github.com/evenergy/vault-plugin-secrets-evenergy.Version=$(VERSION)
 
 .PHONY: build vault chromium test bench fuzz dev dev-stop
