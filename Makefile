@@ -4,11 +4,16 @@ VAULT   := $(CURDIR)/bin/vault
 VERSION := v$(shell cat VERSION)
 LDFLAGS := -X github.com/evenergy/vault-plugin-secrets-evenergy.Version=$(VERSION)
 
-.PHONY: build vault chromium test bench fuzz dev dev-stop
+.PHONY: build release vault chromium test bench fuzz dev dev-stop
 
 build:
 	go build -ldflags "$(LDFLAGS)" -o bin/plugins/$(PLUGIN) ./cmd/$(PLUGIN)
 	go build -o bin/evenergy-standin ./cmd/evenergy-standin
+
+# Reproducible binaries for linux and darwin on amd64 and arm64, and dist/SHA256SUMS (see scripts/release.sh).
+release:
+	rm -rf dist
+	scripts/release.sh dist
 
 # The Vault server is built once from the Go module proxy and cached (see scripts/build-vault.sh).
 vault:
