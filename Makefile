@@ -1,14 +1,19 @@
 PLUGIN  := vault-plugin-secrets-evenergy
 VAULT   := $(CURDIR)/bin/vault
-# The version stamped into the plugin: the latest v* tag as git describes it, or v0.0.0-dev.
-VERSION := $(shell git describe --tags --match 'v*' 2>/dev/null || echo v0.0.0-dev)
+# The version stamped into the plugin: the VERSION file, which the newest release in CHANGELOG.md names.
+VERSION := v$(shell cat VERSION)
 LDFLAGS := -X github.com/evenergy/vault-plugin-secrets-evenergy.Version=$(VERSION)
 
-.PHONY: build vault chromium test bench fuzz dev dev-stop
+.PHONY: build release vault chromium test bench fuzz dev dev-stop
 
 build:
 	go build -ldflags "$(LDFLAGS)" -o bin/plugins/$(PLUGIN) ./cmd/$(PLUGIN)
 	go build -o bin/evenergy-standin ./cmd/evenergy-standin
+
+# Reproducible binaries for linux and darwin on amd64 and arm64, and dist/SHA256SUMS (see scripts/release.sh).
+release:
+	rm -rf dist
+	scripts/release.sh dist
 
 # The Vault server is built once from the Go module proxy and cached (see scripts/build-vault.sh).
 vault:

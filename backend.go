@@ -23,10 +23,6 @@ whose refresh tokens stay sealed in Vault.
 Configure the client at "config", then read "token".
 `
 
-// Version is the engine's version, stamped by `make build` from git describe; Vault shows it as
-// the mount's running_plugin_version.
-var Version = "v0.0.0-dev"
-
 // operationPrefix starts every OpenAPI operation ID of the engine, e.g. evenergy-generate-token.
 const operationPrefix = "evenergy"
 
@@ -86,7 +82,7 @@ func newBackend() *backend {
 		PeriodicFunc: b.periodic,
 		WALRollback:  b.rollbackMintedToken,
 	}
-	passRetryAfter(b.Paths)
+	respondToCodedErrors(b.Paths)
 	return b
 }
 

@@ -416,3 +416,15 @@ func (e *accEnv) rawRead(t *testing.T, p string) (*http.Response, []byte) {
 	}
 	return resp, body
 }
+
+// cli runs the Vault CLI (VAULT_BIN) against the dev Vault as root, without retries, and returns
+// what it printed on stdout and stderr, as an operator sees it.
+func (e *accEnv) cli(t *testing.T, args ...string) (stdout, stderr string, err error) {
+	t.Helper()
+	cmd := exec.Command(os.Getenv("VAULT_BIN"), args...)
+	cmd.Env = append(os.Environ(), "VAULT_ADDR="+e.vault.Address(), "VAULT_TOKEN=root", "VAULT_MAX_RETRIES=0", "VAULT_FORMAT=table")
+	var out, errOut strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err = cmd.Run()
+	return out.String(), errOut.String(), err
+}

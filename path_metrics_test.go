@@ -1,7 +1,9 @@
 package evenergy
 
 import (
+	"encoding/json"
 	"net/http"
+	"regexp"
 	"sort"
 	"strings"
 	"testing"
@@ -70,10 +72,28 @@ func TestAccMetricsCountAKnownSequence(t *testing.T) {
 	}
 }
 
-// metrics reads this mount's metrics path through Vault and returns every series by name and labels.
+// metrics reads this mount's metrics path through Vault in both formats, which must hold the same
+// series, and returns every series by name and labels.
 func (e *accEnv) metrics(t *testing.T) map[string]float64 {
 	t.Helper()
-	resp, body := e.rawRead(t, "metrics")
+	text, asJSON := e.metricsText(t), e.metricsJSON(t)
+	for series, value := range text {
+		if got, ok := asJSON[series]; !ok || got != value {
+			t.Errorf("%s is %v in Prometheus text but %v (present: %v) in JSON", series, value, got, ok)
+		}
+	}
+	for series := range asJSON {
+		if _, ok := text[series]; !ok {
+			t.Errorf("%s is in JSON but not in Prometheus text", series)
+		}
+	}
+	return text
+}
+
+// metricsText reads the metrics path with format=prometheus, as Prometheus scrapes it.
+func (e *accEnv) metricsText(t *testing.T) map[string]float64 {
+	t.Helper()
+	resp, body := e.rawRead(t, "metrics?format=prometheus")
 	if resp.StatusCode != http.StatusOK || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/plain") {
 		t.Fatalf("metrics answered %d %s", resp.StatusCode, resp.Header.Get("Content-Type"))
 	}
@@ -82,25 +102,66 @@ func (e *accEnv) metrics(t *testing.T) map[string]float64 {
 	if err != nil {
 		t.Fatalf("metrics are not Prometheus text: %v", err)
 	}
+	list := make([]*dto.MetricFamily, 0, len(families))
+	for _, family := range families {
+		list = append(list, family)
+	}
+	samples, err := expfmt.ExtractSamples(&expfmt.DecodeOptions{Timestamp: model.Now()}, list...)
+	if err != nil {
+		t.Fatal(err)
+	}
 	series := map[string]float64{}
-	for name, family := range families {
-		for _, m := range family.Metric {
-			labels := make([]string, 0, len(m.Label))
-			for _, l := range m.Label {
-				labels = append(labels, l.GetName()+`="`+l.GetValue()+`"`)
+	for _, sample := range samples {
+		labels := map[string]string{}
+		for name, value := range sample.Metric {
+			labels[string(name)] = string(value)
+		}
+		name := labels[model.MetricNameLabel]
+		delete(labels, model.MetricNameLabel)
+		series[seriesKey(name, labels)] = float64(sample.Value)
+	}
+	return series
+}
+
+// metricsJSON reads the metrics path as the Vault CLI does, without a format.
+func (e *accEnv) metricsJSON(t *testing.T) map[string]float64 {
+	t.Helper()
+	secret := e.read(t, "metrics")
+	series := map[string]float64{}
+	for name, list := range secret.Data {
+		entries, ok := list.([]any)
+		if !ok {
+			t.Fatalf("metrics JSON: %s is %T, not a list of series", name, list)
+		}
+		for _, entry := range entries {
+			entry, _ := entry.(map[string]any)
+			rawLabels, _ := entry["labels"].(map[string]any)
+			labels := map[string]string{}
+			for label, value := range rawLabels {
+				labels[label], _ = value.(string)
 			}
-			key := name + "{" + strings.Join(labels, ",") + "}"
-			switch family.GetType() {
-			case dto.MetricType_COUNTER:
-				series[key] = m.Counter.GetValue()
-			case dto.MetricType_GAUGE:
-				series[key] = m.Gauge.GetValue()
-			case dto.MetricType_HISTOGRAM:
-				series[name+"_count{"+strings.Join(labels, ",")+"}"] = float64(m.Histogram.GetSampleCount())
+			number, ok := entry["value"].(json.Number)
+			if !ok {
+				t.Fatalf("metrics JSON: %s %v has no numeric value: %v", name, labels, entry)
 			}
+			value, err := number.Float64()
+			if err != nil {
+				t.Fatal(err)
+			}
+			series[seriesKey(name, labels)] = value
 		}
 	}
 	return series
+}
+
+// seriesKey names a series as Prometheus text does, labels sorted: name{a="1",b="2"}.
+func seriesKey(name string, labels map[string]string) string {
+	pairs := make([]string, 0, len(labels))
+	for label, value := range labels {
+		pairs = append(pairs, label+`="`+value+`"`)
+	}
+	sort.Strings(pairs)
+	return name + "{" + strings.Join(pairs, ",") + "}"
 }
 
 func sortedKeys(m map[string]float64) []string {
@@ -110,4 +171,18 @@ func sortedKeys(m map[string]float64) []string {
 	}
 	sort.Strings(keys)
 	return keys
+}
+
+// TestAccMetricsReadInTheCLI checks that `vault read <mount>/metrics`, the first thing an operator
+// types, prints the figures, and that an unknown format is a caller's mistake.
+func TestAccMetricsReadInTheCLI(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	e.read(t, "token")
+	stdout, stderr, err := e.cli(t, "read", e.path("metrics"))
+	if err != nil || !regexp.MustCompile(`(?m)^evenergy_tokens_minted_total +\[map\[labels:map\[grant_type:client_credentials\] value:1\]\]$`).MatchString(stdout) {
+		t.Fatalf("vault read metrics: %v\n%s%s", err, stdout, stderr)
+	}
+	_, err = e.vault.Logical().ReadWithData(e.path("metrics"), map[string][]string{"format": {"xml"}})
+	wantStatus(t, err, http.StatusBadRequest, "format must be json or prometheus")
 }

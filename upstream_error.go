@@ -1,7 +1,6 @@
 package evenergy
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,8 +11,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/hashicorp/vault/sdk/framework"
-	"github.com/hashicorp/vault/sdk/logical"
 	"golang.org/x/oauth2"
 )
 
@@ -139,32 +136,4 @@ func retryAfter(h http.Header) time.Duration {
 		return max(time.Until(at).Round(time.Second), 0)
 	}
 	return 0
-}
-
-// passRetryAfter makes every operation that failed on ev.energy's rate limit answer its Retry-After
-// header too (Vault lets it through where the mount's allowed_response_headers name it).
-func passRetryAfter(paths []*framework.Path) {
-	for _, p := range paths {
-		for _, handler := range p.Operations {
-			op := handler.(*framework.PathOperation)
-			op.Callback = withRetryAfter(op.Callback)
-		}
-		for operation, callback := range p.Callbacks {
-			p.Callbacks[operation] = withRetryAfter(callback)
-		}
-	}
-}
-
-func withRetryAfter(callback framework.OperationFunc) framework.OperationFunc {
-	return func(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-		resp, err := callback(ctx, req, d)
-		var upstream *upstreamError
-		if errors.As(err, &upstream) && upstream.RetryAfter > 0 {
-			if resp == nil {
-				resp = &logical.Response{}
-			}
-			resp.Headers = map[string][]string{"Retry-After": {strconv.Itoa(int(upstream.RetryAfter.Seconds()))}}
-		}
-		return resp, err
-	}
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make dev`: a dev-mode Vault with the plugin at evenergy/, a local ev.energy stand-in, then a real
-# token. Both keep running in the background; `make dev-stop` stops them.
+# `make dev`: a dev-mode Vault with the plugin at evenergy/, a local ev.energy stand-in, then a token
+# of the stand-in. Both keep running in the background; `make dev-stop` stops them.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 run="$root/.dev"
@@ -49,10 +49,22 @@ start)
   { set +x; } 2>/dev/null
   cat <<MSG
 
-A dev-mode Vault with the ev.energy engine at evenergy/ is running at $VAULT_ADDR (root token: root),
-talking to the ev.energy stand-in at http://127.0.0.1:$standin_port. Logs: .dev/vault.log, .dev/standin.log.
-Try:  export VAULT_ADDR=$VAULT_ADDR VAULT_TOKEN=root
-      bin/vault read evenergy/token
+A dev-mode Vault with the ev.energy engine at evenergy/ runs at $VAULT_ADDR (root token: root).
+The engine talks to a local stand-in for ev.energy at http://127.0.0.1:$standin_port, so the token above
+is the stand-in's: it works nowhere else. Logs: .dev/vault.log, .dev/standin.log.
+
+Next, in this shell:  export VAULT_ADDR=$VAULT_ADDR VAULT_TOKEN=root
+
+1. A role, and a token with only its scopes:
+     bin/vault write evenergy/roles/fleet scopes=vehicle:read ttl=1h
+     bin/vault read evenergy/token/fleet
+2. A user grant: open the authorize_url this prints in a browser, press Authorize on the stand-in's
+   login page, and Vault's page says Connected; then read the user's token:
+     bin/vault write evenergy/auth-url/driver-42 redirect_uri=$VAULT_ADDR/v1/evenergy/callback
+     bin/vault read evenergy/users/driver-42/token
+3. The engine's figures:
+     bin/vault read evenergy/metrics
+
 Stop: make dev-stop
 MSG
   ;;
