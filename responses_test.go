@@ -27,22 +27,28 @@ func TestCallerMistakesAreErrorResponses(t *testing.T) {
 	}
 }
 
-// TestRevokeNeverAnswersInvalidRequest checks that a lease's revocation that fails keeps its error:
-// Vault makes a lease irrevocable at once when its Revoke returns ErrInvalidRequest, and retries
-// any other error.
+// TestRevokeNeverAnswersInvalidRequest checks that a lease's revocation that cannot reach ev.energy
+// is queued, or, on a mount being disabled, fails with its plain error: Vault makes a lease
+// irrevocable at once when its Revoke returns ErrInvalidRequest, and retries any other error.
 func TestRevokeNeverAnswersInvalidRequest(t *testing.T) {
 	b, s := newUnitBackend(t) // no config: the revocation cannot call ev.energy
-	resp, err := b.HandleRequest(t.Context(), &logical.Request{
-		Operation: logical.RevokeOperation,
-		Storage:   s,
-		Secret: &logical.Secret{InternalData: map[string]any{
-			"secret_type":  secretAccessTokenType,
-			"access_token": "a-token",
-			"expires_at":   time.Now().Add(time.Hour).Format(time.RFC3339),
-		}},
-	})
-	if err == nil || errors.Is(err, logical.ErrInvalidRequest) || resp.IsError() || err.Error() != notConfigured {
-		t.Fatalf("revocation without a config: %v, %v; want the plain error, to be retried", resp, err)
+	revoke := func() (*logical.Response, error) {
+		return b.HandleRequest(t.Context(), &logical.Request{
+			Operation: logical.RevokeOperation,
+			Storage:   s,
+			Secret: &logical.Secret{InternalData: map[string]any{
+				"secret_type":  secretAccessTokenType,
+				"access_token": "a-token",
+				"expires_at":   time.Now().Add(time.Hour).Format(time.RFC3339),
+			}},
+		})
+	}
+	if resp, err := revoke(); err != nil || resp.IsError() || len(pendingRevocations(t, s)) != 1 {
+		t.Fatalf("revocation without a config: %v, %v; want it queued", resp, err)
+	}
+	b.System().(*logical.StaticSystemView).TaintedVal = true
+	if resp, err := revoke(); err == nil || errors.Is(err, logical.ErrInvalidRequest) || resp.IsError() || !strings.HasSuffix(err.Error(), notConfigured) {
+		t.Fatalf("revocation without a config on a mount being disabled: %v, %v; want the plain error, to be retried", resp, err)
 	}
 }
 
