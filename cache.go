@@ -14,8 +14,13 @@ import (
 // writes update it, Invalidate drops what storage changed underneath (replication, another node),
 // and it is loaded anew at start. Cached values are never changed in place, only replaced.
 type cache struct {
-	mu         sync.RWMutex
-	generation uint64 // counts changes (invalidations and the engine's own writes), so a load that raced one is not kept
+	mu sync.RWMutex
+	// A load keeps only what did not change while it read storage: clock counts changes (the
+	// engine's own writes and invalidations), and changed notes when each key, or each group for
+	// the listing of pending authorizations, last changed while a load was running.
+	clock   uint64
+	changed map[string]uint64
+	loading int // loads in progress; once none is, earlier changes matter to no load
 
 	configured *configured
 	roles      map[string]*role
@@ -32,14 +37,14 @@ type configured struct {
 }
 
 func newCache() *cache {
-	return &cache{roles: map[string]*role{}, grants: map[string]*grant{}, stale: map[string]bool{}}
+	return &cache{changed: map[string]uint64{}, roles: map[string]*role{}, grants: map[string]*grant{}, stale: map[string]bool{}}
 }
 
 // invalidate forgets what storage changed at key.
 func (c *cache) invalidate(key string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.generation++
+	c.change(key)
 	switch {
 	case key == configPath:
 		if c.configured != nil {
@@ -58,19 +63,52 @@ func (c *cache) invalidate(key string) {
 	}
 }
 
-// keep runs store, which caches what a load read, unless the cache changed since the load began.
-func (c *cache) keep(generation uint64, store func()) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.generation == generation {
-		store()
+// change notes that storage changed at key, so that no load running now keeps what it read there;
+// call it with mu held.
+func (c *cache) change(key string) {
+	c.clock++
+	if strings.HasPrefix(key, authRequestPrefix) {
+		key = authRequestPrefix // pending authorizations are loaded as one listing
+	}
+	if c.loading > 0 {
+		c.changed[key] = c.clock
 	}
 }
 
-func (c *cache) currentGeneration() uint64 {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return c.generation
+// load is one read of storage into the cache.
+type load struct {
+	c     *cache
+	start uint64
+}
+
+// startLoad begins a load; end it with end once it kept what it read.
+func (c *cache) startLoad() *load {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.loading++
+	return &load{c: c, start: c.clock}
+}
+
+func (l *load) end() {
+	l.c.mu.Lock()
+	defer l.c.mu.Unlock()
+	if l.c.loading--; l.c.loading == 0 {
+		clear(l.c.changed)
+	}
+}
+
+// unchanged reports whether storage did not change at key since the load began; call it with mu held.
+func (l *load) unchanged(key string) bool {
+	return l.c.changed[key] <= l.start
+}
+
+// keep runs store, which caches what the load read at key, unless key changed since the load began.
+func (l *load) keep(key string, store func()) {
+	l.c.mu.Lock()
+	defer l.c.mu.Unlock()
+	if l.unchanged(key) {
+		store()
+	}
 }
 
 // config returns the config and its client, from memory or else from storage.
@@ -81,13 +119,14 @@ func (b *backend) config(ctx context.Context, s logical.Storage) (*config, *even
 	if current != nil {
 		return current.cfg, current.client, nil
 	}
-	generation := b.cache.currentGeneration()
+	load := b.cache.startLoad()
+	defer load.end()
 	cfg, err := getConfig(ctx, s)
 	if err != nil {
 		return nil, nil, err
 	}
 	current = &configured{cfg: cfg, client: newClient(cfg, b.metrics)}
-	b.cache.keep(generation, func() { b.cache.configured = current })
+	load.keep(configPath, func() { b.cache.configured = current })
 	return current.cfg, current.client, nil
 }
 
@@ -99,12 +138,13 @@ func (b *backend) role(ctx context.Context, s logical.Storage, name string) (*ro
 	if r != nil {
 		return r, nil
 	}
-	generation := b.cache.currentGeneration()
+	load := b.cache.startLoad()
+	defer load.end()
 	r, err := getRole(ctx, s, name)
 	if err != nil {
 		return nil, err
 	}
-	b.cache.keep(generation, func() { b.cache.roles[name] = r })
+	load.keep(rolePrefix+name, func() { b.cache.roles[name] = r })
 	return r, nil
 }
 
@@ -117,12 +157,13 @@ func (b *backend) grant(ctx context.Context, s logical.Storage, user string) (*g
 	if known {
 		return g, nil
 	}
-	generation := b.cache.currentGeneration()
+	load := b.cache.startLoad()
+	defer load.end()
 	g, err := getJSON[grant](ctx, s, userPrefix+user)
 	if err != nil {
 		return nil, err
 	}
-	b.cache.keep(generation, func() { b.cache.setGrant(user, g) })
+	load.keep(userPrefix+user, func() { b.cache.setGrant(user, g) })
 	return g, nil
 }
 
@@ -136,7 +177,7 @@ func (b *backend) putGrant(ctx context.Context, s logical.Storage, user string, 
 	}
 	b.cache.mu.Lock()
 	defer b.cache.mu.Unlock()
-	b.cache.generation++ // a load that read storage before this write must not be kept
+	b.cache.change(userPrefix + user) // a load that read storage before this write must not be kept
 	if err != nil {
 		// What storage holds now is unknown: read it again next time.
 		delete(b.cache.grants, user)
@@ -157,8 +198,11 @@ func (c *cache) setGrant(user string, g *grant) {
 	c.grants[user] = g
 }
 
-// loadGrants reads every stored grant into memory, at start and after invalidations.
+// loadGrants reads every stored grant into memory, at start and after invalidations. A grant that
+// changed while it ran is left to be read again.
 func (b *backend) loadGrants(ctx context.Context, s logical.Storage) error {
+	load := b.cache.startLoad()
+	defer load.end()
 	b.cache.mu.RLock()
 	users := make([]string, 0, len(b.cache.stale))
 	for user := range b.cache.stale {
@@ -167,7 +211,6 @@ func (b *backend) loadGrants(ctx context.Context, s logical.Storage) error {
 	loaded := b.cache.loaded
 	b.cache.mu.RUnlock()
 
-	generation := b.cache.currentGeneration()
 	if !loaded {
 		var err error
 		if users, err = s.List(ctx, userPrefix); err != nil {
@@ -182,12 +225,15 @@ func (b *backend) loadGrants(ctx context.Context, s logical.Storage) error {
 		}
 		grants[user] = g
 	}
-	b.cache.keep(generation, func() {
-		for user, g := range grants {
+	b.cache.mu.Lock()
+	defer b.cache.mu.Unlock()
+	for user, g := range grants {
+		if load.unchanged(userPrefix + user) {
 			b.cache.setGrant(user, g)
 		}
-		b.cache.loaded = true
-	})
+	}
+	// A grant stored after the listing was invalidated, and so is stale: it is read when asked for.
+	b.cache.loaded = true
 	return nil
 }
 
@@ -214,7 +260,8 @@ func (b *backend) loadPending(ctx context.Context, s logical.Storage) error {
 	if known {
 		return nil
 	}
-	generation := b.cache.currentGeneration()
+	load := b.cache.startLoad()
+	defer load.end()
 	states, err := s.List(ctx, authRequestPrefix)
 	if err != nil {
 		return err
@@ -229,7 +276,7 @@ func (b *backend) loadPending(ctx context.Context, s logical.Storage) error {
 			pending[state] = p.ExpiresAt
 		}
 	}
-	b.cache.keep(generation, func() { b.cache.pending = pending })
+	load.keep(authRequestPrefix, func() { b.cache.pending = pending })
 	return nil
 }
 
@@ -240,7 +287,7 @@ func (b *backend) putPending(ctx context.Context, s logical.Storage, state strin
 	}
 	b.cache.mu.Lock()
 	defer b.cache.mu.Unlock()
-	b.cache.generation++ // a listing that missed this state must not be kept
+	b.cache.change(authRequestPrefix + state) // a listing that missed this state must not be kept
 	if b.cache.pending != nil {
 		b.cache.pending[state] = p.ExpiresAt
 	}
@@ -254,7 +301,7 @@ func (b *backend) deletePending(ctx context.Context, s logical.Storage, state st
 	}
 	b.cache.mu.Lock()
 	defer b.cache.mu.Unlock()
-	b.cache.generation++
+	b.cache.change(authRequestPrefix + state)
 	delete(b.cache.pending, state)
 	return nil
 }

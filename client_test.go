@@ -131,10 +131,13 @@ func TestNoRedirectIsFollowed(t *testing.T) {
 	client := testClient(&config{ClientID: testClientID, ClientSecret: testClientSecret, BaseURL: server.URL, RequestTimeout: 5 * time.Second})
 
 	for op, call := range map[string]func() error{
-		opToken:    func() error { _, err := client.clientCredentialsToken(t.Context(), nil); return err },
-		opRefresh:  func() error { _, err := client.refresh(t.Context(), refresh); return err },
-		opExchange: func() error { _, err := client.exchangeCode(t.Context(), "a-code", oauth2.GenerateVerifier(), appRedirect); return err },
-		opRevoke:   func() error { return client.revoke(t.Context(), refresh, "refresh_token") },
+		opToken:   func() error { _, err := client.clientCredentialsToken(t.Context(), nil); return err },
+		opRefresh: func() error { _, err := client.refresh(t.Context(), refresh); return err },
+		opExchange: func() error {
+			_, err := client.exchangeCode(t.Context(), "a-code", oauth2.GenerateVerifier(), appRedirect)
+			return err
+		},
+		opRevoke: func() error { return client.revoke(t.Context(), refresh, "refresh_token") },
 	} {
 		err := call()
 		want := "ev.energy answered the " + op + " with a redirect (HTTP 307) to " + strings.TrimPrefix(target.URL, "http://") + ", which the engine does not follow: check base_url"
