@@ -26,8 +26,11 @@ type cache struct {
 	roles      map[string]*role
 	grants     map[string]*grant    // every user's grant once loaded; stale users are reloaded
 	stale      map[string]bool      // users whose grant changed underneath since it was cached
+	unsaved    map[string]bool      // users whose rotated grant storage refused: only memory holds it
 	loaded     bool                 // grants holds every stored grant
 	pending    map[string]time.Time // expiry of each pending authorization; nil until listed
+
+	refreshes *refreshes // beside the grants, what only this node knows of their refreshes
 }
 
 // configured is the config and the ev.energy client made from it, reused until the config changes.
@@ -37,7 +40,8 @@ type configured struct {
 }
 
 func newCache() *cache {
-	return &cache{changed: map[string]uint64{}, roles: map[string]*role{}, grants: map[string]*grant{}, stale: map[string]bool{}}
+	return &cache{changed: map[string]uint64{}, roles: map[string]*role{}, grants: map[string]*grant{}, stale: map[string]bool{},
+		unsaved: map[string]bool{}, refreshes: newRefreshes()}
 }
 
 // invalidate forgets what storage changed at key.
@@ -54,9 +58,10 @@ func (c *cache) invalidate(key string) {
 	case strings.HasPrefix(key, rolePrefix):
 		delete(c.roles, strings.TrimPrefix(key, rolePrefix))
 	case strings.HasPrefix(key, userPrefix):
-		user := strings.TrimPrefix(key, userPrefix)
-		delete(c.grants, user)
-		c.stale[user] = true
+		if user := strings.TrimPrefix(key, userPrefix); !c.unsaved[user] { // storage holds a dead refresh token of an unsaved one
+			delete(c.grants, user)
+			c.stale[user] = true
+		}
 	case strings.HasPrefix(key, authRequestPrefix):
 		// A pending authorization made or used elsewhere: the next periodic pass lists them again.
 		c.pending = nil
@@ -178,14 +183,46 @@ func (b *backend) putGrant(ctx context.Context, s logical.Storage, user string, 
 	b.cache.mu.Lock()
 	defer b.cache.mu.Unlock()
 	b.cache.change(userPrefix + user) // a load that read storage before this write must not be kept
-	if err != nil {
+	switch {
+	case err == nil:
+		b.cache.setGrant(user, g)
+		delete(b.cache.unsaved, user)
+	case !b.cache.unsaved[user]:
 		// What storage holds now is unknown: read it again next time.
 		delete(b.cache.grants, user)
 		b.cache.stale[user] = true
-		return err
 	}
+	return err
+}
+
+// rotatedWritePauses are the pauses before each new attempt to store a rotated grant.
+var rotatedWritePauses = []time.Duration{100 * time.Millisecond, 400 * time.Millisecond}
+
+// putRotatedGrant stores a grant whose refresh token ev.energy has just rotated. The stored token is
+// dead then, so this grant is never dropped: a refused write is tried again, and if storage still
+// refuses, the grant stays in memory marked unsaved, is served from there, and the periodic pass
+// stores it.
+func (b *backend) putRotatedGrant(ctx context.Context, s logical.Storage, user string, g *grant) {
+	err := putJSON(ctx, s, userPrefix+user, g)
+	for _, pause := range rotatedWritePauses {
+		if err == nil {
+			break
+		}
+		time.Sleep(pause)
+		err = putJSON(ctx, s, userPrefix+user, g)
+	}
+	b.cache.mu.Lock()
+	b.cache.change(userPrefix + user)
 	b.cache.setGrant(user, g)
-	return nil
+	if err == nil {
+		delete(b.cache.unsaved, user)
+	} else {
+		b.cache.unsaved[user] = true
+	}
+	b.cache.mu.Unlock()
+	if err != nil {
+		b.Logger().Error("storage refused a user's rotated ev.energy grant, which only this node's memory now holds: the periodic pass stores it once storage accepts writes", "user", user, "error", err)
+	}
 }
 
 // setGrant caches g (nil: the user has none); call it with mu held.
@@ -228,7 +265,7 @@ func (b *backend) loadGrants(ctx context.Context, s logical.Storage) error {
 	b.cache.mu.Lock()
 	defer b.cache.mu.Unlock()
 	for user, g := range grants {
-		if load.unchanged(userPrefix + user) {
+		if load.unchanged(userPrefix+user) && !b.cache.unsaved[user] {
 			b.cache.setGrant(user, g)
 		}
 	}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -38,11 +40,14 @@ func (b *backend) refreshDueUsers(ctx context.Context, s logical.Storage) error 
 		wg   sync.WaitGroup
 		due  = make(chan string)
 	)
+	if err := b.storeUnsavedGrants(ctx, s); err != nil {
+		errs = append(errs, err)
+	}
 	for range refreshWorkers {
 		wg.Go(func() {
 			for user := range due {
 				// Revoked grants and those of another client wait for their user, not for the next pass.
-				if _, err := b.currentGrant(ctx, s, cfg, client, user); err != nil && !errors.As(err, new(*revokedGrantError)) && !errors.As(err, new(*otherClientError)) {
+				if _, _, err := b.currentGrant(ctx, s, cfg, client, user); err != nil && !errors.As(err, new(*revokedGrantError)) && !errors.As(err, new(*otherClientError)) {
 					mu.Lock()
 					errs = append(errs, fmt.Errorf("user %s: %w", user, err))
 					mu.Unlock()
@@ -56,6 +61,32 @@ func (b *backend) refreshDueUsers(ctx context.Context, s logical.Storage) error 
 	close(due)
 	wg.Wait()
 	return errors.Join(errs...)
+}
+
+// storeUnsavedGrants stores the rotated grants that storage refused before, which until then live
+// only in this node's memory.
+func (b *backend) storeUnsavedGrants(ctx context.Context, s logical.Storage) error {
+	b.cache.mu.RLock()
+	users := slices.Collect(maps.Keys(b.cache.unsaved))
+	b.cache.mu.RUnlock()
+	var errs []error
+	for _, user := range users {
+		if err := b.storeUnsavedGrant(ctx, s, user); err != nil {
+			errs = append(errs, fmt.Errorf("storing the rotated grant of user %s: %w", user, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (b *backend) storeUnsavedGrant(ctx context.Context, s logical.Storage, user string) error {
+	defer b.lockUser(user)()
+	b.cache.mu.RLock()
+	g, unsaved := b.cache.grants[user], b.cache.unsaved[user]
+	b.cache.mu.RUnlock()
+	if !unsaved {
+		return nil // stored meanwhile, by a refresh, a new authorization or a delete
+	}
+	return b.putGrant(ctx, s, user, g)
 }
 
 // dueUsers lists, from memory, the users whose active grant of this client entered the refresh
