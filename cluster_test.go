@@ -273,6 +273,7 @@ func TestAccRaftFailover(t *testing.T) {
 	const user = "driver-raft"
 
 	// 1. Import a grant obtained elsewhere; Vault takes it over with a token already due for refresh.
+	e.write(t, "config", map[string]any{"refresh_window": dueWindow})
 	e.standin.SetTokenLifetime(5 * time.Minute)
 	refresh, err := e.standin.IssueUserGrant(testClientID, user, "")
 	if err != nil {
@@ -322,7 +323,7 @@ func TestAccRaftFailover(t *testing.T) {
 
 	// 5b. Due again: concurrent readers through both survivors share exactly one refresh.
 	e.standin.SetTokenLifetime(10 * time.Hour)
-	e.write(t, "config", map[string]any{"refresh_window": "2h"})
+	e.write(t, "config", map[string]any{"refresh_window": "3599s"}) // a second short of the rotated token's hour
 	var tokens []string
 	var mu sync.Mutex
 	var wg sync.WaitGroup

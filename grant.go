@@ -55,14 +55,28 @@ func (g *grant) ofOtherClient(cfg *config) bool {
 // rotates a token between the reads of an active reader.
 const readAhead = 2 * time.Second
 
+// refreshWindow is the config's refresh_window for this grant's token, capped at half the token's
+// life: a window as long as the token would have every read rotate it, killing the token the
+// previous reader got. A config stored before the window was checked may hold 0: the default then.
+func (g *grant) refreshWindow(cfg *config) time.Duration {
+	window := cfg.RefreshWindow
+	if window <= 0 {
+		window = defaultRefreshWindow
+	}
+	if life := g.ExpiresAt.Sub(g.LastRefreshedAt).Round(time.Second); !g.LastRefreshedAt.IsZero() && window >= life {
+		return life / 2
+	}
+	return window
+}
+
 // due reports whether a read refreshes the access token first.
 func (g *grant) due(cfg *config, now time.Time) bool {
-	return g.ExpiresAt.Sub(now) <= cfg.RefreshWindow+readAhead
+	return g.ExpiresAt.Sub(now) <= g.refreshWindow(cfg)+readAhead
 }
 
 // unattended reports whether the token entered the refresh window with no reader refreshing it.
 func (g *grant) unattended(cfg *config, now time.Time) bool {
-	return g.ExpiresAt.Sub(now) <= cfg.RefreshWindow
+	return g.ExpiresAt.Sub(now) <= g.refreshWindow(cfg)
 }
 
 // usable returns why the user's grant cannot give a token now, or nil.
@@ -172,7 +186,7 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 // lease is how long a reader may keep the grant's token: until the planned refresh begins, so that
 // Vault Agent re-reads in time, and at least readAhead.
 func (g *grant) lease(cfg *config, now time.Time) time.Duration {
-	return max(g.ExpiresAt.Add(-cfg.RefreshWindow).Sub(now), readAhead).Truncate(time.Second)
+	return max(g.ExpiresAt.Add(-g.refreshWindow(cfg)).Sub(now), readAhead).Truncate(time.Second)
 }
 
 // refresh refreshes the user's grant, under the user's lock, if it is still due. It returns the

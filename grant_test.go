@@ -141,3 +141,40 @@ func TestGrantWithoutClientAdoptsTheConfiguredOne(t *testing.T) {
 		t.Fatalf("after its first refresh the grant records client %q", stored.ClientID)
 	}
 }
+
+// TestRefreshWindowCappedAtHalfTheTokenLife: a refresh_window at least as long as the tokens would
+// make every read rotate the token and kill the one the previous reader got; it counts as half the
+// token's life, which users/<user> shows.
+func TestRefreshWindowCappedAtHalfTheTokenLife(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"refresh_window": "20m"}); err != nil {
+		t.Fatal(err)
+	}
+	sv.SetTokenLifetime(10 * time.Minute)
+	g := connectUnitUser(t, b, s, sv, "driver")
+	calls := sv.TokenRequests()
+	for range 3 {
+		tok, lease, err := readUserToken(t, b, s, "driver")
+		if err != nil || tok != g.AccessToken || lease < 4*time.Minute || lease > 5*time.Minute {
+			t.Fatalf("a read of a fresh 10-minute token under a 20-minute window: lease %v, same token %v, error %v", lease, tok == g.AccessToken, err)
+		}
+	}
+	if n := sv.TokenRequests() - calls; n != 0 {
+		t.Fatalf("reads of a fresh token sent %d refreshes", n)
+	}
+	resp, err := request(t, b, s, logical.ReadOperation, "users/driver", nil)
+	if err != nil || resp.Data["refresh_window"] != int64(300) {
+		t.Fatalf("users/driver shows refresh_window %v, want the effective 300 s: %v", resp.Data["refresh_window"], err)
+	}
+
+	// Past half its life the token is due; the next one, of 10 hours, gets the whole 20-minute window.
+	sv.SetTokenLifetime(10 * time.Hour)
+	useFakeClock(b, time.Now().Add(5*time.Minute))
+	if tok, _, err := readUserToken(t, b, s, "driver"); err != nil || tok == g.AccessToken {
+		t.Fatalf("a token past half its life was not refreshed: %v", err)
+	}
+	if resp, _ := request(t, b, s, logical.ReadOperation, "users/driver", nil); resp.Data["refresh_window"] != int64(1200) {
+		t.Fatalf("users/driver shows refresh_window %v for a 10-hour token, want 1200", resp.Data["refresh_window"])
+	}
+}

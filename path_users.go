@@ -116,6 +116,7 @@ func (b *backend) pathUserRead(ctx context.Context, req *logical.Request, d *fra
 		"access_token_expires_at": g.ExpiresAt.Format(time.RFC3339),
 		"status":                  status,
 		"last_refreshed_at":       g.LastRefreshedAt.Format(time.RFC3339),
+		"refresh_window":          int64(g.refreshWindow(cfg).Seconds()),
 		"last_error":              cmp.Or(b.cache.refreshes.lastFailure(user, g.RefreshToken), g.LastError),
 	}}, nil
 }
