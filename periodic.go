@@ -15,7 +15,12 @@ import (
 // refreshWorkers bounds how many refreshes one periodic pass sends to ev.energy at once.
 const refreshWorkers = 16
 
-// periodic runs every minute on the active node only: it refreshes every user token due for a
+// passBudget is how long a periodic pass goes on starting refreshes. Vault holds its state lock
+// through the pass, so a step-down or a seal waits for it: the refreshes already sent finish
+// (within request_timeout) and are stored, and the grants left wait for the next pass.
+const passBudget = 2 * time.Second
+
+// periodic runs every minute on the active node only: it refreshes the user tokens due for a
 // refresh and forgets expired pending authorizations. What is due is known from memory, so a pass
 // with nothing to do reads no storage.
 func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
@@ -25,29 +30,38 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 	return errors.Join(b.forgetExpiredAuthorizations(ctx, req.Storage), b.refreshDueUsers(ctx, req.Storage))
 }
 
-// refreshDueUsers refreshes, a few at a time, the grants whose access token is inside the refresh window.
+// refreshDueUsers stores the rotated grants storage refused before, then refreshes, a few at a
+// time, the grants whose access token is inside the refresh window, until passBudget or ctx ends.
 func (b *backend) refreshDueUsers(ctx context.Context, s logical.Storage) error {
+	starting, stop := context.WithTimeout(ctx, passBudget)
+	defer stop()
 	if err := b.loadGrants(ctx, s); err != nil {
 		return err
 	}
+	errs := []error{b.storeUnsavedGrants(ctx, s)}
 	cfg, client, err := b.config(ctx, s)
 	if err != nil {
-		return nil // not configured: nothing can be refreshed
+		return errs[0] // not configured: nothing can be refreshed
 	}
 	var (
-		mu   sync.Mutex
-		errs []error
-		wg   sync.WaitGroup
-		due  = make(chan string)
+		mu  sync.Mutex
+		wg  sync.WaitGroup
+		due = make(chan string)
 	)
-	if err := b.storeUnsavedGrants(ctx, s); err != nil {
-		errs = append(errs, err)
-	}
 	for range refreshWorkers {
 		wg.Go(func() {
 			for user := range due {
+				if starting.Err() != nil {
+					continue // handed over as the budget ran out
+				}
+				// starting bounds a wait for a reader's refresh; a refresh this pass sends runs to its end.
+				_, _, err := b.currentGrant(starting, s, cfg, client, user)
+				switch {
+				case err == nil:
 				// Revoked grants and those of another client wait for their user, not for the next pass.
-				if _, _, err := b.currentGrant(ctx, s, cfg, client, user); err != nil && !errors.As(err, new(*revokedGrantError)) && !errors.As(err, new(*otherClientError)) {
+				case errors.As(err, new(*revokedGrantError)), errors.As(err, new(*otherClientError)):
+				case starting.Err() != nil && (errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)):
+				default:
 					mu.Lock()
 					errs = append(errs, fmt.Errorf("user %s: %w", user, err))
 					mu.Unlock()
@@ -55,8 +69,14 @@ func (b *backend) refreshDueUsers(ctx context.Context, s logical.Storage) error 
 			}
 		})
 	}
-	for _, user := range b.dueUsers(cfg, time.Now()) {
-		due <- user
+	for _, user := range b.dueUsers(cfg, b.cache.refreshes.now()) {
+		if starting.Err() != nil {
+			break
+		}
+		select {
+		case due <- user:
+		case <-starting.Done():
+		}
 	}
 	close(due)
 	wg.Wait()
