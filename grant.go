@@ -166,7 +166,10 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 		return g.heldLease(held, now)
 	}
 	if start {
-		b.cache.refreshes.fly(user, f, func() (*grant, error) { return b.refresh(ctx, s, cfg, client, user) })
+		// The flight is every waiting reader's, and once sent the refresh must reach storage (the
+		// old token is dead then): it goes on if its starter goes away.
+		detached := context.WithoutCancel(ctx)
+		b.cache.refreshes.fly(user, f, func() (*grant, error) { return b.refresh(detached, s, cfg, client, user) })
 	}
 	select {
 	case <-f.done:
@@ -189,10 +192,11 @@ func (g *grant) lease(cfg *config, now time.Time) time.Duration {
 	return max(g.ExpiresAt.Add(-g.refreshWindow(cfg)).Sub(now), readAhead).Truncate(time.Second)
 }
 
-// refresh refreshes the user's grant, under the user's lock, if it is still due. It returns the
-// refreshed grant; or after a passing failure the unchanged grant, whose token still serves, and
-// the failure; or no grant and the error that leaves no token to give. The only storage write is
-// the rotated grant, or the grant's new status when ev.energy no longer accepts it.
+// refresh refreshes the user's grant, under the user's lock, if it is still due; its ctx is not the
+// caller's (see currentGrant). It returns the refreshed grant; or after a passing failure the
+// unchanged grant, whose token still serves, and the failure; or no grant and the error that
+// leaves no token to give. The only storage write is the rotated grant, or the grant's new status
+// when ev.energy no longer accepts it.
 func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string) (*grant, error) {
 	defer b.lockUser(user)()
 	// Again under the lock: a new authorization or a delete may have replaced the grant meanwhile.
@@ -206,8 +210,6 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 	if !g.due(cfg, b.cache.refreshes.now()) {
 		return g, nil
 	}
-	// Once sent, the refresh must reach storage even if the reader goes away: the old token is dead.
-	ctx = context.WithoutCancel(ctx)
 	tok, err := client.refresh(ctx, g.RefreshToken)
 	outcome := refreshOutcome(err)
 	b.metrics.refreshes.WithLabelValues(outcome).Inc()

@@ -1,6 +1,7 @@
 package evenergy
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"strings"
@@ -245,5 +246,39 @@ func TestNoReaderWaitsBehindAnothersRefresh(t *testing.T) {
 	t.Logf("%d refresh calls, slowest read %v", calls.Load(), slowest.Round(time.Millisecond))
 	if slowest > requestTimeout+time.Second {
 		t.Fatalf("a read took %v, longer than request_timeout plus a second", slowest)
+	}
+}
+
+// TestRefreshOutlivesTheReaderWhoStartedIt: the reader who started a refresh goes away while it is
+// on its way; a reader waiting for the same call gets the new token, and the rotated grant is stored.
+func TestRefreshOutlivesTheReaderWhoStartedIt(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	g, _ := connectDueUser(t, b, s, sv, "driver")
+	sv.SetLatency(500 * time.Millisecond)
+	calls := sv.TokenRequests()
+	ctx, leave := context.WithCancel(t.Context())
+	first := make(chan error, 1)
+	go func() {
+		_, err := b.HandleRequest(ctx, &logical.Request{Operation: logical.ReadOperation, Path: "users/driver/token", Storage: s})
+		first <- err
+	}()
+	eventually(t, 10*time.Second, "the first reader's refresh to reach the stand-in", func() bool { return sv.TokenRequests() > calls })
+	second := make(chan string, 1)
+	go func() {
+		tok, _, err := readUserToken(t, b, s, "driver")
+		if err != nil {
+			t.Errorf("the second reader: %v", err)
+		}
+		second <- tok
+	}()
+	leave()
+	<-first
+	tok := <-second
+	if tok == g.AccessToken || !sv.Active(tok) || sv.TokenRequests() != calls+1 {
+		t.Fatalf("the second reader got no fresh token from the one refresh (%d calls)", sv.TokenRequests()-calls)
+	}
+	if stored, _ := getJSON[grant](t.Context(), s, userPrefix+"driver"); stored.AccessToken != tok {
+		t.Fatal("the refresh of a reader who went away was not stored")
 	}
 }
