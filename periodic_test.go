@@ -81,19 +81,18 @@ func BenchmarkPeriodicPassNothingDue(b *testing.B) {
 // part of them; the floor is what its workers can send in that time.
 func BenchmarkPeriodicPassThousandDue(b *testing.B) {
 	const latency = 50 * time.Millisecond
-	be, s := newUnitBackend(b)
-	sv := newUnitStandin(b, be, s)
-	sv.SetLatency(latency)
-	req := &logical.Request{Storage: s}
 	var total time.Duration
 	refreshed := 0
 	for b.Loop() {
 		b.StopTimer()
+		be, s := newUnitBackend(b)
+		sv := newUnitStandin(b, be, s)
 		seedGrants(b, be, s, sv, 1000, time.Now().Add(time.Minute))
+		sv.SetLatency(latency)
 		issued := len(sv.Tokens())
 		b.StartTimer()
 		start := time.Now()
-		if err := be.periodic(context.Background(), req); err != nil {
+		if err := be.periodic(context.Background(), &logical.Request{Storage: s}); err != nil {
 			b.Fatal(err)
 		}
 		total += time.Since(start)
