@@ -65,12 +65,19 @@ func startRaftCluster(t *testing.T, size int) *raftCluster {
 	for _, n := range c.nodes {
 		n.client.SetToken(init.RootToken)
 	}
-	// The followers join through retry_join, which needs them unsealed to answer the leader's challenge.
+	// The followers join through retry_join, which needs them unsealed to answer the leader's
+	// challenge. Each node gets the key once it takes it: a follower unseals in the background after
+	// the join, and a second key racing that unseal starts a second standby loop in Vault, after which
+	// a step-down can reach the loop that lost the election and do nothing.
+	keyTaken := make([]bool, len(c.nodes))
 	eventually(t, clusterDeadline, "every node to be unsealed", func() bool {
 		unsealed := 0
-		for _, n := range c.nodes {
-			if status, err := n.client.Sys().Unseal(init.KeysB64[0]); err == nil && !status.Sealed {
+		for i, n := range c.nodes {
+			if status, err := n.client.Sys().SealStatus(); err == nil && !status.Sealed {
 				unsealed++
+			} else if !keyTaken[i] {
+				_, err := n.client.Sys().Unseal(init.KeysB64[0])
+				keyTaken[i] = err == nil
 			}
 		}
 		return unsealed == len(c.nodes)
