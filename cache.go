@@ -14,15 +14,23 @@ import (
 // writes update it, Invalidate drops what storage changed underneath (replication, another node),
 // and it is loaded anew at start. Cached values are never changed in place, only replaced.
 type cache struct {
-	mu         sync.RWMutex
-	generation uint64 // counts changes (invalidations and the engine's own writes), so a load that raced one is not kept
+	mu sync.RWMutex
+	// A load keeps only what did not change while it read storage: clock counts changes (the
+	// engine's own writes and invalidations), and changed notes when each key, or each group for
+	// the listing of pending authorizations, last changed while a load was running.
+	clock   uint64
+	changed map[string]uint64
+	loading int // loads in progress; once none is, earlier changes matter to no load
 
 	configured *configured
 	roles      map[string]*role
 	grants     map[string]*grant    // every user's grant once loaded; stale users are reloaded
 	stale      map[string]bool      // users whose grant changed underneath since it was cached
+	unsaved    map[string]bool      // users whose rotated grant storage refused: only memory holds it
 	loaded     bool                 // grants holds every stored grant
 	pending    map[string]time.Time // expiry of each pending authorization; nil until listed
+
+	refreshes *refreshes // beside the grants, what only this node knows of their refreshes
 }
 
 // configured is the config and the ev.energy client made from it, reused until the config changes.
@@ -32,14 +40,15 @@ type configured struct {
 }
 
 func newCache() *cache {
-	return &cache{roles: map[string]*role{}, grants: map[string]*grant{}, stale: map[string]bool{}}
+	return &cache{changed: map[string]uint64{}, roles: map[string]*role{}, grants: map[string]*grant{}, stale: map[string]bool{},
+		unsaved: map[string]bool{}, refreshes: newRefreshes()}
 }
 
 // invalidate forgets what storage changed at key.
 func (c *cache) invalidate(key string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.generation++
+	c.change(key)
 	switch {
 	case key == configPath:
 		if c.configured != nil {
@@ -49,28 +58,62 @@ func (c *cache) invalidate(key string) {
 	case strings.HasPrefix(key, rolePrefix):
 		delete(c.roles, strings.TrimPrefix(key, rolePrefix))
 	case strings.HasPrefix(key, userPrefix):
-		user := strings.TrimPrefix(key, userPrefix)
-		delete(c.grants, user)
-		c.stale[user] = true
+		if user := strings.TrimPrefix(key, userPrefix); !c.unsaved[user] { // storage holds a dead refresh token of an unsaved one
+			delete(c.grants, user)
+			c.stale[user] = true
+		}
 	case strings.HasPrefix(key, authRequestPrefix):
 		// A pending authorization made or used elsewhere: the next periodic pass lists them again.
 		c.pending = nil
 	}
 }
 
-// keep runs store, which caches what a load read, unless the cache changed since the load began.
-func (c *cache) keep(generation uint64, store func()) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.generation == generation {
-		store()
+// change notes that storage changed at key, so that no load running now keeps what it read there;
+// call it with mu held.
+func (c *cache) change(key string) {
+	c.clock++
+	if strings.HasPrefix(key, authRequestPrefix) {
+		key = authRequestPrefix // pending authorizations are loaded as one listing
+	}
+	if c.loading > 0 {
+		c.changed[key] = c.clock
 	}
 }
 
-func (c *cache) currentGeneration() uint64 {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return c.generation
+// load is one read of storage into the cache.
+type load struct {
+	c     *cache
+	start uint64
+}
+
+// startLoad begins a load; end it with end once it kept what it read.
+func (c *cache) startLoad() *load {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.loading++
+	return &load{c: c, start: c.clock}
+}
+
+func (l *load) end() {
+	l.c.mu.Lock()
+	defer l.c.mu.Unlock()
+	if l.c.loading--; l.c.loading == 0 {
+		clear(l.c.changed)
+	}
+}
+
+// unchanged reports whether storage did not change at key since the load began; call it with mu held.
+func (l *load) unchanged(key string) bool {
+	return l.c.changed[key] <= l.start
+}
+
+// keep runs store, which caches what the load read at key, unless key changed since the load began.
+func (l *load) keep(key string, store func()) {
+	l.c.mu.Lock()
+	defer l.c.mu.Unlock()
+	if l.unchanged(key) {
+		store()
+	}
 }
 
 // config returns the config and its client, from memory or else from storage.
@@ -81,13 +124,14 @@ func (b *backend) config(ctx context.Context, s logical.Storage) (*config, *even
 	if current != nil {
 		return current.cfg, current.client, nil
 	}
-	generation := b.cache.currentGeneration()
+	load := b.cache.startLoad()
+	defer load.end()
 	cfg, err := getConfig(ctx, s)
 	if err != nil {
 		return nil, nil, err
 	}
 	current = &configured{cfg: cfg, client: newClient(cfg, b.metrics)}
-	b.cache.keep(generation, func() { b.cache.configured = current })
+	load.keep(configPath, func() { b.cache.configured = current })
 	return current.cfg, current.client, nil
 }
 
@@ -99,12 +143,13 @@ func (b *backend) role(ctx context.Context, s logical.Storage, name string) (*ro
 	if r != nil {
 		return r, nil
 	}
-	generation := b.cache.currentGeneration()
+	load := b.cache.startLoad()
+	defer load.end()
 	r, err := getRole(ctx, s, name)
 	if err != nil {
 		return nil, err
 	}
-	b.cache.keep(generation, func() { b.cache.roles[name] = r })
+	load.keep(rolePrefix+name, func() { b.cache.roles[name] = r })
 	return r, nil
 }
 
@@ -117,12 +162,13 @@ func (b *backend) grant(ctx context.Context, s logical.Storage, user string) (*g
 	if known {
 		return g, nil
 	}
-	generation := b.cache.currentGeneration()
+	load := b.cache.startLoad()
+	defer load.end()
 	g, err := getJSON[grant](ctx, s, userPrefix+user)
 	if err != nil {
 		return nil, err
 	}
-	b.cache.keep(generation, func() { b.cache.setGrant(user, g) })
+	load.keep(userPrefix+user, func() { b.cache.setGrant(user, g) })
 	return g, nil
 }
 
@@ -136,15 +182,47 @@ func (b *backend) putGrant(ctx context.Context, s logical.Storage, user string, 
 	}
 	b.cache.mu.Lock()
 	defer b.cache.mu.Unlock()
-	b.cache.generation++ // a load that read storage before this write must not be kept
-	if err != nil {
+	b.cache.change(userPrefix + user) // a load that read storage before this write must not be kept
+	switch {
+	case err == nil:
+		b.cache.setGrant(user, g)
+		delete(b.cache.unsaved, user)
+	case !b.cache.unsaved[user]:
 		// What storage holds now is unknown: read it again next time.
 		delete(b.cache.grants, user)
 		b.cache.stale[user] = true
-		return err
 	}
+	return err
+}
+
+// rotatedWritePauses are the pauses before each new attempt to store a rotated grant.
+var rotatedWritePauses = []time.Duration{100 * time.Millisecond, 400 * time.Millisecond}
+
+// putRotatedGrant stores a grant whose refresh token ev.energy has just rotated. The stored token is
+// dead then, so this grant is never dropped: a refused write is tried again, and if storage still
+// refuses, the grant stays in memory marked unsaved, is served from there, and the periodic pass
+// stores it.
+func (b *backend) putRotatedGrant(ctx context.Context, s logical.Storage, user string, g *grant) {
+	err := putJSON(ctx, s, userPrefix+user, g)
+	for _, pause := range rotatedWritePauses {
+		if err == nil {
+			break
+		}
+		time.Sleep(pause)
+		err = putJSON(ctx, s, userPrefix+user, g)
+	}
+	b.cache.mu.Lock()
+	b.cache.change(userPrefix + user)
 	b.cache.setGrant(user, g)
-	return nil
+	if err == nil {
+		delete(b.cache.unsaved, user)
+	} else {
+		b.cache.unsaved[user] = true
+	}
+	b.cache.mu.Unlock()
+	if err != nil {
+		b.Logger().Error("storage refused a user's rotated ev.energy grant, which only this node's memory now holds: the periodic pass stores it once storage accepts writes", "user", user, "error", err)
+	}
 }
 
 // setGrant caches g (nil: the user has none); call it with mu held.
@@ -157,8 +235,11 @@ func (c *cache) setGrant(user string, g *grant) {
 	c.grants[user] = g
 }
 
-// loadGrants reads every stored grant into memory, at start and after invalidations.
+// loadGrants reads every stored grant into memory, at start and after invalidations. A grant that
+// changed while it ran is left to be read again.
 func (b *backend) loadGrants(ctx context.Context, s logical.Storage) error {
+	load := b.cache.startLoad()
+	defer load.end()
 	b.cache.mu.RLock()
 	users := make([]string, 0, len(b.cache.stale))
 	for user := range b.cache.stale {
@@ -167,7 +248,6 @@ func (b *backend) loadGrants(ctx context.Context, s logical.Storage) error {
 	loaded := b.cache.loaded
 	b.cache.mu.RUnlock()
 
-	generation := b.cache.currentGeneration()
 	if !loaded {
 		var err error
 		if users, err = s.List(ctx, userPrefix); err != nil {
@@ -182,12 +262,15 @@ func (b *backend) loadGrants(ctx context.Context, s logical.Storage) error {
 		}
 		grants[user] = g
 	}
-	b.cache.keep(generation, func() {
-		for user, g := range grants {
+	b.cache.mu.Lock()
+	defer b.cache.mu.Unlock()
+	for user, g := range grants {
+		if load.unchanged(userPrefix+user) && !b.cache.unsaved[user] {
 			b.cache.setGrant(user, g)
 		}
-		b.cache.loaded = true
-	})
+	}
+	// A grant stored after the listing was invalidated, and so is stale: it is read when asked for.
+	b.cache.loaded = true
 	return nil
 }
 
@@ -214,7 +297,8 @@ func (b *backend) loadPending(ctx context.Context, s logical.Storage) error {
 	if known {
 		return nil
 	}
-	generation := b.cache.currentGeneration()
+	load := b.cache.startLoad()
+	defer load.end()
 	states, err := s.List(ctx, authRequestPrefix)
 	if err != nil {
 		return err
@@ -229,7 +313,7 @@ func (b *backend) loadPending(ctx context.Context, s logical.Storage) error {
 			pending[state] = p.ExpiresAt
 		}
 	}
-	b.cache.keep(generation, func() { b.cache.pending = pending })
+	load.keep(authRequestPrefix, func() { b.cache.pending = pending })
 	return nil
 }
 
@@ -240,7 +324,7 @@ func (b *backend) putPending(ctx context.Context, s logical.Storage, state strin
 	}
 	b.cache.mu.Lock()
 	defer b.cache.mu.Unlock()
-	b.cache.generation++ // a listing that missed this state must not be kept
+	b.cache.change(authRequestPrefix + state) // a listing that missed this state must not be kept
 	if b.cache.pending != nil {
 		b.cache.pending[state] = p.ExpiresAt
 	}
@@ -254,7 +338,7 @@ func (b *backend) deletePending(ctx context.Context, s logical.Storage, state st
 	}
 	b.cache.mu.Lock()
 	defer b.cache.mu.Unlock()
-	b.cache.generation++
+	b.cache.change(authRequestPrefix + state)
 	delete(b.cache.pending, state)
 	return nil
 }

@@ -3,6 +3,7 @@ package evenergy
 import (
 	"context"
 	"net/http/httptest"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -134,13 +135,11 @@ func twoNodes(t *testing.T) (active, standby *backend, s logical.Storage, sv *st
 
 func TestGrantRotatedOnOneNodeIsReadOnAnother(t *testing.T) {
 	active, standby, s, sv := twoNodes(t)
-	sv.SetTokenLifetime(5 * time.Minute) // inside the 10-minute refresh window from the start
-	before := connectUnitUser(t, active, s, sv, "driver")
+	before, _ := connectDueUser(t, active, s, sv, "driver")
 	if err := standby.loadGrants(t.Context(), s); err != nil {
 		t.Fatal(err)
 	}
 	// The active node refreshes: ev.energy kills the token the standby has cached.
-	sv.SetTokenLifetime(time.Hour)
 	rotated, err := request(t, active, s, logical.ReadOperation, "users/driver/token", nil)
 	if err != nil || rotated.Data["access_token"] == before.AccessToken {
 		t.Fatalf("the active node did not refresh: %v", err)
@@ -220,5 +219,58 @@ func TestStartLoadsEveryGrant(t *testing.T) {
 	counted.calls.Store(0)
 	if _, err := request(t, restarted, counted, logical.ReadOperation, "users/driver/token", nil); err != nil || counted.calls.Load() != 0 {
 		t.Fatalf("after a start, a read made %d storage calls: %v", counted.calls.Load(), err)
+	}
+}
+
+// changingStorage calls onGet before each read of a grant, as storage changing while the engine
+// reads it would.
+type changingStorage struct {
+	logical.Storage
+	onGet func(key string)
+}
+
+func (s *changingStorage) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
+	if strings.HasPrefix(key, userPrefix) && s.onGet != nil {
+		s.onGet(key)
+	}
+	return s.Storage.Get(ctx, key)
+}
+
+// TestStartLoadKeepsWhatOthersChanged: invalidations of other keys during the start-up load (the
+// config, a role, a pending authorization, another user's grant) discard no grant the load read,
+// and the first periodic pass refreshes every due one; the grant that changed is read again.
+func TestStartLoadKeepsWhatOthersChanged(t *testing.T) {
+	first, s := newUnitBackend(t)
+	sv := newUnitStandin(t, first, s)
+	const users = 8
+	seedGrants(t, first, s, sv, users, time.Now().Add(time.Minute))
+
+	changing := &changingStorage{Storage: s}
+	b, _, _ := newCountedBackend(t, changing)
+	changing.onGet = func(key string) {
+		for _, other := range []string{configPath, rolePrefix + "fleet", authRequestPrefix + "some-state", userPrefix + "someone-else"} {
+			b.InvalidateKey(t.Context(), other)
+		}
+		if key == userPrefix+"u3" { // u3 changes while it is read: that read is not kept
+			b.InvalidateKey(t.Context(), key)
+		}
+	}
+	if err := b.Initialize(t.Context(), &logical.InitializationRequest{Storage: changing}); err != nil {
+		t.Fatal(err)
+	}
+	changing.onGet = nil
+	b.cache.mu.RLock()
+	loaded, cached, u3Stale := b.cache.loaded, len(b.cache.grants), b.cache.stale["u3"]
+	b.cache.mu.RUnlock()
+	if !loaded || cached != users-1 || !u3Stale {
+		t.Fatalf("after the start: loaded %v, %d of %d grants cached, u3 stale %v; want every grant but u3, which changed", loaded, cached, users-1, u3Stale)
+	}
+
+	issued := len(sv.Tokens())
+	if err := b.periodic(t.Context(), &logical.Request{Storage: changing}); err != nil {
+		t.Fatal(err)
+	}
+	if refreshed := (len(sv.Tokens()) - issued) / 2; refreshed != users {
+		t.Fatalf("the first periodic pass refreshed %d of %d due grants", refreshed, users)
 	}
 }

@@ -22,10 +22,12 @@ type evenergyClient struct {
 }
 
 // newClient makes the client of one config, with its own connection pool; request_timeout bounds
-// each whole call (a retry included) through its context, not per attempt.
+// each whole call (a retry included) through its context, not per attempt. It follows no redirect:
+// a 3xx answer is an error, or the client's credentials and tokens would go where it points.
 func newClient(cfg *config, m *metrics) *evenergyClient {
 	transport := timedTransport{next: http.DefaultTransport.(*http.Transport).Clone(), latency: m.latency}
-	return &evenergyClient{cfg: cfg, http: &http.Client{Transport: transport}, metrics: m}
+	noRedirects := func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	return &evenergyClient{cfg: cfg, http: &http.Client{Transport: transport, CheckRedirect: noRedirects}, metrics: m}
 }
 
 // close lets go of the connections of a client whose config was replaced.

@@ -5,10 +5,12 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
+	"golang.org/x/oauth2"
 
 	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
 )
@@ -108,6 +110,57 @@ func TestRateLimitRetriedOnceWithinRequestTimeout(t *testing.T) {
 	}
 	if issued, _ := sv.Counts(); issued != 1 {
 		t.Fatalf("%d tokens issued, want 1", issued)
+	}
+}
+
+// TestNoRedirectIsFollowed points base_url at a stand-in that redirects every token and revocation
+// request to a second listener: each call fails naming the status and the target's host, and the
+// target never sees the client's credentials or tokens.
+func TestNoRedirectIsFollowed(t *testing.T) {
+	sv := newTestStandin()
+	server := httptest.NewServer(sv)
+	t.Cleanup(server.Close)
+	var reached atomic.Int64
+	target := httptest.NewServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { reached.Add(1) }))
+	t.Cleanup(target.Close)
+	refresh, err := sv.IssueUserGrant(testClientID, "driver", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sv.SetRedirect(target.URL)
+	client := testClient(&config{ClientID: testClientID, ClientSecret: testClientSecret, BaseURL: server.URL, RequestTimeout: 5 * time.Second})
+
+	for op, call := range map[string]func() error{
+		opToken:   func() error { _, err := client.clientCredentialsToken(t.Context(), nil); return err },
+		opRefresh: func() error { _, err := client.refresh(t.Context(), refresh); return err },
+		opExchange: func() error {
+			_, err := client.exchangeCode(t.Context(), "a-code", oauth2.GenerateVerifier(), appRedirect)
+			return err
+		},
+		opRevoke: func() error { return client.revoke(t.Context(), refresh, "refresh_token") },
+	} {
+		err := call()
+		want := "ev.energy answered the " + op + " with a redirect (HTTP 307) to " + strings.TrimPrefix(target.URL, "http://") + ", which the engine does not follow: check base_url"
+		var upstream *upstreamError
+		if !errors.As(err, &upstream) || upstream.Code() != http.StatusBadGateway || err.Error() != want {
+			t.Errorf("%s: got %v, want a 502 saying %q", op, err, want)
+		}
+	}
+	if n := reached.Load(); n != 0 {
+		t.Fatalf("the redirect target received %d requests", n)
+	}
+	if !sv.Active(refresh) {
+		t.Fatal("the refresh token was used or revoked")
+	}
+}
+
+func TestRedirectWithoutLocation(t *testing.T) {
+	server := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusFound) }))
+	t.Cleanup(server.Close)
+	client := testClient(&config{ClientID: "app", ClientSecret: "s3cret", BaseURL: server.URL, RequestTimeout: time.Second})
+	err := client.revoke(t.Context(), "tok", "")
+	if err == nil || err.Error() != "ev.energy answered the token revocation with a redirect (HTTP 302) without a location, which the engine does not follow: check base_url" {
+		t.Errorf("got %v", err)
 	}
 }
 

@@ -65,12 +65,19 @@ func startRaftCluster(t *testing.T, size int) *raftCluster {
 	for _, n := range c.nodes {
 		n.client.SetToken(init.RootToken)
 	}
-	// The followers join through retry_join, which needs them unsealed to answer the leader's challenge.
+	// The followers join through retry_join, which needs them unsealed to answer the leader's
+	// challenge. Each node gets the key once it takes it: a follower unseals in the background after
+	// the join, and a second key racing that unseal starts a second standby loop in Vault, after which
+	// a step-down can reach the loop that lost the election and do nothing.
+	keyTaken := make([]bool, len(c.nodes))
 	eventually(t, clusterDeadline, "every node to be unsealed", func() bool {
 		unsealed := 0
-		for _, n := range c.nodes {
-			if status, err := n.client.Sys().Unseal(init.KeysB64[0]); err == nil && !status.Sealed {
+		for i, n := range c.nodes {
+			if status, err := n.client.Sys().SealStatus(); err == nil && !status.Sealed {
 				unsealed++
+			} else if !keyTaken[i] {
+				_, err := n.client.Sys().Unseal(init.KeysB64[0])
+				keyTaken[i] = err == nil
 			}
 		}
 		return unsealed == len(c.nodes)
@@ -273,6 +280,7 @@ func TestAccRaftFailover(t *testing.T) {
 	const user = "driver-raft"
 
 	// 1. Import a grant obtained elsewhere; Vault takes it over with a token already due for refresh.
+	e.write(t, "config", map[string]any{"refresh_window": dueWindow})
 	e.standin.SetTokenLifetime(5 * time.Minute)
 	refresh, err := e.standin.IssueUserGrant(testClientID, user, "")
 	if err != nil {
@@ -322,7 +330,7 @@ func TestAccRaftFailover(t *testing.T) {
 
 	// 5b. Due again: concurrent readers through both survivors share exactly one refresh.
 	e.standin.SetTokenLifetime(10 * time.Hour)
-	e.write(t, "config", map[string]any{"refresh_window": "2h"})
+	e.write(t, "config", map[string]any{"refresh_window": "3599s"}) // a second short of the rotated token's hour
 	var tokens []string
 	var mu sync.Mutex
 	var wg sync.WaitGroup
@@ -363,4 +371,121 @@ func TestAccRaftFailover(t *testing.T) {
 		return true
 	})
 	t.Logf("leases issued before the failover revoked %v after it", time.Since(killed).Round(time.Second))
+
+	stepDownDuringPass(t, c, e, active)
+}
+
+// stepDownBound is how long a step-down in the middle of a periodic pass may keep the cluster
+// without an active node, or the old leader from answering sys/health.
+const stepDownBound = 15 * time.Second
+
+// stepDownDuringPass steps the active node down while a periodic pass refreshes many due grants at
+// a slow ev.energy: the pass stops starting refreshes, so another node is active and the old leader
+// answers sys/health within stepDownBound; no refresh token reaches ev.energy twice, and every
+// grant stays active and hands out a token afterwards.
+func stepDownDuringPass(t *testing.T, c *raftCluster, e *accEnv, leader *raftNode) {
+	const users, latency = 200, 3 * time.Second
+	// Imported under a window capped at half their 10-minute life: no pass refreshes them yet.
+	e.write(t, "config", map[string]any{"refresh_window": "1h"})
+	e.standin.SetTokenLifetime(10 * time.Minute)
+	names := make(chan string)
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for user := range names {
+				refresh, err := e.standin.IssueUserGrant(testClientID, user, "")
+				if err == nil {
+					_, err = e.vault.Logical().Write(e.path("users/"+user), map[string]any{"refresh_token": refresh})
+				}
+				if err != nil {
+					t.Errorf("importing %s: %v", user, err)
+				}
+			}
+		})
+	}
+	for i := range users {
+		names <- fmt.Sprintf("fleet-%03d", i)
+	}
+	close(names)
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+
+	// Now every imported token is due, and ev.energy takes 3 s per refresh: wait for a pass to begin.
+	// (A pass that refreshed all 200, 16 at a time, would hold Vault's state lock for over 35 s.)
+	e.standin.SetTokenLifetime(time.Hour)
+	e.standin.SetLatency(latency)
+	e.write(t, "config", map[string]any{"refresh_window": "599s"})
+	before := e.standin.TokenRequests()
+	eventually(t, 2*clusterDeadline, "a periodic pass to send refreshes", func() bool { return e.standin.TokenRequests() > before })
+
+	health := make(chan time.Duration, 1)
+	stop := make(chan struct{})
+	go func() {
+		var slowest time.Duration
+		for {
+			select {
+			case <-stop:
+				health <- slowest
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			start := time.Now()
+			_, _ = leader.client.Sys().Health()
+			slowest = max(slowest, time.Since(start))
+		}
+	}()
+	stepDown := time.Now()
+	if err := leader.client.Sys().StepDown(); err != nil {
+		t.Fatal(err)
+	}
+	var next *raftNode
+	eventually(t, stepDownBound, "another node to be active after the step-down", func() bool {
+		for _, n := range c.running() {
+			if status, err := n.client.Sys().Leader(); err == nil && status.IsSelf && n != leader {
+				next = n
+			}
+		}
+		return next != nil
+	})
+	t.Logf("%s active %v after the step-down, %d refreshes sent by then", next.name, time.Since(stepDown).Round(time.Millisecond), e.standin.TokenRequests()-before)
+
+	// Every grant stays active and hands out a live token through the new active node.
+	e.standin.SetLatency(0)
+	e.vault = c.active(t).client
+	readEventually(t, e.vault, e.path("users/fleet-000")) // the mount serves on the new active node
+	indexes := make(chan int)
+	for range 8 {
+		wg.Go(func() {
+			for i := range indexes {
+				user := fmt.Sprintf("fleet-%03d", i)
+				s, err := e.vault.Logical().Read(e.path("users/" + user + "/token"))
+				if err != nil {
+					t.Errorf("%s's token after the step-down: %v", user, err)
+					continue
+				}
+				if tok, _ := s.Data["access_token"].(string); !e.standin.Active(tok) {
+					t.Errorf("%s's token after the step-down is dead at ev.energy", user)
+				}
+				if g, err := e.vault.Logical().Read(e.path("users/" + user)); err != nil || g.Data["status"] != "active" {
+					t.Errorf("%s's grant after the step-down: %v", user, err)
+				}
+			}
+		})
+	}
+	for i := range users {
+		indexes <- i
+	}
+	close(indexes)
+	wg.Wait()
+	close(stop)
+	if slowest := <-health; slowest > stepDownBound {
+		t.Errorf("the old leader took %v to answer sys/health", slowest)
+	} else {
+		t.Logf("the old leader answered sys/health within %v throughout", slowest.Round(time.Millisecond))
+	}
+	if n := e.standin.RepeatedRefreshTokens(); n != 0 {
+		t.Errorf("ev.energy received %d refresh tokens a second time", n)
+	}
 }

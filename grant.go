@@ -1,6 +1,7 @@
 package evenergy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -54,20 +55,34 @@ func (g *grant) ofOtherClient(cfg *config) bool {
 // rotates a token between the reads of an active reader.
 const readAhead = 2 * time.Second
 
+// refreshWindow is the config's refresh_window for this grant's token, capped at half the token's
+// life: a window as long as the token would have every read rotate it, killing the token the
+// previous reader got. A config stored before the window was checked may hold 0: the default then.
+func (g *grant) refreshWindow(cfg *config) time.Duration {
+	window := cfg.RefreshWindow
+	if window <= 0 {
+		window = defaultRefreshWindow
+	}
+	if life := g.ExpiresAt.Sub(g.LastRefreshedAt).Round(time.Second); !g.LastRefreshedAt.IsZero() && window >= life {
+		return life / 2
+	}
+	return window
+}
+
 // due reports whether a read refreshes the access token first.
 func (g *grant) due(cfg *config, now time.Time) bool {
-	return g.ExpiresAt.Sub(now) <= cfg.RefreshWindow+readAhead
+	return g.ExpiresAt.Sub(now) <= g.refreshWindow(cfg)+readAhead
 }
 
 // unattended reports whether the token entered the refresh window with no reader refreshing it.
 func (g *grant) unattended(cfg *config, now time.Time) bool {
-	return g.ExpiresAt.Sub(now) <= cfg.RefreshWindow
+	return g.ExpiresAt.Sub(now) <= g.refreshWindow(cfg)
 }
 
 // leasesEndBy is when the last lease handed out for g's access token ends: reads lease it until
 // the refresh window, or, once inside the window, until its expiry at the latest.
 func (g *grant) leasesEndBy(cfg *config, now time.Time) time.Time {
-	if end := g.ExpiresAt.Add(-cfg.RefreshWindow); now.Before(end) {
+	if end := g.ExpiresAt.Add(-g.refreshWindow(cfg)); now.Before(end) {
 		return end
 	}
 	return g.ExpiresAt
@@ -142,57 +157,95 @@ func (b *backend) disown(ctx context.Context, s logical.Storage, rec revocation)
 	}
 }
 
-// currentGrant returns the user's grant, refreshed first when its access token is inside the
-// refresh window. A fresh grant comes from memory without a lock; refreshes are serialized per
-// user, and the rotated refresh token is stored before anyone sees the new access token.
-func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string) (*grant, error) {
+// currentGrant returns the user's grant, refreshed first when its access token is due, and how long
+// a reader may keep the token (its lease). A fresh grant comes from memory without a lock. A due one
+// is refreshed by one call at a time, which every reader arriving meanwhile waits for; after a
+// failure, readers get the still-valid token until the next attempt may go.
+func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string) (*grant, time.Duration, error) {
+	now := b.cache.refreshes.now()
 	g, err := b.grant(ctx, s, user)
-	if err == nil && g.usable(cfg, user) == nil && !g.due(cfg, time.Now()) {
-		return g, nil
+	if err == nil {
+		err = g.usable(cfg, user)
 	}
-	defer b.lockUser(user)()
-	// Again under the lock: another request may have refreshed it meanwhile.
-	if g, err = b.grant(ctx, s, user); err != nil {
-		return nil, err
+	if err != nil {
+		return nil, 0, err
 	}
-	if err := g.usable(cfg, user); err != nil {
-		return nil, err
-	}
-	if !g.due(cfg, time.Now()) {
-		return g, nil
+	if !g.due(cfg, now) {
+		return g, g.lease(cfg, now), nil
 	}
 	// Only a node that can write may refresh, or the rotated refresh token would be lost.
 	if err := b.ensureWritable(); err != nil {
+		return nil, 0, err
+	}
+	f, start, held := b.cache.refreshes.join(user, g.RefreshToken, now)
+	if held != nil {
+		return g.heldLease(held, now)
+	}
+	if start {
+		// The flight is every waiting reader's, and once sent the refresh must reach storage (the
+		// old token is dead then): it goes on if its starter goes away.
+		detached := context.WithoutCancel(ctx)
+		b.cache.refreshes.fly(user, f, func() (*grant, error) { return b.refresh(detached, s, cfg, client, user) })
+	}
+	select {
+	case <-f.done:
+	case <-ctx.Done():
+		return nil, 0, ctx.Err()
+	}
+	now = b.cache.refreshes.now()
+	switch {
+	case f.err != nil:
+		return nil, 0, f.err
+	case f.held != nil:
+		return f.g.heldLease(f.held, now)
+	}
+	return f.g, f.g.lease(cfg, now), nil
+}
+
+// lease is how long a reader may keep the grant's token: until the planned refresh begins, so that
+// Vault Agent re-reads in time, and at least readAhead.
+func (g *grant) lease(cfg *config, now time.Time) time.Duration {
+	return max(g.ExpiresAt.Add(-g.refreshWindow(cfg)).Sub(now), readAhead).Truncate(time.Second)
+}
+
+// refresh refreshes the user's grant, under the user's lock, if it is still due; its ctx is not the
+// caller's (see currentGrant). It returns the refreshed grant; or after a passing failure the
+// unchanged grant, whose token still serves, and the failure; or no grant and the error that
+// leaves no token to give. The only storage write is the rotated grant, or the grant's new status
+// when ev.energy no longer accepts it.
+func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string) (*grant, error) {
+	defer b.lockUser(user)()
+	// Again under the lock: a new authorization or a delete may have replaced the grant meanwhile.
+	g, err := b.grant(ctx, s, user)
+	if err == nil {
+		err = g.usable(cfg, user)
+	}
+	if err != nil {
 		return nil, err
 	}
-	// Once sent, the refresh must reach storage even if the reader goes away: the old token is dead.
-	ctx = context.WithoutCancel(ctx)
+	if !g.due(cfg, b.cache.refreshes.now()) {
+		return g, nil
+	}
 	tok, err := client.refresh(ctx, g.RefreshToken)
-	b.metrics.refreshes.WithLabelValues(refreshOutcome(err)).Inc()
-	if err == nil {
+	outcome := refreshOutcome(err)
+	b.metrics.refreshes.WithLabelValues(outcome).Inc()
+	switch outcome {
+	case refreshOK:
 		next := g.refreshed(tok)
-		if err := b.putGrant(ctx, s, user, next); err != nil {
-			// Vault could not keep the rotated tokens, so ev.energy must not keep them either.
-			b.disown(ctx, s, revocation{ClientID: cfg.ClientID, AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry, Reason: reasonUnowned})
+		next.ClientID = cmp.Or(next.ClientID, cfg.ClientID) // a grant stored before grants recorded their client adopts it
+		b.putRotatedGrant(ctx, s, user, next)
+		return next, nil
+	case refreshRevoked:
+		b.Logger().Warn("ev.energy no longer accepts a user's grant", "user", user, "error", err)
+		revoked := *g
+		revoked.Status, revoked.LastError = grantRevoked, err.Error()
+		if err := b.putGrant(ctx, s, user, &revoked); err != nil {
 			return nil, err
 		}
-		return next, nil
+		return nil, &revokedGrantError{user: user, lastError: revoked.LastError}
 	}
-	b.Logger().Warn("could not refresh an ev.energy user token", "user", user, "error", err)
-	failed := *g
-	failed.LastError = err.Error()
-	if refreshOutcome(err) == refreshRevoked {
-		failed.Status = grantRevoked
-		err = &revokedGrantError{user: user, lastError: failed.LastError}
-	}
-	if perr := b.putGrant(ctx, s, user, &failed); perr != nil {
-		return nil, perr
-	}
-	// A refresh that failed for a passing reason leaves the current access token usable until it expires.
-	if failed.Status == grantActive && time.Now().Before(failed.ExpiresAt) {
-		return &failed, nil
-	}
-	return nil, err
+	b.Logger().Warn("could not refresh an ev.energy user token; readers get the current one until the next attempt", "user", user, "error", err)
+	return g, err
 }
 
 // refreshOutcome says what a refresh's error means for the grant: ev.energy's invalid_grant ends it.

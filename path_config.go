@@ -63,7 +63,7 @@ func pathConfig(b *backend) *framework.Path {
 			},
 			"refresh_window": {
 				Type:        framework.TypeDurationSecond,
-				Description: "A user's access token is refreshed once less than this remains of it.",
+				Description: "A user's access token is refreshed once less than this remains of it; a window at least as long as a token's life counts as half of it.",
 				Default:     int(defaultRefreshWindow.Seconds()),
 			},
 		},
@@ -159,6 +159,9 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	}
 	if cfg.RequestTimeout <= 0 {
 		return logical.ErrorResponse("request_timeout must be a positive duration, e.g. 30s"), nil
+	}
+	if cfg.RefreshWindow <= 0 {
+		return logical.ErrorResponse("refresh_window must be a positive duration, e.g. 10m"), nil
 	}
 
 	if previous != nil && previous.ClientID != cfg.ClientID {

@@ -62,6 +62,7 @@ func TestConfigRejectsBadInput(t *testing.T) {
 		"query in URL":        {map[string]any{"client_id": "a", "base_url": "https://api.ev.energy?x=1"}, "without query"},
 		"zero timeout":        {map[string]any{"client_id": "a", "request_timeout": 0}, "request_timeout must be a positive"},
 		"negative window":     {map[string]any{"client_id": "a", "refresh_window": -1}, "cannot provide negative value"},
+		"zero window":         {map[string]any{"client_id": "a", "refresh_window": 0}, "refresh_window must be a positive duration"},
 		"http to a LAN host":  {map[string]any{"client_id": "a", "base_url": "http://10.0.0.1:8000"}, "loopback"},
 		"http to localhostly": {map[string]any{"client_id": "a", "base_url": "http://localhost.evil.test"}, "loopback"},
 		"user info in URL":    {map[string]any{"client_id": "a", "base_url": "https://user:pass@api.ev.energy"}, "must not carry user info"},

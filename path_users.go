@@ -1,6 +1,7 @@
 package evenergy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -98,7 +99,8 @@ func (b *backend) pathUserWrite(ctx context.Context, req *logical.Request, d *fr
 }
 
 func (b *backend) pathUserRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	g, err := b.grant(ctx, req.Storage, d.Get("user").(string))
+	user := d.Get("user").(string)
+	g, err := b.grant(ctx, req.Storage, user)
 	if err != nil || g == nil {
 		return nil, err
 	}
@@ -116,7 +118,8 @@ func (b *backend) pathUserRead(ctx context.Context, req *logical.Request, d *fra
 		"access_token_expires_at": g.ExpiresAt.Format(time.RFC3339),
 		"status":                  status,
 		"last_refreshed_at":       g.LastRefreshedAt.Format(time.RFC3339),
-		"last_error":              g.LastError,
+		"refresh_window":          int64(g.refreshWindow(cfg).Seconds()),
+		"last_error":              cmp.Or(b.cache.refreshes.lastFailure(user, g.RefreshToken), g.LastError),
 	}}, nil
 }
 
@@ -163,14 +166,12 @@ func (b *backend) pathUserTokenRead(ctx context.Context, req *logical.Request, d
 	if err != nil {
 		return nil, err
 	}
-	g, err := b.currentGrant(ctx, req.Storage, cfg, client, d.Get("user").(string))
+	g, lease, err := b.currentGrant(ctx, req.Storage, cfg, client, d.Get("user").(string))
 	if err != nil {
 		return nil, err
 	}
 	resp := b.Secret(secretUserTokenType).Response(tokenData(g.AccessToken, g.TokenType, g.Scope, g.ExpiresAt), nil)
-	// The lease ends before the planned refresh invalidates this token, so Vault Agent re-reads in time.
-	resp.Secret.TTL = max(time.Until(g.ExpiresAt.Add(-cfg.RefreshWindow)).Truncate(time.Second), time.Second)
-	resp.Secret.Renewable = false
+	resp.Secret.TTL, resp.Secret.Renewable = lease, false
 	return resp, nil
 }
 

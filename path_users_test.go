@@ -28,10 +28,16 @@ func (e *accEnv) connect(t *testing.T, user string) {
 	e.write(t, "users/"+user, map[string]any{"code": redirect.Query().Get("code"), "state": state})
 }
 
-// connectDue connects a user whose first token is already inside the 10-minute refresh window;
-// the tokens after it live an hour.
+// dueWindow is a refresh_window a second shorter than 5-minute tokens: such a token is due for a
+// refresh at once (a read refreshes 2 s before the window), and the window is not capped at half
+// the token's life, as one at least as long as the token would be.
+const dueWindow = "299s"
+
+// connectDue connects a user whose first token, of 5 minutes, is already due for a refresh under
+// the mount's refresh_window, which it sets to dueWindow; the tokens after it live an hour.
 func (e *accEnv) connectDue(t *testing.T, user string) {
 	t.Helper()
+	e.write(t, "config", map[string]any{"refresh_window": dueWindow})
 	e.standin.SetTokenLifetime(5 * time.Minute)
 	e.connect(t, user)
 	e.standin.SetTokenLifetime(time.Hour)
@@ -166,8 +172,7 @@ func TestAccUserRefreshedInBackground(t *testing.T) {
 func TestAccUserGrantRevokedAtEvenergy(t *testing.T) {
 	t.Parallel()
 	e := newAccEnv(t)
-	e.standin.SetTokenLifetime(5 * time.Minute)
-	e.connect(t, "driver-11")
+	e.connectDue(t, "driver-11")
 	e.write(t, "revoke", map[string]any{"token": e.userTokens("driver-11", "refresh")[0].Value, "token_type_hint": "refresh_token"})
 
 	e.wantReadError(t, "users/driver-11/token", http.StatusBadRequest, "send the user through auth-url again")
@@ -181,7 +186,6 @@ func TestAccUserGrantRevokedAtEvenergy(t *testing.T) {
 		t.Fatal("a revoked grant was tried at ev.energy again")
 	}
 	// Connecting the user again heals the grant.
-	e.standin.SetTokenLifetime(time.Hour)
 	e.connect(t, "driver-11")
 	e.standinToken(t, e.read(t, "users/driver-11/token"))
 }
@@ -231,6 +235,7 @@ func TestAccUserImportRefreshToken(t *testing.T) {
 func TestAccUserSecretsStayInVault(t *testing.T) {
 	t.Parallel()
 	e := newAccEnv(t)
+	e.write(t, "config", map[string]any{"refresh_window": dueWindow}) // the first read refreshes
 	e.standin.SetTokenLifetime(5 * time.Minute)
 	state, redirect := e.authorize(t, "driver-14", appRedirect, true)
 	code := redirect.Query().Get("code")
@@ -309,11 +314,9 @@ func TestPeriodicRefreshesOnlyDueUsers(t *testing.T) {
 	sv := newUnitStandin(t, b, s)
 	long := connectUnitUser(t, b, s, sv, "long") // a 10-hour token
 	sv.SetTokenLifetime(30 * time.Minute)
-	short := connectUnitUser(t, b, s, sv, "short") // inside the 10-minute window soon, not yet
-	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"refresh_window": "1h"}); err != nil {
-		t.Fatal(err)
-	}
+	short := connectUnitUser(t, b, s, sv, "short")
 	sv.SetTokenLifetime(10 * time.Hour)
+	useFakeClock(b, time.Now().Add(25*time.Minute)) // short is inside the 10-minute window, long far from it
 	if err := b.periodic(t.Context(), &logical.Request{Storage: s}); err != nil {
 		t.Fatal(err)
 	}
@@ -329,10 +332,8 @@ func TestPeriodicRefreshesOnlyDueUsers(t *testing.T) {
 
 func TestStandbyNeverRefreshes(t *testing.T) {
 	active, b, s, sv := twoNodes(t)
-	connectUnitUser(t, active, s, sv, "driver")
-	if _, err := request(t, active, s, logical.UpdateOperation, "config", map[string]any{"refresh_window": "11h"}); err != nil {
-		t.Fatal(err)
-	}
+	_, clock := connectDueUser(t, active, s, sv, "driver")
+	useFakeClock(b, clock.Now())
 	before := len(sv.Tokens())
 	// Vault sets a node's mounts up anew when its replication role changes, so a backend keeps its role.
 	b.System().(*logical.StaticSystemView).ReplicationStateVal = consts.ReplicationPerformanceStandby
@@ -371,9 +372,9 @@ func BenchmarkUserTokenRead(b *testing.B) {
 func TestGrantOfAnotherClientIsNeverSent(t *testing.T) {
 	b, s := newUnitBackend(t)
 	sv := newUnitStandin(t, b, s)
-	connectUnitUser(t, b, s, sv, "driver")
+	connectDueUser(t, b, s, sv, "driver")
 	sv.AddClient(standin.Client{ID: "other-app", Secret: "other-secret", Scopes: testScopes})
-	if resp, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"client_id": "other-app", "client_secret": "other-secret", "refresh_window": "11h"}); err != nil || resp.IsError() {
+	if resp, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"client_id": "other-app", "client_secret": "other-secret"}); err != nil || resp.IsError() {
 		t.Fatalf("config: %v %v", err, resp)
 	}
 	issued := len(sv.Tokens())

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -12,6 +14,11 @@ import (
 
 // refreshWorkers bounds how many refreshes one periodic pass sends to ev.energy at once.
 const refreshWorkers = 16
+
+// passBudget is how long a periodic pass goes on starting calls to ev.energy, for refreshes and
+// for revocations each. Vault holds its state lock through the pass, so a step-down or a seal waits
+// for it: the calls already sent finish (within request_timeout), and the rest wait for the next pass.
+const passBudget = 2 * time.Second
 
 // periodic runs every minute on the active node only: it forgets expired pending authorizations,
 // retries queued revocations, refreshes every user token due for a refresh and forgets retired
@@ -23,32 +30,44 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 	}
 	return errors.Join(
 		b.forgetExpiredAuthorizations(ctx, req.Storage),
-		b.retryRevocations(ctx, req.Storage, time.Now().Add(revocationPassBudget), false),
+		b.retryRevocations(ctx, req.Storage, time.Now().Add(passBudget), false),
 		b.refreshDueUsers(ctx, req.Storage),
 		b.forgetSpentClients(ctx, req.Storage, time.Now()),
 	)
 }
 
-// refreshDueUsers refreshes, a few at a time, the grants whose access token is inside the refresh window.
+// refreshDueUsers stores the rotated grants storage refused before, then refreshes, a few at a
+// time, the grants whose access token is inside the refresh window, until passBudget or ctx ends.
 func (b *backend) refreshDueUsers(ctx context.Context, s logical.Storage) error {
+	starting, stop := context.WithTimeout(ctx, passBudget)
+	defer stop()
 	if err := b.loadGrants(ctx, s); err != nil {
 		return err
 	}
+	errs := []error{b.storeUnsavedGrants(ctx, s)}
 	cfg, client, err := b.config(ctx, s)
 	if err != nil {
-		return nil // not configured: nothing can be refreshed
+		return errs[0] // not configured: nothing can be refreshed
 	}
 	var (
-		mu   sync.Mutex
-		errs []error
-		wg   sync.WaitGroup
-		due  = make(chan string)
+		mu  sync.Mutex
+		wg  sync.WaitGroup
+		due = make(chan string)
 	)
 	for range refreshWorkers {
 		wg.Go(func() {
 			for user := range due {
+				if starting.Err() != nil {
+					continue // handed over as the budget ran out
+				}
+				// starting bounds a wait for a reader's refresh; a refresh this pass sends runs to its end.
+				_, _, err := b.currentGrant(starting, s, cfg, client, user)
+				switch {
+				case err == nil:
 				// Revoked grants and those of another client wait for their user, not for the next pass.
-				if _, err := b.currentGrant(ctx, s, cfg, client, user); err != nil && !errors.As(err, new(*revokedGrantError)) && !errors.As(err, new(*otherClientError)) {
+				case errors.As(err, new(*revokedGrantError)), errors.As(err, new(*otherClientError)):
+				case starting.Err() != nil && (errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)):
+				default:
 					mu.Lock()
 					errs = append(errs, fmt.Errorf("user %s: %w", user, err))
 					mu.Unlock()
@@ -56,12 +75,44 @@ func (b *backend) refreshDueUsers(ctx context.Context, s logical.Storage) error 
 			}
 		})
 	}
-	for _, user := range b.dueUsers(cfg, time.Now()) {
-		due <- user
+	for _, user := range b.dueUsers(cfg, b.cache.refreshes.now()) {
+		if starting.Err() != nil {
+			break
+		}
+		select {
+		case due <- user:
+		case <-starting.Done():
+		}
 	}
 	close(due)
 	wg.Wait()
 	return errors.Join(errs...)
+}
+
+// storeUnsavedGrants stores the rotated grants that storage refused before, which until then live
+// only in this node's memory.
+func (b *backend) storeUnsavedGrants(ctx context.Context, s logical.Storage) error {
+	b.cache.mu.RLock()
+	users := slices.Collect(maps.Keys(b.cache.unsaved))
+	b.cache.mu.RUnlock()
+	var errs []error
+	for _, user := range users {
+		if err := b.storeUnsavedGrant(ctx, s, user); err != nil {
+			errs = append(errs, fmt.Errorf("storing the rotated grant of user %s: %w", user, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (b *backend) storeUnsavedGrant(ctx context.Context, s logical.Storage, user string) error {
+	defer b.lockUser(user)()
+	b.cache.mu.RLock()
+	g, unsaved := b.cache.grants[user], b.cache.unsaved[user]
+	b.cache.mu.RUnlock()
+	if !unsaved {
+		return nil // stored meanwhile, by a refresh, a new authorization or a delete
+	}
+	return b.putGrant(ctx, s, user, g)
 }
 
 // dueUsers lists, from memory, the users whose active grant of this client entered the refresh

@@ -23,9 +23,6 @@ const (
 	reasonDeletedUser   = "deleted_user"   // the operator deleted the user's grant
 )
 
-// revocationPassBudget bounds how long one periodic pass spends on the queue; the rest waits for the next.
-const revocationPassBudget = 10 * time.Second
-
 // Retries of a client's revocations back off exponentially up to revocationMaxBackoff.
 const (
 	revocationMinBackoff = time.Second

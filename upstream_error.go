@@ -42,6 +42,7 @@ type upstreamError struct {
 	OAuthCode   string
 	Description string
 	RetryAfter  time.Duration // from a 429's Retry-After
+	Location    string        // the host a 3xx answer redirects to, which the engine does not follow
 	Fault       string        // set when no usable answer came
 	Err         error         // the network error behind faultBroken
 }
@@ -56,6 +57,10 @@ func (e *upstreamError) Error() string {
 		return fmt.Sprintf("ev.energy is rate limiting the %s (HTTP 429): retry after %s", e.Op, e.RetryAfter)
 	case e.Status == http.StatusTooManyRequests:
 		return fmt.Sprintf("ev.energy is rate limiting the %s (HTTP 429): retry later", e.Op)
+	case isRedirect(e.Status) && e.Location != "":
+		return fmt.Sprintf("ev.energy answered the %s with a redirect (HTTP %d) to %s, which the engine does not follow: check base_url", e.Op, e.Status, e.Location)
+	case isRedirect(e.Status):
+		return fmt.Sprintf("ev.energy answered the %s with a redirect (HTTP %d) without a location, which the engine does not follow: check base_url", e.Op, e.Status)
 	case e.Status >= 500 && e.OAuthCode != "":
 		return fmt.Sprintf("ev.energy failed the %s with HTTP %d (%s)", e.Op, e.Status, oauth)
 	case e.Status >= 500:
@@ -101,7 +106,7 @@ func asUpstreamError(op string, err error) error {
 		return upstream
 	case errors.As(err, &answer):
 		return &upstreamError{Op: op, Status: answer.Response.StatusCode, OAuthCode: answer.ErrorCode,
-			Description: answer.ErrorDescription, RetryAfter: retryAfter(answer.Response.Header)}
+			Description: answer.ErrorDescription, RetryAfter: retryAfter(answer.Response.Header), Location: redirectHost(answer.Response)}
 	case errors.As(err, &netErr) && netErr.Timeout():
 		return &upstreamError{Op: op, Fault: faultTimeout}
 	case errors.Is(err, syscall.ECONNREFUSED):
@@ -115,7 +120,7 @@ func asUpstreamError(op string, err error) error {
 
 // answerError is a non-200 answer of an endpoint that x/oauth2 does not call (revoke_token).
 func answerError(op string, resp *http.Response, body []byte) error {
-	e := &upstreamError{Op: op, Status: resp.StatusCode, RetryAfter: retryAfter(resp.Header)}
+	e := &upstreamError{Op: op, Status: resp.StatusCode, RetryAfter: retryAfter(resp.Header), Location: redirectHost(resp)}
 	var oauthBody struct {
 		Error            string `json:"error"`
 		ErrorDescription string `json:"error_description"`
@@ -124,6 +129,21 @@ func answerError(op string, resp *http.Response, body []byte) error {
 		e.OAuthCode, e.Description = oauthBody.Error, oauthBody.ErrorDescription
 	}
 	return e
+}
+
+func isRedirect(status int) bool { return status >= 300 && status < 400 }
+
+// redirectHost is the host a 3xx answer points to (only the host: its path or query may carry
+// anything); "" for other answers or without a usable Location.
+func redirectHost(resp *http.Response) string {
+	if !isRedirect(resp.StatusCode) {
+		return ""
+	}
+	location, err := resp.Location()
+	if err != nil {
+		return ""
+	}
+	return location.Host
 }
 
 // retryAfter reads Retry-After as seconds or an HTTP date (RFC 9110 section 10.2.3); 0 when absent.

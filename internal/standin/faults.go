@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"time"
 )
 
@@ -44,6 +45,42 @@ func (s *Server) SetLatency(d time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.latency = d
+}
+
+// SetRedirect makes the token and revocation endpoints answer 307 Temporary Redirect to the same
+// path at target (a base URL such as a second listener's), which keeps the method and body, as a
+// misconfigured proxy might; "" answers as usual again.
+func (s *Server) SetRedirect(target string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.redirect = strings.TrimRight(target, "/")
+}
+
+// redirected answers a token or revocation request with SetRedirect's redirect, if one is set.
+func (s *Server) redirected(w http.ResponseWriter, r *http.Request) bool {
+	s.mu.Lock()
+	target := s.redirect
+	s.mu.Unlock()
+	if target == "" || !strings.HasPrefix(r.URL.Path, "/o/token") && !strings.HasPrefix(r.URL.Path, "/o/revoke_token") {
+		return false
+	}
+	http.Redirect(w, r, target+r.URL.Path, http.StatusTemporaryRedirect)
+	return true
+}
+
+// TokenRequests returns how many requests the token endpoint has received, answered or not.
+func (s *Server) TokenRequests() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.requests
+}
+
+// RepeatedRefreshTokens returns how many refresh requests presented a refresh token that an
+// earlier request had presented: a client sending a rotated token again, or retrying after a fault.
+func (s *Server) RepeatedRefreshTokens() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.repeated
 }
 
 // takeFault returns the fault for a token request that has just arrived, counting it against

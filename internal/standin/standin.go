@@ -51,11 +51,15 @@ type Server struct {
 	tokens        map[string]*token
 	issued        []*token // every token, in issue order
 	tokenLifetime time.Duration
-	offset        time.Duration // added to the real clock by Advance
-	fault         Fault         // what SetFault put on the token endpoint; Count is what is left of it
-	release       chan struct{} // closed by SetFault to release the requests FaultHang holds
-	held          int           // requests FaultHang holds
-	latency       time.Duration // delay of every token endpoint answer
+	offset        time.Duration   // added to the real clock by Advance
+	fault         Fault           // what SetFault put on the token endpoint; Count is what is left of it
+	release       chan struct{}   // closed by SetFault to release the requests FaultHang holds
+	held          int             // requests FaultHang holds
+	latency       time.Duration   // delay of every token endpoint answer
+	redirect      string          // SetRedirect's target; "" answers as usual
+	requests      int             // token endpoint requests received
+	presented     map[string]bool // refresh tokens refresh requests have presented
+	repeated      int             // refresh requests presenting a refresh token an earlier one presented
 }
 
 // grant is an authorization code and what the user consented to.
@@ -76,6 +80,7 @@ func New() *Server {
 		clients:       map[string]Client{},
 		codes:         map[string]*grant{},
 		tokens:        map[string]*token{},
+		presented:     map[string]bool{},
 		tokenLifetime: 36000 * time.Second,
 		release:       make(chan struct{}),
 	}
@@ -180,6 +185,9 @@ func (s *Server) IssueUserGrant(clientID, user, scope string) (refreshToken stri
 
 // ServeHTTP routes the /o/ endpoints the way ev.energy's URLs do.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if s.redirected(w, r) {
+		return
+	}
 	switch r.URL.Path {
 	case "/o/token", "/o/token/":
 		if onlyMethods(w, r, http.MethodPost) {
@@ -240,10 +248,19 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	fault, release := s.takeFault()
 	latency := s.latency
+	s.requests++
 	s.mu.Unlock()
 	// Read the whole body first: net/http notices a client going away (and cancels r.Context())
 	// only once the body is read.
 	form, oerr := postForm(r)
+	if refresh := form.Get("refresh_token"); oerr == nil && form.Get("grant_type") == "refresh_token" && refresh != "" {
+		s.mu.Lock()
+		if s.presented[refresh] {
+			s.repeated++
+		}
+		s.presented[refresh] = true
+		s.mu.Unlock()
+	}
 	if fault.Kind == FaultHang {
 		s.hold(w, r, release)
 		return

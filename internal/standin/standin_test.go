@@ -994,3 +994,66 @@ func TestConcurrentRefreshes(t *testing.T) {
 		t.Errorf("Counts() = %d, %d; want %d, %d", issued, active, 2*grants, grants)
 	}
 }
+
+func TestRedirect(t *testing.T) {
+	s, ts := newStandin(t)
+	_, refresh := tokenPair(t, s, ts)
+	var arrived []string
+	var mu sync.Mutex
+	target := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		arrived = append(arrived, r.URL.Path)
+	}))
+	t.Cleanup(target.Close)
+	s.SetRedirect(target.URL + "/")
+	issued := len(s.Tokens())
+
+	for path, form := range map[string]url.Values{
+		"/o/token":         refreshForm(refresh, vaultCreds...),
+		"/o/token/":        clientCredentials(),
+		"/o/revoke_token/": {"token": {refresh}, "client_id": {"vault"}, "client_secret": {"vault-secret"}},
+	} {
+		r := post(t, ts, path, form, "vault", "vault-secret")
+		if r.status != http.StatusTemporaryRedirect || r.header.Get("Location") != target.URL+path {
+			t.Errorf("%s: %d to %q, want 307 to the same path at the target", path, r.status, r.header.Get("Location"))
+		}
+	}
+	if len(s.Tokens()) != issued || !s.Active(refresh) || s.TokenRequests() != 1 {
+		t.Fatalf("a redirected request was handled (%d token requests in all)", s.TokenRequests())
+	}
+	// A client that follows the redirect sends the form, secrets included, to the target.
+	resp, err := http.PostForm(ts.URL+"/o/token", refreshForm(refresh, vaultCreds...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	mu.Lock()
+	if len(arrived) != 1 || arrived[0] != "/o/token" {
+		t.Errorf("the target saw %v, want the followed token request", arrived)
+	}
+	mu.Unlock()
+
+	s.SetRedirect("")
+	wantTokens(t, post(t, ts, "/o/token", refreshForm(refresh, vaultCreds...)), scopes, true)
+}
+
+func TestRequestCounts(t *testing.T) {
+	s, ts := newStandin(t)
+	_, refresh := tokenPair(t, s, ts)
+	s.SetFault(Fault{Kind: FaultServerError, Count: 1})
+	post(t, ts, "/o/token", refreshForm(refresh, vaultCreds...)) // fails, so the token stays live
+	if s.RepeatedRefreshTokens() != 0 {
+		t.Fatal("a refresh token presented once counted as repeated")
+	}
+	rotated := post(t, ts, "/o/token", refreshForm(refresh, vaultCreds...))
+	wantTokens(t, rotated, scopes, true)
+	wantError(t, post(t, ts, "/o/token", refreshForm(refresh, vaultCreds...)), 400, "invalid_grant")
+	post(t, ts, "/o/token", refreshForm(rotated.str("refresh_token"), vaultCreds...))
+	if got := s.RepeatedRefreshTokens(); got != 2 {
+		t.Errorf("RepeatedRefreshTokens = %d, want 2 (the retry after the fault and the rotated-out token)", got)
+	}
+	if got := s.TokenRequests(); got != 5 {
+		t.Errorf("TokenRequests = %d, want 5 (the code exchange and four refreshes)", got)
+	}
+}

@@ -1,0 +1,180 @@
+package evenergy
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
+)
+
+// refusingStorage refuses every write while refuse is set, as storage that lost its quorum does,
+// and counts the writes asked of it.
+type refusingStorage struct {
+	logical.Storage
+	refuse atomic.Bool
+	puts   atomic.Int64
+}
+
+func (s *refusingStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
+	s.puts.Add(1)
+	if s.refuse.Load() {
+		return errors.New("storage refuses writes")
+	}
+	return s.Storage.Put(ctx, e)
+}
+
+// TestRotatedGrantSurvivesRefusedWrites: a refresh whose rotated grant storage refuses keeps the
+// grant, the only one ev.energy still accepts, in memory; readers get its token without another
+// refresh, and the periodic pass stores it once storage accepts writes again. Nothing is revoked.
+func TestRotatedGrantSurvivesRefusedWrites(t *testing.T) {
+	s := &refusingStorage{Storage: &logical.InmemStorage{}}
+	b, _, _ := newCountedBackend(t, s)
+	sv := newUnitStandin(t, b, s)
+	old, clock := connectDueUser(t, b, s, sv, "driver")
+	s.refuse.Store(true)
+	s.puts.Store(0)
+
+	rotated, _, err := readUserToken(t, b, s, "driver")
+	if err != nil || rotated == old.AccessToken || !sv.Active(rotated) {
+		t.Fatalf("the refresh whose write storage refused gave no live token: %v", err)
+	}
+	if n := s.puts.Load(); n != int64(1+len(rotatedWritePauses)) {
+		t.Fatalf("%d writes of the rotated grant, want %d", n, 1+len(rotatedWritePauses))
+	}
+	live := liveRefreshTokens(sv, "driver")
+	if len(live) != 1 || sv.Active(old.RefreshToken) {
+		t.Fatalf("want exactly the rotated refresh token live at ev.energy, got %d live", len(live))
+	}
+	// Served from memory: no second refresh, even after an invalidation of the key.
+	b.InvalidateKey(t.Context(), userPrefix+"driver")
+	calls := sv.TokenRequests()
+	if again, _, err := readUserToken(t, b, s, "driver"); err != nil || again != rotated || sv.TokenRequests() != calls {
+		t.Fatalf("the unsaved grant was not served from memory: %v", err)
+	}
+	if err := b.periodic(t.Context(), &logical.Request{Storage: s}); err == nil || !strings.Contains(err.Error(), "storing the rotated grant of user driver") {
+		t.Fatalf("a periodic pass while storage refuses: %v", err)
+	}
+
+	s.refuse.Store(false)
+	if err := b.periodic(t.Context(), &logical.Request{Storage: s}); err != nil {
+		t.Fatal(err)
+	}
+	stored, err := getJSON[grant](t.Context(), s, userPrefix+"driver")
+	if err != nil || stored.AccessToken != rotated || stored.RefreshToken != live[0] {
+		t.Fatalf("the rotated grant was not stored once storage came back: %v", err)
+	}
+	if !sv.Active(live[0]) {
+		t.Fatal("the rotated refresh token was revoked")
+	}
+
+	// With storage well, a refresh writes once: the rotated grant.
+	clock.Set(stored.ExpiresAt.Add(-time.Minute))
+	s.puts.Store(0)
+	if tok, _, err := readUserToken(t, b, s, "driver"); err != nil || tok == rotated {
+		t.Fatalf("second refresh: %v", err)
+	}
+	if n := s.puts.Load(); n != 1 {
+		t.Fatalf("a refresh made %d storage writes, want 1", n)
+	}
+}
+
+// liveRefreshTokens are the user's refresh tokens that ev.energy still accepts.
+func liveRefreshTokens(sv *standin.Server, user string) []string {
+	var live []string
+	for _, info := range sv.Tokens() {
+		if info.User == user && info.Kind == "refresh" && sv.Active(info.Value) {
+			live = append(live, info.Value)
+		}
+	}
+	return live
+}
+
+// TestRevokedGrantWritesItsStatusOnce: ev.energy's invalid_grant marks the grant revoked with one
+// write, and no later read calls ev.energy or writes again.
+func TestRevokedGrantWritesItsStatusOnce(t *testing.T) {
+	s := &refusingStorage{Storage: &logical.InmemStorage{}}
+	b, _, _ := newCountedBackend(t, s)
+	sv := newUnitStandin(t, b, s)
+	g, _ := connectDueUser(t, b, s, sv, "driver")
+	if _, err := request(t, b, s, logical.UpdateOperation, "revoke", map[string]any{"token": g.RefreshToken}); err != nil {
+		t.Fatal(err)
+	}
+	s.puts.Store(0)
+	calls := sv.TokenRequests()
+	for range 3 {
+		_, _, err := readUserToken(t, b, s, "driver")
+		var coded logical.HTTPCodedError
+		if !errors.As(err, &coded) || coded.Code() != http.StatusBadRequest || !strings.Contains(err.Error(), "send the user through auth-url again") {
+			t.Fatalf("a read of a revoked grant: %v", err)
+		}
+	}
+	if n, puts := sv.TokenRequests()-calls, s.puts.Load(); n != 1 || puts != 1 {
+		t.Fatalf("%d refresh calls and %d writes, want 1 and 1", n, puts)
+	}
+	if stored, _ := getJSON[grant](t.Context(), s, userPrefix+"driver"); stored.Status != grantRevoked || !strings.Contains(stored.LastError, "invalid_grant") {
+		t.Fatalf("stored grant: status %s", stored.Status)
+	}
+}
+
+// TestGrantWithoutClientAdoptsTheConfiguredOne: a grant stored before grants recorded their client
+// records the configured client at its first refresh.
+func TestGrantWithoutClientAdoptsTheConfiguredOne(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	seedGrants(t, b, s, sv, 1, time.Now().Add(5*time.Minute))
+	g, _ := getJSON[grant](t.Context(), s, userPrefix+"u0")
+	g.ClientID = ""
+	if err := b.putGrant(t.Context(), s, "u0", g); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := readUserToken(t, b, s, "u0"); err != nil {
+		t.Fatal(err)
+	}
+	if stored, _ := getJSON[grant](t.Context(), s, userPrefix+"u0"); stored.ClientID != testClientID || stored.AccessToken == "unknown" {
+		t.Fatalf("after its first refresh the grant records client %q", stored.ClientID)
+	}
+}
+
+// TestRefreshWindowCappedAtHalfTheTokenLife: a refresh_window at least as long as the tokens would
+// make every read rotate the token and kill the one the previous reader got; it counts as half the
+// token's life, which users/<user> shows.
+func TestRefreshWindowCappedAtHalfTheTokenLife(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"refresh_window": "20m"}); err != nil {
+		t.Fatal(err)
+	}
+	sv.SetTokenLifetime(10 * time.Minute)
+	g := connectUnitUser(t, b, s, sv, "driver")
+	calls := sv.TokenRequests()
+	for range 3 {
+		tok, lease, err := readUserToken(t, b, s, "driver")
+		if err != nil || tok != g.AccessToken || lease < 4*time.Minute || lease > 5*time.Minute {
+			t.Fatalf("a read of a fresh 10-minute token under a 20-minute window: lease %v, same token %v, error %v", lease, tok == g.AccessToken, err)
+		}
+	}
+	if n := sv.TokenRequests() - calls; n != 0 {
+		t.Fatalf("reads of a fresh token sent %d refreshes", n)
+	}
+	resp, err := request(t, b, s, logical.ReadOperation, "users/driver", nil)
+	if err != nil || resp.Data["refresh_window"] != int64(300) {
+		t.Fatalf("users/driver shows refresh_window %v, want the effective 300 s: %v", resp.Data["refresh_window"], err)
+	}
+
+	// Past half its life the token is due; the next one, of 10 hours, gets the whole 20-minute window.
+	sv.SetTokenLifetime(10 * time.Hour)
+	useFakeClock(b, time.Now().Add(5*time.Minute))
+	if tok, _, err := readUserToken(t, b, s, "driver"); err != nil || tok == g.AccessToken {
+		t.Fatalf("a token past half its life was not refreshed: %v", err)
+	}
+	if resp, _ := request(t, b, s, logical.ReadOperation, "users/driver", nil); resp.Data["refresh_window"] != int64(1200) {
+		t.Fatalf("users/driver shows refresh_window %v for a 10-hour token, want 1200", resp.Data["refresh_window"])
+	}
+}

@@ -1,0 +1,284 @@
+package evenergy
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
+)
+
+// fakeClock is the engine's clock in a test: it moves only when the test moves it.
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
+}
+
+func (c *fakeClock) Set(now time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = now
+}
+
+// useFakeClock makes the backend's due dates, backoff and leases follow a clock standing at at.
+func useFakeClock(b *backend, at time.Time) *fakeClock {
+	c := &fakeClock{now: at}
+	b.cache.refreshes.now = c.Now
+	return c
+}
+
+// connectDueUser connects a user whose 5-minute token is due for a refresh on the clock it returns,
+// which stands 3 minutes later; tokens issued after it live 10 hours.
+func connectDueUser(t testing.TB, b *backend, s logical.Storage, sv *standin.Server, user string) (*grant, *fakeClock) {
+	t.Helper()
+	sv.SetTokenLifetime(5 * time.Minute)
+	g := connectUnitUser(t, b, s, sv, user)
+	sv.SetTokenLifetime(10 * time.Hour)
+	return g, useFakeClock(b, time.Now().Add(3*time.Minute))
+}
+
+// readUserToken reads users/<user>/token and returns its access token and lease.
+func readUserToken(t testing.TB, b *backend, s logical.Storage, user string) (string, time.Duration, error) {
+	resp, err := request(t, b, s, logical.ReadOperation, "users/"+user+"/token", nil)
+	if resp.IsError() { // a caller's mistake, which Vault answers with 400
+		return "", 0, logical.CodedError(http.StatusBadRequest, resp.Error().Error())
+	}
+	if err != nil {
+		return "", 0, err
+	}
+	return resp.Data["access_token"].(string), resp.Secret.TTL, nil
+}
+
+func TestBackoffSteps(t *testing.T) {
+	want := []time.Duration{1, 2, 4, 8, 16, 32, 60, 60, 60}
+	for i, w := range want {
+		if got := backoff(i+1, errors.New("HTTP 500")); got != w*time.Second {
+			t.Errorf("after %d failures: %v, want %v", i+1, got, w*time.Second)
+		}
+	}
+	rateLimited := &upstreamError{Op: opRefresh, Status: http.StatusTooManyRequests, RetryAfter: 90 * time.Second}
+	if got := backoff(1, rateLimited); got != 90*time.Second {
+		t.Errorf("after a 429 with Retry-After 90: %v", got)
+	}
+}
+
+// TestConcurrentReadersDuringFailureSendOneRefresh: 20 readers of a due token while ev.energy
+// answers 500 cause one refresh call; every reader gets the still-valid token under a 2-second
+// lease (the next attempt is 1 s away), and nothing is written to storage.
+func TestConcurrentReadersDuringFailureSendOneRefresh(t *testing.T) {
+	b, s, _ := newCountedBackend(t, &logical.InmemStorage{})
+	sv := newUnitStandin(t, b, s)
+	g, _ := connectDueUser(t, b, s, sv, "driver") // the clock stands still
+	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
+	sv.SetLatency(100 * time.Millisecond)
+	calls := sv.TokenRequests()
+	s.calls.Store(0)
+
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Go(func() {
+			tok, lease, err := readUserToken(t, b, s, "driver")
+			if err != nil || tok != g.AccessToken || lease != readAhead {
+				t.Errorf("a reader got a %v lease, the current token %v, error %v; want the current token for 2 s", lease, tok == g.AccessToken, err)
+			}
+		})
+	}
+	wg.Wait()
+	if n := sv.TokenRequests() - calls; n != 1 {
+		t.Fatalf("20 readers caused %d refresh calls, want 1", n)
+	}
+	if n := s.calls.Load(); n != 0 {
+		t.Fatalf("failed refreshes made %d storage calls, want none", n)
+	}
+	resp, err := request(t, b, s, logical.ReadOperation, "users/driver", nil)
+	if err != nil || resp.Data["status"] != grantActive || !strings.Contains(resp.Data["last_error"].(string), "HTTP 500") {
+		t.Fatalf("users/driver after the failure: %v %v", resp, err)
+	}
+}
+
+// TestSteadyReaderDuringFailureBacksOff: one reader every 0.5 s for 20 s while ev.energy answers 500
+// sends a refresh only when the backoff (1, 2, 4, 8, 16 s) allows; once ev.energy is back, the first
+// read at the next attempt gets a fresh token, stored with one write.
+func TestSteadyReaderDuringFailureBacksOff(t *testing.T) {
+	b, s, _ := newCountedBackend(t, &logical.InmemStorage{})
+	sv := newUnitStandin(t, b, s)
+	g, clock := connectDueUser(t, b, s, sv, "driver")
+	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
+	calls := sv.TokenRequests()
+	s.calls.Store(0)
+
+	for range 40 {
+		tok, lease, err := readUserToken(t, b, s, "driver")
+		if err != nil || tok != g.AccessToken || lease < readAhead || lease > maxBackoff {
+			t.Fatalf("at %v: lease %v, current token %v, error %v", clock.Now().Sub(g.ExpiresAt), lease, tok == g.AccessToken, err)
+		}
+		clock.Advance(500 * time.Millisecond)
+	}
+	n := sv.TokenRequests() - calls
+	if n > 6 || n < 2 {
+		t.Fatalf("a reader every 0.5 s for 20 s caused %d refresh calls, want 2 to 6", n)
+	}
+	if n := s.calls.Load(); n != 0 {
+		t.Fatalf("failed refreshes made %d storage calls, want none", n)
+	}
+	t.Logf("%d refresh calls in 40 reads over 20 s", n)
+
+	// ev.energy is back: reads before the next attempt get the current token, the first one at it a fresh one.
+	sv.SetFault(standin.Fault{})
+	b.cache.refreshes.mu.Lock()
+	retryAt := b.cache.refreshes.users["driver"].held.retryAt
+	b.cache.refreshes.mu.Unlock()
+	step := retryAt.Sub(clock.Now())
+	for ; clock.Now().Before(retryAt); clock.Advance(500 * time.Millisecond) {
+		if tok, _, err := readUserToken(t, b, s, "driver"); err != nil || tok != g.AccessToken {
+			t.Fatalf("before the next attempt: %v", err)
+		}
+	}
+	tok, lease, err := readUserToken(t, b, s, "driver")
+	if err != nil || tok == g.AccessToken || !sv.Active(tok) || lease < 9*time.Hour {
+		t.Fatalf("at the next attempt, %v after ev.energy came back, no fresh token (lease %v): %v", step, lease, err)
+	}
+	if stored, _ := getJSON[grant](t.Context(), s.Storage, userPrefix+"driver"); stored.AccessToken != tok {
+		t.Fatal("the refreshed grant was not stored")
+	}
+	if n := s.calls.Load(); n != 1 {
+		t.Fatalf("the refresh made %d storage calls, want one write", n)
+	}
+	if resp, _ := request(t, b, s, logical.ReadOperation, "users/driver", nil); resp.Data["last_error"] != "" {
+		t.Fatalf("last_error after a successful refresh: %v", resp.Data["last_error"])
+	}
+}
+
+// TestHeldLeaseNeverOutlivesTheToken: a Retry-After longer than what is left of the token gives a
+// lease ending with the token, and with less than 2 s of it left a read answers the failure.
+func TestHeldLeaseNeverOutlivesTheToken(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"request_timeout": "2s"}); err != nil {
+		t.Fatal(err)
+	}
+	g := connectUnitUser(t, b, s, sv, "driver")
+	clock := useFakeClock(b, g.ExpiresAt.Add(-10*time.Second))
+	sv.SetFault(standin.Fault{Kind: standin.FaultRateLimited, RetryAfter: time.Minute})
+	calls := sv.TokenRequests()
+
+	if tok, lease, err := readUserToken(t, b, s, "driver"); err != nil || tok != g.AccessToken || lease != 10*time.Second {
+		t.Fatalf("with 10 s of the token left and Retry-After 60: lease %v, error %v; want the current token until it expires", lease, err)
+	}
+	clock.Advance(8500 * time.Millisecond)
+	_, _, err := readUserToken(t, b, s, "driver")
+	var coded logical.HTTPCodedError
+	if !errors.As(err, &coded) || coded.Code() != http.StatusTooManyRequests || !strings.Contains(err.Error(), "retry after 1m0s") {
+		t.Fatalf("with 1.5 s of the token left: %v; want the refresh's 429", err)
+	}
+	if n := sv.TokenRequests() - calls; n != 1 {
+		t.Fatalf("%d refresh calls within ev.energy's Retry-After, want 1", n)
+	}
+}
+
+// TestNoReaderWaitsBehindAnothersRefresh: 32 readers of one user's token, which is always due for a
+// refresh, while ev.energy takes half a second per call and fails every other one. A reader waits
+// for at most the one refresh in flight, never for a queue of them: every read is answered within
+// request_timeout plus a second.
+func TestNoReaderWaitsBehindAnothersRefresh(t *testing.T) {
+	const requestTimeout, latency, refreshCalls = 3 * time.Second, 500 * time.Millisecond, 6
+	b, s := newUnitBackend(t)
+	sv := newTestStandin()
+	var calls atomic.Int64
+	unitConfig(t, b, s, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/o/token" && calls.Add(1)%2 == 1 {
+			time.Sleep(latency)
+			http.Error(w, "Server Error (500)", http.StatusInternalServerError)
+			return
+		}
+		sv.ServeHTTP(w, r)
+	}))
+	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"request_timeout": requestTimeout.String()}); err != nil {
+		t.Fatal(err)
+	}
+	seedGrants(t, b, s, sv, 1, time.Now().Add(10*time.Hour))
+	// The clock runs 10 h ahead, so every token ev.energy issues (for 10 h) is due when read.
+	ahead := 10*time.Hour - 5*time.Minute
+	b.cache.refreshes.now = func() time.Time { return time.Now().Add(ahead) }
+	sv.SetLatency(latency)
+
+	var (
+		wg      sync.WaitGroup
+		mu      sync.Mutex
+		slowest time.Duration
+	)
+	for range 32 {
+		wg.Go(func() {
+			for reads := 0; reads < 4 || calls.Load() < refreshCalls; reads++ {
+				time.Sleep(20 * time.Millisecond) // a reader's pace, not a wait for anything
+				start := time.Now()
+				_, _, err := readUserToken(t, b, s, "u0")
+				took := time.Since(start)
+				if err != nil {
+					t.Errorf("a read failed: %v", err)
+				}
+				mu.Lock()
+				slowest = max(slowest, took)
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	t.Logf("%d refresh calls, slowest read %v", calls.Load(), slowest.Round(time.Millisecond))
+	if slowest > requestTimeout+time.Second {
+		t.Fatalf("a read took %v, longer than request_timeout plus a second", slowest)
+	}
+}
+
+// TestRefreshOutlivesTheReaderWhoStartedIt: the reader who started a refresh goes away while it is
+// on its way; a reader waiting for the same call gets the new token, and the rotated grant is stored.
+func TestRefreshOutlivesTheReaderWhoStartedIt(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	g, _ := connectDueUser(t, b, s, sv, "driver")
+	sv.SetLatency(500 * time.Millisecond)
+	calls := sv.TokenRequests()
+	ctx, leave := context.WithCancel(t.Context())
+	first := make(chan error, 1)
+	go func() {
+		_, err := b.HandleRequest(ctx, &logical.Request{Operation: logical.ReadOperation, Path: "users/driver/token", Storage: s})
+		first <- err
+	}()
+	eventually(t, 10*time.Second, "the first reader's refresh to reach the stand-in", func() bool { return sv.TokenRequests() > calls })
+	second := make(chan string, 1)
+	go func() {
+		tok, _, err := readUserToken(t, b, s, "driver")
+		if err != nil {
+			t.Errorf("the second reader: %v", err)
+		}
+		second <- tok
+	}()
+	leave()
+	<-first
+	tok := <-second
+	if tok == g.AccessToken || !sv.Active(tok) || sv.TokenRequests() != calls+1 {
+		t.Fatalf("the second reader got no fresh token from the one refresh (%d calls)", sv.TokenRequests()-calls)
+	}
+	if stored, _ := getJSON[grant](t.Context(), s, userPrefix+"driver"); stored.AccessToken != tok {
+		t.Fatal("the refresh of a reader who went away was not stored")
+	}
+}
