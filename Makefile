@@ -4,7 +4,7 @@ VAULT   := $(CURDIR)/bin/vault
 VERSION := $(shell git describe --tags --match 'v*' 2>/dev/null || echo v0.0.0-dev)
 LDFLAGS := -X github.com/evenergy/vault-plugin-secrets-evenergy.Version=$(VERSION)
 
-.PHONY: build vault chromium test bench fuzz dev dev-stop
+.PHONY: build vault chromium test bench bench-plugins fuzz dev dev-stop
 
 build:
 	go build -ldflags "$(LDFLAGS)" -o bin/plugins/$(PLUGIN) ./cmd/$(PLUGIN)
@@ -21,12 +21,16 @@ test: vault chromium
 	go vet ./...
 	VAULT_BIN=$(VAULT) go test -count=1 -timeout 30m ./...
 
-# One dev Vault with the engine and a no-op leased plugin (bench/noop) from bin/bench-plugins; see bench/main.go.
-bench: vault
+# The engine's Go benchmarks, then the table on a dev Vault and on a single-node Raft Vault, each
+# with the engine and a no-op leased plugin (bench/noop) from bin/bench-plugins; see bench/main.go.
+# Writes bin/bench.json and its section of docs/benchmarks.md.
+bench: vault bench-plugins
+	go test -run '^$$' -bench . -skip '^BenchmarkScale' -benchmem ./...
+	go run ./bench -vault $(VAULT) -plugins bin/bench-plugins
+
+bench-plugins:
 	go build -o bin/bench-plugins/$(PLUGIN) ./cmd/$(PLUGIN)
 	go build -o bin/bench-plugins/bench-noop ./bench/noop
-	go test -run '^$$' -bench . -benchmem ./...
-	go run ./bench -vault $(VAULT) -plugins bin/bench-plugins -out bin/bench.json
 
 FUZZTIME ?= 60s
 
