@@ -4,7 +4,7 @@ VAULT   := $(CURDIR)/bin/vault
 VERSION := $(shell git describe --tags --match 'v*' 2>/dev/null || echo v0.0.0-dev)
 LDFLAGS := -X github.com/evenergy/vault-plugin-secrets-evenergy.Version=$(VERSION)
 
-.PHONY: build vault chromium test bench bench-plugins fuzz dev dev-stop
+.PHONY: build vault chromium test bench bench-scale bench-plugins fuzz dev dev-stop
 
 build:
 	go build -ldflags "$(LDFLAGS)" -o bin/plugins/$(PLUGIN) ./cmd/$(PLUGIN)
@@ -27,6 +27,11 @@ test: vault chromium
 bench: vault bench-plugins
 	go test -run '^$$' -bench . -skip '^BenchmarkScale' -benchmem ./...
 	go run ./bench -vault $(VAULT) -plugins bin/bench-plugins
+
+# 100,000 users on one mount (about 10 minutes): the Scale Go benchmarks, then imports, memory,
+# starts and revocations on a Raft Vault; writes bin/bench-scale.json and its section of docs/benchmarks.md.
+bench-scale: vault bench-plugins
+	go run ./bench -scale -vault $(VAULT) -plugins bin/bench-plugins
 
 bench-plugins:
 	go build -o bin/bench-plugins/$(PLUGIN) ./cmd/$(PLUGIN)

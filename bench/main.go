@@ -1,8 +1,9 @@
 // Command bench compares requests to this engine's paths with a kv-v1 write, a no-op leased plugin
 // (the floor every external plugin pays) and a token POST straight to the ev.energy stand-in, in
 // interleaved rounds, on a dev Vault (in-memory storage) and then on a single-node Raft Vault.
-// `make bench` builds the plugins it needs and runs it; it writes its results to a JSON file and
-// into its section of docs/benchmarks.md.
+// With -scale it measures one mount holding 100,000 users on Raft instead (see scale.go).
+// `make bench` and `make bench-scale` build the plugins it needs and run it; it writes its results
+// to a JSON file and into its section of docs/benchmarks.md.
 package main
 
 import (
@@ -63,15 +64,22 @@ func main() {
 func run() error {
 	vaultBin := flag.String("vault", "bin/vault", "the Vault server binary")
 	pluginDir := flag.String("plugins", "bin/bench-plugins", "directory holding the "+pluginName+" and "+noopName+" binaries")
-	out := flag.String("out", "bin/bench.json", "where to write the results as JSON")
+	out := flag.String("out", "", "where to write the results as JSON (default bin/bench.json, or bin/bench-scale.json with -scale)")
 	doc := flag.String("doc", "docs/benchmarks.md", "the Markdown file whose generated section gets the results")
 	reads := flag.Int("reads", 4200, "requests per path and Vault over all rounds, half by one client and half by the concurrent clients")
 	rounds := flag.Int("rounds", 7, "rounds, each timing every path in turn; ratios are medians over them")
 	clients := flag.Int("clients", 16, "concurrent clients")
+	scale := flag.Bool("scale", false, "measure one mount holding -users users on Raft instead of the table")
+	users := flag.Int("users", 100_000, "with -scale: user grants to import")
+	leases := flag.Int("leases", 10_000, "with -scale: leases to revoke by prefix")
+	goBench := flag.String("gobench", "^BenchmarkScale", "with -scale: the Go benchmarks of the engine to run first and report (empty: none)")
 	flag.Parse()
 	perRound := *reads / *rounds
 	if perRound < 2 {
 		return errors.New("-reads must be at least twice -rounds")
+	}
+	if *out == "" {
+		*out = map[bool]string{false: "bin/bench.json", true: "bin/bench-scale.json"}[*scale]
 	}
 
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -83,6 +91,12 @@ func run() error {
 	plugins, err := filepath.Abs(*pluginDir)
 	if err != nil {
 		return err
+	}
+	if *scale {
+		return runScale(ctx, scalePlan{
+			machine: m, vaultBin: *vaultBin, plugins: plugins, out: *out, doc: *doc,
+			users: *users, leases: *leases, clients: *clients, goBench: *goBench,
+		})
 	}
 
 	p := plan{rounds: *rounds, alone: perRound / 2, burst: perRound - perRound/2, clients: *clients}
