@@ -95,7 +95,7 @@ func run() error {
 	if *scale {
 		return runScale(ctx, scalePlan{
 			machine: m, vaultBin: *vaultBin, plugins: plugins, out: *out, doc: *doc,
-			users: *users, leases: *leases, clients: *clients, goBench: *goBench,
+			users: *users, leases: *leases, clients: *clients, rounds: *rounds, goBench: *goBench,
 		})
 	}
 

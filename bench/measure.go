@@ -128,17 +128,13 @@ type row struct {
 func summarize(targets []target, results [][]round) []row {
 	base := slices.IndexFunc(targets, func(t target) bool { return t.kind == floor })
 	post := slices.IndexFunc(targets, func(t target) bool { return t.kind == direct })
-	// median is the median over the rounds of f(round of this row, of the floor, of the POST).
-	median := func(rounds []round, f func(r, base, post round) float64) *float64 {
+	// overRounds is the median over the rounds of f(round of this row, of the floor, of the POST).
+	overRounds := func(rounds []round, f func(r, base, post round) float64) *float64 {
 		values := make([]float64, len(rounds))
 		for n, r := range rounds {
 			values[n] = f(r, results[base][n], results[post][n])
 		}
-		slices.Sort(values)
-		m := values[len(values)/2]
-		if len(values)%2 == 0 {
-			m = (values[len(values)/2-1] + m) / 2
-		}
+		m := median(values)
 		return &m
 	}
 	rows := make([]row, len(targets))
@@ -162,20 +158,30 @@ func summarize(targets []target, results [][]round) []row {
 		if i == base {
 			continue
 		}
-		rows[i].P50VsFloor = median(rounds, func(r, base, _ round) float64 {
+		rows[i].P50VsFloor = overRounds(rounds, func(r, base, _ round) float64 {
 			return float64(percentile(r.alone, 0.50)) / float64(percentile(base.alone, 0.50))
 		})
-		rows[i].P99VsFloor = median(rounds, func(r, base, _ round) float64 {
+		rows[i].P99VsFloor = overRounds(rounds, func(r, base, _ round) float64 {
 			return float64(percentile(r.alone, 0.99)) / float64(percentile(base.alone, 0.99))
 		})
-		rows[i].ReqPerSecVsFloor = median(rounds, func(r, base, _ round) float64 { return r.reqPerSec() / base.reqPerSec() })
+		rows[i].ReqPerSecVsFloor = overRounds(rounds, func(r, base, _ round) float64 { return r.reqPerSec() / base.reqPerSec() })
 		if targets[i].kind == minting {
-			rows[i].ExtraMs = median(rounds, func(r, base, post round) float64 {
+			rows[i].ExtraMs = overRounds(rounds, func(r, base, post round) float64 {
 				return ms(percentile(r.alone, 0.50) - percentile(base.alone, 0.50) - percentile(post.alone, 0.50))
 			})
 		}
 	}
 	return rows
+}
+
+// median is the median of values, which it sorts.
+func median(values []float64) float64 {
+	slices.Sort(values)
+	m := values[len(values)/2]
+	if len(values)%2 == 0 {
+		m = (values[len(values)/2-1] + m) / 2
+	}
+	return m
 }
 
 // percentile is the nearest-rank percentile of sorted latencies.

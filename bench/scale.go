@@ -30,6 +30,7 @@ type scalePlan struct {
 	machine                     machine
 	vaultBin, plugins, out, doc string
 	users, leases, clients      int
+	rounds                      int    // the imports and revocations come in rounds, each beside its floor
 	goBench                     string // the engine's Go benchmarks to run first
 }
 
@@ -47,10 +48,12 @@ type scaleReport struct {
 }
 
 type importFigures struct {
-	Users          int     `json:"users"`
-	Seconds        float64 `json:"seconds"`
-	PerSec         float64 `json:"grants_per_sec"`
-	KVWritesPerSec float64 `json:"kv_v1_writes_per_sec"` // the floor: one storage write each, as many clients
+	Users   int     `json:"users"`
+	Seconds float64 `json:"seconds"`
+	PerSec  float64 `json:"grants_per_sec"`
+	// The floor: kv-v1 writes (one storage write each) from as many clients, before each round of imports.
+	KVWritesPerSec float64 `json:"kv_v1_writes_per_sec"`
+	VsKVWrites     float64 `json:"grants_per_sec_vs_kv_v1_writes"` // the median of the rounds' ratios
 }
 
 type memoryFigures struct {
@@ -72,6 +75,9 @@ type startFigures struct {
 	NoopReadS  float64 `json:"first_noop_read_s"` // the floor: Vault's own start
 	UserReadS  float64 `json:"first_user_read_s"`
 	AllLoadedS float64 `json:"all_loaded_s"`
+	// HeldAtFirstRead is how many grants the engine held right after the first user-token read:
+	// fewer than Grants when reads are served before the load ends.
+	HeldAtFirstRead int `json:"grants_held_at_first_read"`
 }
 
 type revocation struct {
@@ -79,6 +85,9 @@ type revocation struct {
 	EnginePerSec  float64 `json:"engine_leases_per_sec"`
 	NoopPerSec    float64 `json:"noop_leases_per_sec"`     // the floor: Vault's own work per lease
 	StandinPerSec float64 `json:"standin_revokes_per_sec"` // one request after another, as a sync revoke-prefix goes
+	// The medians of the rounds' ratios of the engine's rate to the no-op plugin's and to the stand-in's.
+	VsNoop    float64 `json:"engine_vs_noop"`
+	VsStandin float64 `json:"engine_vs_standin"`
 }
 
 func runScale(ctx context.Context, p scalePlan) (err error) {
@@ -125,7 +134,7 @@ func runScale(ctx context.Context, p scalePlan) (err error) {
 		return err
 	}
 	r.Starts = append(r.Starts, start)
-	if r.Import, err = importUsers(ctx, v.client, ev, p.users, p.clients); err != nil {
+	if r.Import, err = importUsers(ctx, v.client, ev, p.users, p.clients, p.rounds); err != nil {
 		return err
 	}
 	engineExe, noopExe := filepath.Join(p.plugins, pluginName), filepath.Join(p.plugins, noopName)
@@ -143,7 +152,7 @@ func runScale(ctx context.Context, p scalePlan) (err error) {
 	if r.Memory.Noop, err = residentMemory(v, noopExe); err != nil {
 		return err
 	}
-	if r.Revocation, err = timeRevocation(ctx, v.client, ev, server.URL, p.leases, p.clients); err != nil {
+	if r.Revocation, err = timeRevocation(ctx, v.client, ev, server.URL, p.leases, p.clients, p.rounds); err != nil {
 		return err
 	}
 
@@ -156,27 +165,46 @@ func runScale(ctx context.Context, p scalePlan) (err error) {
 }
 
 // importUsers imports users grants from that many concurrent clients, as an application moving its
-// users into Vault would, after timing as many kv-v1 writes (one storage write each) as a floor.
-func importUsers(ctx context.Context, c *api.Client, ev *standin.Server, users, clients int) (importFigures, error) {
+// users into Vault would, in rounds, each after kv-v1 writes (one storage write each) as the floor.
+func importUsers(ctx context.Context, c *api.Client, ev *standin.Server, users, clients, rounds int) (importFigures, error) {
 	f := importFigures{Users: users}
-	writes := min(users, 5000)
-	began := time.Now()
-	if err := concurrently(writes, clients, func(int) error { return kvWrite(c, "kv/bench")(ctx) }); err != nil {
-		return f, err
-	}
-	f.KVWritesPerSec = float64(writes) / time.Since(began).Seconds()
-
-	fmt.Fprintf(os.Stderr, "importing %d user grants\n", users)
-	began = time.Now()
-	err := concurrently(users, clients, func(i int) error {
-		if i%(users/10+1) == 0 {
-			fmt.Fprintf(os.Stderr, "  %d imported after %s\n", i, time.Since(began).Round(time.Second))
+	writes := max(clients, users/rounds/10)
+	var kvTime, importTime time.Duration
+	ratios := make([]float64, rounds)
+	fmt.Fprintf(os.Stderr, "importing %d user grants in %d rounds\n", users, rounds)
+	for n := range rounds {
+		kv, err := timed(func() error {
+			return concurrently(writes, clients, func(int) error { return kvWrite(c, "kv/bench")(ctx) })
+		})
+		if err != nil {
+			return f, err
 		}
-		return importUser(ctx, c, ev, fmt.Sprintf("driver-%06d", i))
-	})
-	f.Seconds = time.Since(began).Seconds()
+		from, to := part(users, rounds, n)
+		took, err := timed(func() error {
+			return concurrently(to-from, clients, func(i int) error { return importUser(ctx, c, ev, fmt.Sprintf("driver-%06d", from+i-1)) })
+		})
+		if err != nil {
+			return f, err
+		}
+		ratios[n] = (float64(to-from) / took.Seconds()) / (float64(writes) / kv.Seconds())
+		kvTime, importTime = kvTime+kv, importTime+took
+		fmt.Fprintf(os.Stderr, "  %d imported\n", to)
+	}
+	f.Seconds = importTime.Seconds()
 	f.PerSec = float64(users) / f.Seconds
-	return f, err
+	f.KVWritesPerSec = float64(rounds*writes) / kvTime.Seconds()
+	f.VsKVWrites = median(ratios)
+	return f, nil
+}
+
+// part is where round n of rounds begins and ends in 0 to total.
+func part(total, rounds, n int) (from, to int) { return n * total / rounds, (n + 1) * total / rounds }
+
+// timed is how long do took.
+func timed(do func() error) (time.Duration, error) {
+	began := time.Now()
+	err := do()
+	return time.Since(began), err
 }
 
 func residentMemory(v *vaultServer, exe string) (memory, error) {
@@ -214,7 +242,13 @@ func timeStart(ctx context.Context, v *vaultServer, grants int) (startFigures, e
 		done    func(context.Context) bool
 	}{
 		{&f.NoopReadS, func(ctx context.Context) bool { return noopRead(ctx) == nil }},
-		{&f.UserReadS, func(ctx context.Context) bool { return userRead(ctx) == nil }},
+		{&f.UserReadS, func(ctx context.Context) bool {
+			if userRead(ctx) != nil {
+				return false
+			}
+			f.HeldAtFirstRead = grantsHeld(ctx, v.client)
+			return true
+		}},
 		{&f.AllLoadedS, func(ctx context.Context) bool { return grantsHeld(ctx, v.client) == grants }},
 	} {
 		wg.Go(func() {
@@ -254,54 +288,71 @@ func grantsHeld(ctx context.Context, c *api.Client) int {
 }
 
 // timeRevocation revokes leases client-credentials leases of the engine, and as many of the no-op
-// plugin, by prefix, and times as many revocations sent straight to the stand-in one after another.
-func timeRevocation(ctx context.Context, c *api.Client, ev *standin.Server, standinURL string, leases, clients int) (revocation, error) {
+// plugin, by prefix, and sends as many revocations straight to the stand-in one after another, in
+// rounds, each revoking a part of each, in turn.
+func timeRevocation(ctx context.Context, c *api.Client, ev *standin.Server, standinURL string, leases, clients, rounds int) (revocation, error) {
 	f := revocation{Leases: leases}
-	for _, r := range []struct {
-		path, prefix string
-		perSec       *float64
-	}{
-		{"noop/creds", "noop/", &f.NoopPerSec},
-		{engineMount + "/token", engineMount + "/token/", &f.EnginePerSec},
-	} {
-		fmt.Fprintf(os.Stderr, "revoking %d leases of %s\n", leases, r.path)
-		if err := concurrently(leases, clients, func(int) error { return vaultRead(c, r.path, true)(ctx) }); err != nil {
+	client := pooledClient(clients)
+	mint := directToken(standinURL, client)
+	var engine, noop, direct time.Duration
+	vsNoop, vsStandin := make([]float64, rounds), make([]float64, rounds)
+	fmt.Fprintf(os.Stderr, "revoking %d leases of each plugin in %d rounds\n", leases, rounds)
+	for n := range rounds {
+		from, to := part(leases, rounds, n)
+		tokens := make([]string, to-from)
+		for _, path := range []string{"noop/creds", engineMount + "/token"} {
+			if err := concurrently(to-from, clients, func(int) error { return vaultRead(c, path, true)(ctx) }); err != nil {
+				return f, err
+			}
+		}
+		if err := concurrently(to-from, clients, func(i int) error {
+			tok, err := mint(ctx)
+			if err == nil {
+				tokens[i-1] = tok.AccessToken
+			}
+			return err
+		}); err != nil {
 			return f, err
 		}
-		began := time.Now()
-		if err := revokeLeases(ctx, c, r.prefix); err != nil {
-			return f, err
+		revoke := []struct {
+			took *time.Duration
+			do   func() error
+		}{
+			{new(time.Duration), func() error { return revokeLeases(ctx, c, "noop/") }},
+			{new(time.Duration), func() error { return revokeLeases(ctx, c, engineMount+"/token/") }},
+			{new(time.Duration), func() error {
+				for _, token := range tokens {
+					if err := revokeAtStandin(ctx, client, standinURL, token); err != nil {
+						return err
+					}
+				}
+				return nil
+			}},
 		}
-		*r.perSec = float64(leases) / time.Since(began).Seconds()
+		for k := range revoke {
+			r := revoke[(n+k)%len(revoke)]
+			var err error
+			if *r.took, err = timed(r.do); err != nil {
+				return f, err
+			}
+		}
+		vsNoop[n] = float64(*revoke[0].took) / float64(*revoke[1].took)
+		vsStandin[n] = float64(*revoke[2].took) / float64(*revoke[1].took)
+		noop, engine, direct = noop+*revoke[0].took, engine+*revoke[1].took, direct+*revoke[2].took
+		fmt.Fprintf(os.Stderr, "  %d revoked of each\n", to)
+		for _, token := range tokens {
+			if ev.Active(token) {
+				return f, errors.New("a token revoked at the stand-in is still active")
+			}
+		}
 	}
 	if err := checkRevoked(ev); err != nil {
 		return f, err
 	}
-
-	tokens := make([]string, leases)
-	client := pooledClient(clients)
-	mint := directToken(standinURL, client)
-	if err := concurrently(leases, clients, func(i int) error {
-		tok, err := mint(ctx)
-		if err == nil {
-			tokens[i-1] = tok.AccessToken
-		}
-		return err
-	}); err != nil {
-		return f, err
-	}
-	began := time.Now()
-	for _, token := range tokens {
-		if err := revokeAtStandin(ctx, client, standinURL, token); err != nil {
-			return f, err
-		}
-	}
-	f.StandinPerSec = float64(leases) / time.Since(began).Seconds()
-	for _, token := range tokens {
-		if ev.Active(token) {
-			return f, errors.New("a token revoked at the stand-in is still active")
-		}
-	}
+	f.EnginePerSec = float64(leases) / engine.Seconds()
+	f.NoopPerSec = float64(leases) / noop.Seconds()
+	f.StandinPerSec = float64(leases) / direct.Seconds()
+	f.VsNoop, f.VsStandin = median(vsNoop), median(vsStandin)
 	return f, nil
 }
 
@@ -400,7 +451,7 @@ func scaleMarkdown(r scaleReport) string {
 	fmt.Fprintln(&b, "| figure | measured | floor | ratio | target |\n|---|---:|---:|---:|---|")
 	i := r.Import
 	fmt.Fprintf(&b, "| importing %d grants (`users/<user>` refresh_token) | %.0f grants/s (%.0f s) | %.0f kv-v1 writes/s | %.2f | |\n",
-		i.Users, i.PerSec, i.Seconds, i.KVWritesPerSec, i.PerSec/i.KVWritesPerSec)
+		i.Users, i.PerSec, i.Seconds, i.KVWritesPerSec, i.VsKVWrites)
 	m := r.Memory
 	for _, row := range []struct {
 		name string
@@ -411,19 +462,14 @@ func scaleMarkdown(r scaleReport) string {
 	}
 	base := r.Starts[0]
 	for _, s := range r.Starts {
-		servedFirst := "reads served before the load ended"
-		if s.UserReadS >= s.AllLoadedS {
-			servedFirst = "no read served before the load ended"
-		}
+		servedFirst := fmt.Sprintf("%d of them held at the first read", s.HeldAtFirstRead)
 		fmt.Fprintf(&b, "| unseal with %s stored: first user-token read, all loaded (%s) | %.2f s, %.2f s | %.2f s first no-op read | %.2f, %.2f | <= 15 s, reads before the load ends |\n",
 			grants(s.Grants), servedFirst, s.UserReadS, s.AllLoadedS, s.NoopReadS, s.UserReadS/base.NoopReadS, s.AllLoadedS/base.NoopReadS)
 	}
 	v := r.Revocation
-	fmt.Fprintf(&b, "| revoking %d client-credentials leases by prefix | %.0f leases/s | %.0f no-op leases/s | %.2f | |\n",
-		v.Leases, v.EnginePerSec, v.NoopPerSec, v.EnginePerSec/v.NoopPerSec)
-	fmt.Fprintf(&b, "| the stand-in's own revocations, one after another | %.0f revocations/s | | engine %.2f of it | |\n",
-		v.StandinPerSec, v.EnginePerSec/v.StandinPerSec)
-	fmt.Fprintf(&b, "\nThe starts' ratios are to the first no-op read after the unseal with %s stored.\n", grants(base.Grants))
+	fmt.Fprintf(&b, "| revoking %d client-credentials leases by prefix | %.0f leases/s | %.0f no-op leases/s; the stand-in's own revocations, one after another: %.0f/s | %.2f; %.3f | |\n",
+		v.Leases, v.EnginePerSec, v.NoopPerSec, v.StandinPerSec, v.VsNoop, v.VsStandin)
+	fmt.Fprintf(&b, "\nThe starts' ratios are to the first no-op read after the unseal with %s stored; the import's and the revocation's are medians of the rounds' ratios.\n", grants(base.Grants))
 	return b.String()
 }
 

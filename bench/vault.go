@@ -146,6 +146,9 @@ func startVault(ctx context.Context, bin, storage string, clients int, args func
 	v := &vaultServer{storage: storage, dir: dir, exited: make(chan struct{})}
 	v.cmd = exec.Command(bin, append([]string{"server"}, serverArgs...)...)
 	v.cmd.Stdout, v.cmd.Stderr = logFile, logFile
+	// Its own process group, so that stop can end the plugins it started too; and if this program
+	// dies, the server gets SIGTERM and stops them itself.
+	v.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
 	if err := v.cmd.Start(); err != nil {
 		_ = os.RemoveAll(dir)
 		return nil, err
@@ -158,6 +161,8 @@ func startVault(ctx context.Context, bin, storage string, clients int, args func
 	cfg := api.DefaultConfig()
 	cfg.Address = "http://" + addr
 	cfg.MaxRetries = 0 // a failed read fails the run; a retry would hide inside a timed read
+	// Revoking thousands of leases one after another on Raft takes minutes, in one request.
+	cfg.Timeout = 30 * time.Minute
 	// One idle connection per client, so that bursts do not pay for new connections.
 	cfg.HttpClient.Transport.(*http.Transport).MaxIdleConnsPerHost = clients
 	if v.client, err = api.NewClient(cfg); err != nil {
@@ -206,15 +211,16 @@ func (v *vaultServer) waitHealth(ctx context.Context, within time.Duration, read
 	}
 }
 
-// stop shuts the server down; an interrupt, unlike a kill, makes it stop its plugin processes too.
+// stop shuts the server down, gracefully if it can, so that it stops its plugin processes, and
+// then kills whatever is left of its process group.
 func (v *vaultServer) stop() {
 	_ = v.cmd.Process.Signal(os.Interrupt)
 	select {
 	case <-v.exited:
-	case <-time.After(20 * time.Second):
-		_ = v.cmd.Process.Kill()
-		<-v.exited
+	case <-time.After(30 * time.Second):
 	}
+	_ = syscall.Kill(-v.cmd.Process.Pid, syscall.SIGKILL)
+	<-v.exited
 	_ = os.RemoveAll(v.dir)
 }
 
