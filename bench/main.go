@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/hashicorp/vault/api"
@@ -192,7 +193,7 @@ func setUp(ctx context.Context, c *api.Client, ev *standin.Server, standinURL st
 		return target{name, path, k, vaultRead(c, path, k != builtin)}
 	}
 	return []target{
-		{"kv-v1 write (one storage write)", "kv/bench", builtin, kvWrite(c, "kv/bench")},
+		{"kv-v1 write (one storage write)", "kv/bench/<n>", builtin, kvWrite(c, "kv/bench")},
 		read("leased floor: no-op plugin", "noop/creds", floor),
 		read("user token, cached", engineMount+"/users/"+benchUser+"/token", engine),
 		read("client credentials", engineMount+"/token", minting),
@@ -253,9 +254,12 @@ func vaultRead(c *api.Client, path string, leased bool) func(context.Context) er
 	}
 }
 
-// kvWrite writes a small value to a kv-v1 path: one storage write.
-func kvWrite(c *api.Client, path string) func(context.Context) error {
+// kvWrite writes a small value under a kv-v1 prefix: one storage write. Each write has a key of its
+// own, as each lease has: Vault serializes concurrent writes of one key.
+func kvWrite(c *api.Client, prefix string) func(context.Context) error {
+	var written atomic.Int64
 	return func(ctx context.Context) error {
+		path := fmt.Sprintf("%s/%d", prefix, written.Add(1))
 		_, err := c.Logical().WriteWithContext(ctx, path, map[string]any{"value": "x"})
 		return err
 	}

@@ -171,10 +171,11 @@ func importUsers(ctx context.Context, c *api.Client, ev *standin.Server, users, 
 	writes := max(clients, users/rounds/10)
 	var kvTime, importTime time.Duration
 	ratios := make([]float64, rounds)
+	write := kvWrite(c, "kv/bench")
 	fmt.Fprintf(os.Stderr, "importing %d user grants in %d rounds\n", users, rounds)
 	for n := range rounds {
 		kv, err := timed(func() error {
-			return concurrently(writes, clients, func(int) error { return kvWrite(c, "kv/bench")(ctx) })
+			return concurrently(writes, clients, func(int) error { return write(ctx) })
 		})
 		if err != nil {
 			return f, err
