@@ -120,11 +120,7 @@ func run() error {
 // measureOn starts a Vault on storage, with a stand-in of its own, and measures the table's rows on it.
 func measureOn(ctx context.Context, storage, vaultBin, plugins string, p plan) (t table, err error) {
 	fmt.Fprintf(os.Stderr, "measuring on a Vault with %s storage\n", storage)
-	ev := standin.New()
-	for _, id := range []string{engineClient, directClient} {
-		ev.AddClient(standin.Client{ID: id, Secret: clientSecret, Scopes: []string{"charging_session:read", "vehicle:read"}})
-	}
-	server := httptest.NewServer(ev)
+	ev, server := startStandin()
 	defer server.Close()
 
 	var v *vaultServer
@@ -164,12 +160,7 @@ func measureOn(ctx context.Context, storage, vaultBin, plugins string, p plan) (
 
 // setUp mounts and configures what the rows request, and returns the rows in table order.
 func setUp(ctx context.Context, c *api.Client, ev *standin.Server, standinURL string, clients int) ([]target, error) {
-	mounts := map[string]*api.MountInput{
-		"kv":        {Type: "kv", Options: map[string]string{"version": "1"}},
-		"noop":      {Type: noopName},
-		engineMount: {Type: pluginName},
-	}
-	if err := mountAll(ctx, c, mounts); err != nil {
+	if err := mountAll(ctx, c); err != nil {
 		return nil, err
 	}
 	writes := []struct {
@@ -205,7 +196,22 @@ func setUp(ctx context.Context, c *api.Client, ev *standin.Server, standinURL st
 	}, nil
 }
 
-func mountAll(ctx context.Context, c *api.Client, mounts map[string]*api.MountInput) error {
+// startStandin serves a stand-in on loopback with the engine's client and the direct POSTs' client.
+func startStandin() (*standin.Server, *httptest.Server) {
+	ev := standin.New()
+	for _, id := range []string{engineClient, directClient} {
+		ev.AddClient(standin.Client{ID: id, Secret: clientSecret, Scopes: []string{"charging_session:read", "vehicle:read"}})
+	}
+	return ev, httptest.NewServer(ev)
+}
+
+// mountAll mounts kv-v1, the no-op plugin and the engine.
+func mountAll(ctx context.Context, c *api.Client) error {
+	mounts := map[string]*api.MountInput{
+		"kv":        {Type: "kv", Options: map[string]string{"version": "1"}},
+		"noop":      {Type: noopName},
+		engineMount: {Type: pluginName},
+	}
 	for path, m := range mounts {
 		if err := c.Sys().MountWithContext(ctx, path, m); err != nil {
 			return fmt.Errorf("mount %s: %w", path, err)

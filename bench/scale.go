@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"os"
 	"os/exec"
@@ -98,11 +97,7 @@ func runScale(ctx context.Context, p scalePlan) (err error) {
 		}
 	}
 
-	ev := standin.New()
-	for _, id := range []string{engineClient, directClient} {
-		ev.AddClient(standin.Client{ID: id, Secret: clientSecret, Scopes: []string{"charging_session:read", "vehicle:read"}})
-	}
-	server := httptest.NewServer(ev)
+	ev, server := startStandin()
 	defer server.Close()
 	v, err := startRaftVault(ctx, p.vaultBin, p.plugins, p.clients, pluginName, noopName)
 	if err != nil {
@@ -115,11 +110,7 @@ func runScale(ctx context.Context, p scalePlan) (err error) {
 		v.stop()
 	}()
 	r.VaultVersion, r.FileSystem = v.version, fileSystem(v.dir)
-	if err := mountAll(ctx, v.client, map[string]*api.MountInput{
-		"kv":        {Type: "kv", Options: map[string]string{"version": "1"}},
-		"noop":      {Type: noopName},
-		engineMount: {Type: pluginName},
-	}); err != nil {
+	if err := mountAll(ctx, v.client); err != nil {
 		return err
 	}
 	if _, err := v.client.Logical().WriteWithContext(ctx, engineMount+"/config", engineConfig(server.URL)); err != nil {
