@@ -28,7 +28,7 @@ bench: vault bench-plugins
 	go test -run '^$$' -bench . -skip '^BenchmarkScale' -benchmem ./...
 	go run ./bench -vault $(VAULT) -plugins bin/bench-plugins
 
-# 100,000 users on one mount (about 10 minutes): the Scale Go benchmarks, then imports, memory,
+# 100,000 users on one mount (6 to 9 minutes on 2 cores): the Scale Go benchmarks, then imports, memory,
 # starts and revocations on a Raft Vault; writes bin/bench-scale.json and its section of docs/benchmarks.md.
 bench-scale: vault bench-plugins
 	go run ./bench -scale -vault $(VAULT) -plugins bin/bench-plugins

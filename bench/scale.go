@@ -77,6 +77,9 @@ type startFigures struct {
 	// HeldAtFirstRead is how many grants the engine held right after the first user-token read:
 	// fewer than Grants when reads are served before the load ends.
 	HeldAtFirstRead int `json:"grants_held_at_first_read"`
+	// The CPU time the new engine process and the Vault server used until every grant was loaded.
+	EngineCPUS float64 `json:"engine_cpu_s"`
+	VaultCPUS  float64 `json:"vault_cpu_s"`
 }
 
 type revocation struct {
@@ -120,7 +123,16 @@ func runScale(ctx context.Context, p scalePlan) (err error) {
 		return err
 	}
 
-	start, err := timeStart(ctx, v, 1)
+	// The executables as /proc names them.
+	engineExe, err := filepath.EvalSymlinks(filepath.Join(p.plugins, pluginName))
+	if err != nil {
+		return err
+	}
+	noopExe, err := filepath.EvalSymlinks(filepath.Join(p.plugins, noopName))
+	if err != nil {
+		return err
+	}
+	start, err := timeStart(ctx, v, engineExe, 1)
 	if err != nil {
 		return err
 	}
@@ -128,12 +140,11 @@ func runScale(ctx context.Context, p scalePlan) (err error) {
 	if r.Import, err = importUsers(ctx, v.client, ev, p.users, p.clients, p.rounds); err != nil {
 		return err
 	}
-	engineExe, noopExe := filepath.Join(p.plugins, pluginName), filepath.Join(p.plugins, noopName)
 	r.Memory.TargetMiB = targetMiB
 	if r.Memory.AfterImport, err = residentMemory(v, engineExe); err != nil {
 		return err
 	}
-	if start, err = timeStart(ctx, v, p.users+1); err != nil {
+	if start, err = timeStart(ctx, v, engineExe, p.users+1); err != nil {
 		return err
 	}
 	r.Starts = append(r.Starts, start)
@@ -200,10 +211,6 @@ func timed(do func() error) (time.Duration, error) {
 }
 
 func residentMemory(v *vaultServer, exe string) (memory, error) {
-	exe, err := filepath.EvalSymlinks(exe) // as /proc names it
-	if err != nil {
-		return memory{}, err
-	}
 	m, err := v.pluginMemory(exe)
 	return memory{RSSMiB: mib(m.rss), PeakMiB: mib(m.peak)}, err
 }
@@ -212,14 +219,18 @@ func mib(bytes int64) float64 { return float64(bytes) / (1 << 20) }
 
 // timeStart seals the server and unseals it, which starts every plugin as a restart or a failover
 // does, and times from the unseal until a read of the no-op plugin and of a user's token first
-// succeed and until the engine holds all its grants.
-func timeStart(ctx context.Context, v *vaultServer, grants int) (startFigures, error) {
+// succeed and until the engine, run from engineExe, holds all its grants.
+func timeStart(ctx context.Context, v *vaultServer, engineExe string, grants int) (startFigures, error) {
 	fmt.Fprintf(os.Stderr, "sealing and unsealing with %d user grants stored\n", grants)
 	if err := v.client.Sys().SealWithContext(ctx); err != nil {
 		return startFigures{}, fmt.Errorf("seal: %w", err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
+	vaultCPU, err := cpuSeconds(v.cmd.Process.Pid)
+	if err != nil {
+		return startFigures{}, err
+	}
 	began := time.Now()
 	if err := v.unseal(ctx); err != nil {
 		return startFigures{}, err
@@ -256,7 +267,19 @@ func timeStart(ctx context.Context, v *vaultServer, grants int) (startFigures, e
 		})
 	}
 	wg.Wait()
-	return f, errors.Join(errs...)
+	if err := errors.Join(errs...); err != nil {
+		return f, err
+	}
+	if f.VaultCPUS, err = cpuSeconds(v.cmd.Process.Pid); err != nil {
+		return f, err
+	}
+	f.VaultCPUS -= vaultCPU
+	engine, err := v.pluginMemory(engineExe)
+	if err != nil {
+		return f, err
+	}
+	f.EngineCPUS, err = cpuSeconds(engine.pid)
+	return f, err
 }
 
 // grantsHeld is how many grants the engine holds in memory, from its metrics; -1 when unknown.
@@ -453,6 +476,10 @@ func scaleMarkdown(r scaleReport) string {
 			row.name, row.m.RSSMiB, row.m.PeakMiB, m.Noop.RSSMiB, row.m.RSSMiB/m.Noop.RSSMiB, m.TargetMiB)
 	}
 	base := r.Starts[0]
+	for _, s := range r.Starts {
+		fmt.Fprintf(&b, "| CPU until loaded, unseal with %s: engine, Vault server | %.1f s, %.1f s | %.2f s wall, %d CPUs | | |\n",
+			grants(s.Grants), s.EngineCPUS, s.VaultCPUS, s.AllLoadedS, r.Machine.CPUs)
+	}
 	for _, s := range r.Starts {
 		servedFirst := fmt.Sprintf("%d of them held at the first read", s.HeldAtFirstRead)
 		fmt.Fprintf(&b, "| unseal with %s stored: first user-token read, all loaded (%s) | %.2f s, %.2f s | %.2f s first no-op read | %.2f, %.2f | <= 15 s, reads before the load ends |\n",

@@ -294,6 +294,26 @@ func fileSystem(dir string) string {
 	return fmt.Sprintf("0x%x", st.Type)
 }
 
+// cpuSeconds is the CPU time, user and system, process pid has used since it started.
+func cpuSeconds(pid int) (float64, error) {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// After the command in parentheses: the state (field 3) onwards; utime and stime are fields 14 and 15.
+	fields := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+	var ticks int64
+	for _, field := range fields[11:13] {
+		n, err := strconv.ParseInt(field, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/%d/stat: %v", pid, err)
+		}
+		ticks += n
+	}
+	const ticksPerSecond = 100 // USER_HZ on Linux
+	return float64(ticks) / ticksPerSecond, nil
+}
+
 func freeLoopbackAddr() (string, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
