@@ -4,7 +4,7 @@ VAULT   := $(CURDIR)/bin/vault
 VERSION := v$(shell cat VERSION)
 LDFLAGS := -X github.com/evenergy/vault-plugin-secrets-evenergy.Version=$(VERSION)
 
-.PHONY: build release vault chromium test bench fuzz dev dev-stop
+.PHONY: build release vault chromium test bench bench-scale bench-plugins fuzz dev dev-stop
 
 build:
 	go build -ldflags "$(LDFLAGS)" -o bin/plugins/$(PLUGIN) ./cmd/$(PLUGIN)
@@ -26,12 +26,21 @@ test: vault chromium
 	go vet ./...
 	VAULT_BIN=$(VAULT) go test -count=1 -timeout 30m ./...
 
-# One dev Vault with the engine and a no-op leased plugin (bench/noop) from bin/bench-plugins; see bench/main.go.
-bench: vault
+# The engine's Go benchmarks, then the table on a dev Vault and on a single-node Raft Vault, each
+# with the engine and a no-op leased plugin (bench/noop) from bin/bench-plugins; see bench/main.go.
+# Writes bin/bench.json and its section of docs/benchmarks.md.
+bench: vault bench-plugins
+	go test -run '^$$' -bench . -skip '^BenchmarkScale' -benchmem ./...
+	go run ./bench -vault $(VAULT) -plugins bin/bench-plugins
+
+# 100,000 users on one mount (6 to 9 minutes on 2 cores): the Scale Go benchmarks, then imports, memory,
+# starts and revocations on a Raft Vault; writes bin/bench-scale.json and its section of docs/benchmarks.md.
+bench-scale: vault bench-plugins
+	go run ./bench -scale -vault $(VAULT) -plugins bin/bench-plugins
+
+bench-plugins:
 	go build -o bin/bench-plugins/$(PLUGIN) ./cmd/$(PLUGIN)
 	go build -o bin/bench-plugins/bench-noop ./bench/noop
-	go test -run '^$$' -bench . -benchmem ./...
-	go run ./bench -vault $(VAULT) -plugins bin/bench-plugins -out bin/bench.json
 
 FUZZTIME ?= 60s
 

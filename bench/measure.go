@@ -17,26 +17,28 @@ type kind int
 
 const (
 	builtin kind = iota // inside Vault, unleased
-	floor               // the leased no-op plugin every engine row is compared with
+	floor               // the leased no-op plugin every other row is compared with
 	engine              // this engine
 	minting             // this engine, minting a token at the stand-in on every read
 	direct              // the stand-in's token endpoint without Vault
 )
 
-// target is one row of the table: a read to time.
+// target is one row of the table: a request to time.
 type target struct {
 	name string
-	path string // the Vault path read, or the stand-in's endpoint
+	path string // the Vault path requested, or the stand-in's endpoint
 	kind kind
 	read func(context.Context) error
 }
 
-// timings are one target's measurements over all rounds.
-type timings struct {
-	alone      []time.Duration // latency of each read made by a single client
+// round is one target's measurements in one round.
+type round struct {
+	alone      []time.Duration // latency of each request made by a single client, sorted
 	burstReads int
-	burstTime  time.Duration // wall time of the concurrent bursts
+	burstTime  time.Duration // wall time of the concurrent burst
 }
+
+func (r round) reqPerSec() float64 { return float64(r.burstReads) / r.burstTime.Seconds() }
 
 // plan is how many reads each round makes of every target.
 type plan struct {
@@ -45,21 +47,24 @@ type plan struct {
 }
 
 // measure runs the rounds: each times every target alone and then in a burst, starting one target
-// further along each round, so that noise on the machine spreads over all the rows.
-func measure(ctx context.Context, targets []target, p plan) ([]timings, error) {
+// further along each round, so that noise on the machine spreads over all the rows. It returns
+// each target's rounds.
+func measure(ctx context.Context, targets []target, p plan) ([][]round, error) {
 	for _, t := range targets { // warm the connections and the plugins
 		if err := concurrently(2*p.clients, p.clients, func(int) error { return t.read(ctx) }); err != nil {
 			return nil, fmt.Errorf("%s: %w", t.name, err)
 		}
 	}
-	results := make([]timings, len(targets))
-	for round := range p.rounds {
-		fmt.Fprintf(os.Stderr, "round %d of %d\n", round+1, p.rounds)
+	results := make([][]round, len(targets))
+	for n := range p.rounds {
+		fmt.Fprintf(os.Stderr, "round %d of %d\n", n+1, p.rounds)
 		for k := range targets {
-			i := (round + k) % len(targets)
-			if err := results[i].add(ctx, targets[i].read, p); err != nil {
+			i := (n + k) % len(targets)
+			r, err := timeRound(ctx, targets[i].read, p)
+			if err != nil {
 				return nil, fmt.Errorf("%s: %w", targets[i].name, err)
 			}
+			results[i] = append(results[i], r)
 		}
 		if err := p.between(ctx); err != nil {
 			return nil, err
@@ -68,21 +73,22 @@ func measure(ctx context.Context, targets []target, p plan) ([]timings, error) {
 	return results, nil
 }
 
-func (r *timings) add(ctx context.Context, read func(context.Context) error, p plan) error {
+func timeRound(ctx context.Context, read func(context.Context) error, p plan) (round, error) {
+	var r round
 	for range p.alone {
 		start := time.Now()
 		if err := read(ctx); err != nil {
-			return err
+			return r, err
 		}
 		r.alone = append(r.alone, time.Since(start))
 	}
+	slices.Sort(r.alone)
 	start := time.Now()
 	if err := concurrently(p.burst, p.clients, func(int) error { return read(ctx) }); err != nil {
-		return err
+		return r, err
 	}
-	r.burstTime += time.Since(start)
-	r.burstReads += p.burst
-	return nil
+	r.burstTime, r.burstReads = time.Since(start), p.burst
+	return r, nil
 }
 
 // concurrently calls do(1) to do(n) from that many workers; a worker stops at its first error.
@@ -103,43 +109,79 @@ func concurrently(n, workers int, do func(i int) error) error {
 	return errors.Join(errs...)
 }
 
-// row is a target's results as reported.
+// row is a target's results as reported: latencies and throughput over all rounds, and each
+// comparison with the floor as the median of its value in every round.
 type row struct {
-	Name           string   `json:"name"`
-	Path           string   `json:"path"`
-	P50Ms          float64  `json:"p50_ms"`
-	P99Ms          float64  `json:"p99_ms"`
-	ReqPerSec      float64  `json:"req_per_sec"`
-	P50VsFloor     *float64 `json:"p50_vs_floor,omitempty"`
-	ReqPerSecFloor *float64 `json:"req_per_sec_vs_floor,omitempty"`
+	Name      string  `json:"name"`
+	Path      string  `json:"path"`
+	P50Ms     float64 `json:"p50_ms"`
+	P99Ms     float64 `json:"p99_ms"`
+	ReqPerSec float64 `json:"req_per_sec"`
+	// The ratios to the floor, absent in the floor's own row.
+	P50VsFloor       *float64 `json:"p50_vs_floor,omitempty"`
+	P99VsFloor       *float64 `json:"p99_vs_floor,omitempty"`
+	ReqPerSecVsFloor *float64 `json:"req_per_sec_vs_floor,omitempty"`
 	// ExtraMs is X in p50 = floor + direct POST + X, for the rows that mint a token.
 	ExtraMs *float64 `json:"extra_ms_over_floor_and_post,omitempty"`
 }
 
-func summarize(targets []target, results []timings) []row {
+func summarize(targets []target, results [][]round) []row {
+	base := slices.IndexFunc(targets, func(t target) bool { return t.kind == floor })
+	post := slices.IndexFunc(targets, func(t target) bool { return t.kind == direct })
+	// overRounds is the median over the rounds of f(round of this row, of the floor, of the POST).
+	overRounds := func(rounds []round, f func(r, base, post round) float64) *float64 {
+		values := make([]float64, len(rounds))
+		for n, r := range rounds {
+			values[n] = f(r, results[base][n], results[post][n])
+		}
+		m := median(values)
+		return &m
+	}
 	rows := make([]row, len(targets))
-	for i, r := range results {
-		alone := slices.Sorted(slices.Values(r.alone))
+	for i, rounds := range results {
+		var alone []time.Duration
+		var reads int
+		var burst time.Duration
+		for _, r := range rounds {
+			alone = append(alone, r.alone...)
+			reads += r.burstReads
+			burst += r.burstTime
+		}
+		slices.Sort(alone)
 		rows[i] = row{
 			Name:      targets[i].name,
 			Path:      targets[i].path,
 			P50Ms:     ms(percentile(alone, 0.50)),
 			P99Ms:     ms(percentile(alone, 0.99)),
-			ReqPerSec: float64(r.burstReads) / r.burstTime.Seconds(),
+			ReqPerSec: float64(reads) / burst.Seconds(),
 		}
-	}
-	base := rows[slices.IndexFunc(targets, func(t target) bool { return t.kind == floor })]
-	post := rows[slices.IndexFunc(targets, func(t target) bool { return t.kind == direct })]
-	for i, t := range targets {
-		if t.kind == engine || t.kind == minting {
-			rows[i].P50VsFloor = ptr(rows[i].P50Ms / base.P50Ms)
-			rows[i].ReqPerSecFloor = ptr(rows[i].ReqPerSec / base.ReqPerSec)
+		if i == base {
+			continue
 		}
-		if t.kind == minting {
-			rows[i].ExtraMs = ptr(rows[i].P50Ms - base.P50Ms - post.P50Ms)
+		rows[i].P50VsFloor = overRounds(rounds, func(r, base, _ round) float64 {
+			return float64(percentile(r.alone, 0.50)) / float64(percentile(base.alone, 0.50))
+		})
+		rows[i].P99VsFloor = overRounds(rounds, func(r, base, _ round) float64 {
+			return float64(percentile(r.alone, 0.99)) / float64(percentile(base.alone, 0.99))
+		})
+		rows[i].ReqPerSecVsFloor = overRounds(rounds, func(r, base, _ round) float64 { return r.reqPerSec() / base.reqPerSec() })
+		if targets[i].kind == minting {
+			rows[i].ExtraMs = overRounds(rounds, func(r, base, post round) float64 {
+				return ms(percentile(r.alone, 0.50) - percentile(base.alone, 0.50) - percentile(post.alone, 0.50))
+			})
 		}
 	}
 	return rows
+}
+
+// median is the median of values, which it sorts.
+func median(values []float64) float64 {
+	slices.Sort(values)
+	m := values[len(values)/2]
+	if len(values)%2 == 0 {
+		m = (values[len(values)/2-1] + m) / 2
+	}
+	return m
 }
 
 // percentile is the nearest-rank percentile of sorted latencies.
@@ -148,5 +190,3 @@ func percentile(sorted []time.Duration, p float64) time.Duration {
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-
-func ptr(f float64) *float64 { return &f }
