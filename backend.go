@@ -4,7 +4,6 @@ package evenergy
 
 import (
 	"context"
-	"errors"
 	"strings"
 	"sync"
 
@@ -37,6 +36,11 @@ type backend struct {
 	retired     *retiredClients
 	metrics     *metrics
 
+	// loadingGrants ends the start-up load of every grant; grantsLoaded is closed when it is over.
+	loadingGrants context.Context
+	stopLoading   context.CancelFunc
+	grantsLoaded  chan struct{}
+
 	// writable is whether this node may mint and write: read once, as Vault builds its mounts anew
 	// when a node's replication role changes.
 	writable    sync.Once
@@ -53,7 +57,8 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 }
 
 func newBackend() *backend {
-	b := &backend{locks: locksutil.CreateLocks(), cache: newCache(), revocations: newRevocations(), retired: newRetiredClients()}
+	b := &backend{locks: locksutil.CreateLocks(), cache: newCache(), revocations: newRevocations(), retired: newRetiredClients(), grantsLoaded: make(chan struct{})}
+	b.loadingGrants, b.stopLoading = context.WithCancel(context.Background())
 	b.metrics = newMetrics(b.grantsByStatus, b.revocations.count)
 	b.Backend = &framework.Backend{
 		Help:           strings.TrimSpace(backendHelp),
@@ -69,11 +74,9 @@ func newBackend() *backend {
 			pathToken(b),
 			pathUsers(b),
 		),
-		Secrets: []*framework.Secret{secretAccessToken(b), secretUserToken()},
-		InitializeFunc: func(ctx context.Context, req *logical.InitializationRequest) error {
-			_, err := b.revocations.all(ctx, req.Storage)
-			return errors.Join(err, b.loadGrants(ctx, req.Storage))
-		},
+		Secrets:        []*framework.Secret{secretAccessToken(b), secretUserToken()},
+		InitializeFunc: b.initialize,
+		Clean:          func(context.Context) { b.stopLoading() },
 		Invalidate: func(_ context.Context, key string) {
 			b.cache.invalidate(key)
 			b.revocations.invalidate(key)
@@ -84,6 +87,24 @@ func newBackend() *backend {
 	}
 	respondToCodedErrors(b.Paths)
 	return b
+}
+
+// initialize loads the revocation queue, and every grant in the background: Vault holds its state
+// lock while it initializes mounts, and with many users the load takes seconds. Meanwhile a read
+// reads its user's grant from storage.
+func (b *backend) initialize(ctx context.Context, req *logical.InitializationRequest) error {
+	if _, err := b.revocations.all(ctx, req.Storage); err != nil {
+		return err
+	}
+	b.cache.loadingAll.Lock() // before the start returns, so that a periodic pass finds the load under way
+	go func() {
+		defer close(b.grantsLoaded)
+		defer b.cache.loadingAll.Unlock()
+		if err := b.loadGrantsLocked(b.loadingGrants, req.Storage); err != nil && b.loadingGrants.Err() == nil {
+			b.Logger().Error("could not load users' grants at start; the periodic pass loads them", "error", err)
+		}
+	}()
+	return nil
 }
 
 // ensureWritable sends a request that will call ev.energy and then write (a lease or a rotated

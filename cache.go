@@ -2,6 +2,7 @@ package evenergy
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"sync"
 	"time"
@@ -14,7 +15,8 @@ import (
 // writes update it, Invalidate drops what storage changed underneath (replication, another node),
 // and it is loaded anew at start. Cached values are never changed in place, only replaced.
 type cache struct {
-	mu sync.RWMutex
+	mu         sync.RWMutex
+	loadingAll sync.Mutex // held by a load of every grant: a second one (the periodic pass's) does not wait for it
 	// A load keeps only what did not change while it read storage: clock counts changes (the
 	// engine's own writes and invalidations), and changed notes when each key, or each group for
 	// the listing of pending authorizations, last changed while a load was running.
@@ -235,9 +237,21 @@ func (c *cache) setGrant(user string, g *grant) {
 	c.grants[user] = g
 }
 
+// errGrantsLoading says that another load of every grant (the start-up load) is under way.
+var errGrantsLoading = errors.New("users' grants are still being loaded")
+
 // loadGrants reads every stored grant into memory, at start and after invalidations. A grant that
 // changed while it ran is left to be read again.
 func (b *backend) loadGrants(ctx context.Context, s logical.Storage) error {
+	if !b.cache.loadingAll.TryLock() {
+		return errGrantsLoading
+	}
+	defer b.cache.loadingAll.Unlock()
+	return b.loadGrantsLocked(ctx, s)
+}
+
+// loadGrantsLocked is loadGrants for a caller that holds loadingAll.
+func (b *backend) loadGrantsLocked(ctx context.Context, s logical.Storage) error {
 	load := b.cache.startLoad()
 	defer load.end()
 	b.cache.mu.RLock()

@@ -211,6 +211,7 @@ func TestStartLoadsEveryGrant(t *testing.T) {
 	if err := restarted.Initialize(t.Context(), &logical.InitializationRequest{Storage: counted}); err != nil {
 		t.Fatal(err)
 	}
+	<-restarted.grantsLoaded
 	// The config is read once; the grant came with the start.
 	if _, err := request(t, restarted, counted, logical.ReadOperation, "users/driver/token", nil); err != nil {
 		t.Fatal(err)
@@ -219,6 +220,45 @@ func TestStartLoadsEveryGrant(t *testing.T) {
 	counted.calls.Store(0)
 	if _, err := request(t, restarted, counted, logical.ReadOperation, "users/driver/token", nil); err != nil || counted.calls.Load() != 0 {
 		t.Fatalf("after a start, a read made %d storage calls: %v", counted.calls.Load(), err)
+	}
+}
+
+// blockedListing holds the listing of users' grants until release is closed, as a slow load would.
+type blockedListing struct {
+	logical.Storage
+	release chan struct{}
+}
+
+func (s *blockedListing) List(ctx context.Context, prefix string) ([]string, error) {
+	if prefix == userPrefix {
+		<-s.release
+	}
+	return s.Storage.List(ctx, prefix)
+}
+
+// TestReadsAreServedWhileGrantsLoad: Vault holds its state lock while it initializes a mount, so the
+// start returns at once and a read is served from storage while every grant is still loading.
+func TestReadsAreServedWhileGrantsLoad(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	connectUnitUser(t, b, s, sv, "driver")
+	blocked := &blockedListing{Storage: s, release: make(chan struct{})}
+	restarted, _, _ := newCountedBackend(t, blocked)
+	if err := restarted.Initialize(t.Context(), &logical.InitializationRequest{Storage: blocked}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := request(t, restarted, blocked, logical.ReadOperation, "users/driver/token", nil); err != nil {
+		t.Fatalf("a read while the grants load: %v", err)
+	}
+	if err := restarted.periodic(t.Context(), &logical.Request{Storage: blocked}); err != nil {
+		t.Fatalf("a periodic pass during the start-up load: %v", err)
+	}
+	close(blocked.release)
+	<-restarted.grantsLoaded
+	restarted.cache.mu.RLock()
+	defer restarted.cache.mu.RUnlock()
+	if !restarted.cache.loaded || restarted.cache.grants["driver"] == nil {
+		t.Fatal("the start-up load did not end with every grant in memory")
 	}
 }
 
@@ -258,6 +298,7 @@ func TestStartLoadKeepsWhatOthersChanged(t *testing.T) {
 	if err := b.Initialize(t.Context(), &logical.InitializationRequest{Storage: changing}); err != nil {
 		t.Fatal(err)
 	}
+	<-b.grantsLoaded
 	changing.onGet = nil
 	b.cache.mu.RLock()
 	loaded, cached, u3Stale := b.cache.loaded, len(b.cache.grants), b.cache.stale["u3"]

@@ -41,7 +41,9 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 func (b *backend) refreshDueUsers(ctx context.Context, s logical.Storage) error {
 	starting, stop := context.WithTimeout(ctx, passBudget)
 	defer stop()
-	if err := b.loadGrants(ctx, s); err != nil {
+	if err := b.loadGrants(ctx, s); errors.Is(err, errGrantsLoading) {
+		return nil // the grants wait for the next pass, once the start-up load is over
+	} else if err != nil {
 		return err
 	}
 	errs := []error{b.storeUnsavedGrants(ctx, s)}

@@ -2,6 +2,7 @@ package evenergy
 
 import (
 	"context"
+	"errors"
 	"encoding/hex"
 	"fmt"
 	"net/http"
@@ -167,7 +168,9 @@ func (b *backend) forgetSpentClients(ctx context.Context, s logical.Storage, now
 	if err == nil {
 		err = b.loadGrants(ctx, s)
 	}
-	if err != nil {
+	if errors.Is(err, errGrantsLoading) {
+		return nil // which grants exist is known once the start-up load is over
+	} else if err != nil {
 		return err
 	}
 	inUse := b.grantClients()
