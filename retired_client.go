@@ -2,8 +2,8 @@ package evenergy
 
 import (
 	"context"
-	"errors"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net/http"
 	"strings"
