@@ -39,8 +39,9 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 // refreshDueUsers stores the rotated grants storage refused before, then refreshes, a few at a
 // time, the grants whose access token is inside the refresh window, until passBudget or ctx ends.
 func (b *backend) refreshDueUsers(ctx context.Context, s logical.Storage) error {
-	starting, stop := context.WithTimeout(ctx, passBudget)
-	defer stop()
+	// By the clock, not a context's timer: a late timer would let a worker start a second wave.
+	deadline := time.Now().Add(passBudget)
+	startable := func() bool { return ctx.Err() == nil && time.Now().Before(deadline) }
 	if err := b.loadGrants(ctx, s); errors.Is(err, errGrantsLoading) {
 		return nil // the grants wait for the next pass, once the start-up load is over
 	} else if err != nil {
@@ -59,16 +60,17 @@ func (b *backend) refreshDueUsers(ctx context.Context, s logical.Storage) error 
 	for range refreshWorkers {
 		wg.Go(func() {
 			for user := range due {
-				if starting.Err() != nil {
+				if !startable() {
 					continue // handed over as the budget ran out
 				}
-				// starting bounds a wait for a reader's refresh; a refresh this pass sends runs to its end.
-				_, _, err := b.currentGrant(starting, s, cfg, client, user)
+				// The pass waits for the refresh it sent, or joined, to be stored: the next pass must
+				// not find it half done.
+				_, _, err := b.currentGrant(ctx, s, cfg, client, user)
 				switch {
 				case err == nil:
 				// Revoked grants and those of another client wait for their user, not for the next pass.
 				case errors.As(err, new(*revokedGrantError)), errors.As(err, new(*otherClientError)):
-				case starting.Err() != nil && (errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)):
+				case ctx.Err() != nil && (errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)):
 				default:
 					mu.Lock()
 					errs = append(errs, fmt.Errorf("user %s: %w", user, err))
@@ -78,13 +80,10 @@ func (b *backend) refreshDueUsers(ctx context.Context, s logical.Storage) error 
 		})
 	}
 	for _, user := range b.dueUsers(cfg, b.cache.refreshes.now()) {
-		if starting.Err() != nil {
+		if !startable() {
 			break
 		}
-		select {
-		case due <- user:
-		case <-starting.Done():
-		}
+		due <- user
 	}
 	close(due)
 	wg.Wait()
