@@ -465,7 +465,7 @@ func scaleMarkdown(r scaleReport) string {
 	fmt.Fprintf(&b, "\n#### One mount on a single-node Raft Vault %s, data on %s, %d concurrent clients\n\n", r.VaultVersion, r.FileSystem, r.Clients)
 	fmt.Fprintln(&b, "| figure | measured | floor | ratio | target |\n|---|---:|---:|---:|---|")
 	i := r.Import
-	fmt.Fprintf(&b, "| importing %d grants (`users/<user>` refresh_token) | %.0f grants/s (%.0f s) | %.0f kv-v1 writes/s | %.2f | |\n",
+	fmt.Fprintf(&b, "| importing %d grants (imports through `users/<user>`) | %.0f grants/s (%.0f s) | %.0f kv-v1 writes/s | %.2f | |\n",
 		i.Users, i.PerSec, i.Seconds, i.KVWritesPerSec, i.VsKVWrites)
 	m := r.Memory
 	for _, row := range []struct {
