@@ -21,11 +21,18 @@ type evenergyClient struct {
 	metrics *metrics
 }
 
+// maxIdleConnections is how many idle connections to ev.energy one client keeps.
+const maxIdleConnections = 64
+
 // newClient makes the client of one config, with its own connection pool; request_timeout bounds
 // each whole call (a retry included) through its context, not per attempt. It follows no redirect:
 // a 3xx answer is an error, or the client's credentials and tokens would go where it points.
 func newClient(cfg *config, m *metrics) *evenergyClient {
-	transport := timedTransport{next: http.DefaultTransport.(*http.Transport).Clone(), latency: m.latency}
+	pool := http.DefaultTransport.(*http.Transport).Clone()
+	// Every call goes to one host: keep as many idle connections as the readers Vault serves at
+	// once use, not net/http's default of 2, or concurrent mints each dial anew.
+	pool.MaxIdleConnsPerHost = maxIdleConnections
+	transport := timedTransport{next: pool, latency: m.latency}
 	noRedirects := func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	return &evenergyClient{cfg: cfg, http: &http.Client{Transport: transport, CheckRedirect: noRedirects}, metrics: m}
 }

@@ -2,9 +2,11 @@ package evenergy
 
 import (
 	"errors"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -167,4 +169,36 @@ func TestRedirectWithoutLocation(t *testing.T) {
 // testClient is an ev.energy client outside any backend, with metrics nobody reads.
 func testClient(cfg *config) *evenergyClient {
 	return newClient(cfg, newMetrics(func() map[string]int { return nil }, func() int { return 0 }))
+}
+
+// TestConcurrentMintsReuseConnections: waves of 16 concurrent mints, as 16 Vault clients make, dial
+// ev.energy once per concurrent call, not again in every wave.
+func TestConcurrentMintsReuseConnections(t *testing.T) {
+	const concurrent, waves = 16, 3
+	sv := newTestStandin()
+	sv.SetLatency(20 * time.Millisecond) // so that a wave's calls overlap
+	var dialed atomic.Int64
+	server := httptest.NewUnstartedServer(sv)
+	server.Config.ConnState = func(_ net.Conn, state http.ConnState) {
+		if state == http.StateNew {
+			dialed.Add(1)
+		}
+	}
+	server.Start()
+	t.Cleanup(server.Close)
+	client := testClient(&config{ClientID: testClientID, ClientSecret: testClientSecret, BaseURL: server.URL, RequestTimeout: 30 * time.Second})
+	for range waves {
+		var wg sync.WaitGroup
+		for range concurrent {
+			wg.Go(func() {
+				if _, err := client.clientCredentialsToken(t.Context(), nil); err != nil {
+					t.Error(err)
+				}
+			})
+		}
+		wg.Wait()
+	}
+	if n := dialed.Load(); n > concurrent {
+		t.Fatalf("%d waves of %d concurrent mints dialed %d connections, want at most %d", waves, concurrent, n, concurrent)
+	}
 }
