@@ -284,7 +284,7 @@ func timeStart(ctx context.Context, v *vaultServer, engineExe string, grants int
 
 // grantsHeld is how many grants the engine holds in memory, from its metrics; -1 when unknown.
 func grantsHeld(ctx context.Context, c *api.Client) int {
-	resp, err := c.Logical().ReadRawWithContext(ctx, engineMount+"/metrics")
+	resp, err := c.Logical().ReadRawWithDataWithContext(ctx, engineMount+"/metrics", map[string][]string{"format": {"prometheus"}})
 	if err != nil {
 		return -1
 	}
