@@ -14,6 +14,7 @@ import (
 
 	"github.com/hashicorp/vault/api"
 
+	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/raftconfig"
 	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
 )
 
@@ -91,23 +92,6 @@ func startRaftCluster(t *testing.T, size int) *raftCluster {
 	return c
 }
 
-const raftNodeConfig = `
-storage "raft" {
-  path    = %q
-  node_id = %q
-%s}
-listener "tcp" {
-  address         = %q
-  cluster_address = %q
-  tls_disable     = true
-}
-api_addr         = %q
-cluster_addr     = %q
-disable_mlock    = true
-plugin_directory = %q
-log_level        = "debug"
-`
-
 func (c *raftCluster) startNode(t *testing.T, bin, pluginDir string, i int) (*raftNode, error) {
 	addr, err := freeLoopbackAddr()
 	if err != nil {
@@ -122,12 +106,11 @@ func (c *raftCluster) startNode(t *testing.T, bin, pluginDir string, i int) (*ra
 		return nil, err
 	}
 	n := &raftNode{name: fmt.Sprintf("node%d", i+1), addr: addr, dir: dir}
-	join := ""
+	node := raftconfig.Node{DataDir: filepath.Join(dir, "raft"), NodeID: n.name, Addr: addr, ClusterAddr: clusterAddr, PluginDir: pluginDir, LogLevel: "debug"}
 	if i > 0 {
-		join = fmt.Sprintf("  retry_join {\n    leader_api_addr = %q\n  }\n", "http://"+c.nodes[0].addr)
+		node.LeaderAddr = c.nodes[0].addr
 	}
-	config := fmt.Sprintf(raftNodeConfig, filepath.Join(dir, "raft"), n.name, join,
-		addr, clusterAddr, "http://"+addr, "https://"+clusterAddr, pluginDir)
+	config := node.HCL()
 	if err := os.Mkdir(filepath.Join(dir, "raft"), 0o700); err != nil {
 		return n, err
 	}

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/vault/api"
+
+	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/raftconfig"
 )
 
 // vaultServer is a Vault server this program started: a dev server (in-memory storage) or a
@@ -39,22 +41,6 @@ func startDevVault(ctx context.Context, bin, pluginDir string, clients int) (*va
 	})
 }
 
-const raftConfig = `
-storage "raft" {
-  path    = %q
-  node_id = "bench"
-}
-listener "tcp" {
-  address         = %q
-  cluster_address = %q
-  tls_disable     = true
-}
-api_addr         = %q
-cluster_addr     = %q
-disable_mlock    = true
-plugin_directory = %q
-`
-
 // startRaftVault starts a single-node Raft server with its data in a new temporary directory,
 // initializes it with one key share, unseals it, waits until it is active and registers the
 // plugins, binaries in pluginDir, in its catalog by their sha256.
@@ -68,7 +54,7 @@ func startRaftVault(ctx context.Context, bin, pluginDir string, clients int, plu
 		if err := os.Mkdir(data, 0o700); err != nil {
 			return nil, err
 		}
-		config := fmt.Sprintf(raftConfig, data, addr, clusterAddr, "http://"+addr, "https://"+clusterAddr, pluginDir)
+		config := raftconfig.Node{DataDir: data, NodeID: "bench", Addr: addr, ClusterAddr: clusterAddr, PluginDir: pluginDir}.HCL()
 		if err := os.WriteFile(filepath.Join(dir, "vault.hcl"), []byte(config), 0o600); err != nil {
 			return nil, err
 		}
