@@ -315,3 +315,38 @@ func TestStartLoadKeepsWhatOthersChanged(t *testing.T) {
 		t.Fatalf("the first periodic pass refreshed %d of %d due grants", refreshed, users)
 	}
 }
+
+// TestStartLoadReadsGrantsConcurrently: each read of a grant is a round trip to Vault, so the
+// start-up load keeps several in flight; the first read waits for a second to arrive.
+func TestStartLoadReadsGrantsConcurrently(t *testing.T) {
+	first, s := newUnitBackend(t)
+	sv := newUnitStandin(t, first, s)
+	seedGrants(t, first, s, sv, 4, time.Now().Add(time.Hour))
+
+	var reads atomic.Int32
+	second := make(chan struct{})
+	overlapped := false
+	changing := &changingStorage{Storage: s, onGet: func(string) {
+		switch reads.Add(1) {
+		case 1:
+			select {
+			case <-second:
+				overlapped = true
+			case <-time.After(10 * time.Second):
+			}
+		case 2:
+			close(second)
+		}
+	}}
+	b, _, _ := newCountedBackend(t, changing)
+	if err := b.Initialize(t.Context(), &logical.InitializationRequest{Storage: changing}); err != nil {
+		t.Fatal(err)
+	}
+	<-b.grantsLoaded
+	if !overlapped {
+		t.Fatal("the start-up load read one grant after another: the second read came only once the first was over")
+	}
+	if cached := len(b.cache.grants); cached != 4 {
+		t.Fatalf("the start-up load cached %d of 4 grants", cached)
+	}
+}
