@@ -287,7 +287,7 @@ func (b *backend) loadGrantsLocked(ctx context.Context, s logical.Storage) error
 
 // loadWorkers is how many grants a load reads at once: each read is a round trip to Vault, and
 // Vault's gRPC connection carries concurrent ones for less work each.
-const loadWorkers = 16
+const loadWorkers = 64
 
 // readGrants reads the users' grants from storage, in the users' order, loadWorkers at a time.
 func readGrants(ctx context.Context, s logical.Storage, users []string) ([]*grant, error) {
