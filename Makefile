@@ -41,6 +41,7 @@ bench-scale: vault bench-plugins
 bench-plugins:
 	go build -o bin/bench-plugins/$(PLUGIN) ./cmd/$(PLUGIN)
 	go build -o bin/bench-plugins/bench-noop ./bench/noop
+	go build -o bin/evenergy-standin ./cmd/evenergy-standin
 
 FUZZTIME ?= 60s
 

@@ -37,6 +37,9 @@ const (
 	clientSecret = "bench-secret"
 )
 
+// standinScopes are the scopes of the stand-ins' clients.
+var standinScopes = []string{"charging_session:read", "vehicle:read"}
+
 // report is the JSON file of the table.
 type report struct {
 	Machine    machine `json:"machine"`
@@ -64,6 +67,7 @@ func main() {
 
 func run() error {
 	vaultBin := flag.String("vault", "bin/vault", "the Vault server binary")
+	standinBin := flag.String("standin", "bin/evenergy-standin", "the stand-in's binary, which serves the direct POSTs from a process of its own")
 	pluginDir := flag.String("plugins", "bin/bench-plugins", "directory holding the "+pluginName+" and "+noopName+" binaries")
 	out := flag.String("out", "", "where to write the results as JSON (default bin/bench.json, or bin/bench-scale.json with -scale)")
 	doc := flag.String("doc", "docs/benchmarks.md", "the Markdown file whose generated section gets the results")
@@ -103,7 +107,7 @@ func run() error {
 	p := plan{rounds: *rounds, alone: perRound / 2, burst: perRound - perRound/2, clients: *clients}
 	r := report{Machine: m, Rounds: p.rounds, ReadsAlone: p.rounds * p.alone, ReadsBurst: p.rounds * p.burst, Clients: p.clients}
 	for _, storage := range []string{"inmem", "raft"} {
-		t, err := measureOn(ctx, storage, *vaultBin, plugins, p)
+		t, err := measureOn(ctx, storage, *vaultBin, plugins, *standinBin, p)
 		if err != nil {
 			return fmt.Errorf("on %s storage: %w", storage, err)
 		}
@@ -117,11 +121,17 @@ func run() error {
 	return writeSection(*doc, "make bench", text)
 }
 
-// measureOn starts a Vault on storage, with a stand-in of its own, and measures the table's rows on it.
-func measureOn(ctx context.Context, storage, vaultBin, plugins string, p plan) (t table, err error) {
+// measureOn starts a Vault on storage, with a stand-in of its own and one in a process for the
+// direct POSTs, and measures the table's rows on it.
+func measureOn(ctx context.Context, storage, vaultBin, plugins, standinBin string, p plan) (t table, err error) {
 	fmt.Fprintf(os.Stderr, "measuring on a Vault with %s storage\n", storage)
 	ev, server := startStandin()
 	defer server.Close()
+	directStandin, err := startStandinProcess(ctx, standinBin)
+	if err != nil {
+		return t, err
+	}
+	defer directStandin.stop()
 
 	var v *vaultServer
 	if storage == "raft" {
@@ -139,7 +149,7 @@ func measureOn(ctx context.Context, storage, vaultBin, plugins string, p plan) (
 		v.stop()
 	}()
 
-	targets, err := setUp(ctx, v.client, ev, server.URL, p.clients)
+	targets, err := setUp(ctx, v.client, ev, server.URL, directStandin.url, p.clients)
 	if err != nil {
 		return t, err
 	}
@@ -158,8 +168,9 @@ func measureOn(ctx context.Context, storage, vaultBin, plugins string, p plan) (
 	return t, nil
 }
 
-// setUp mounts and configures what the rows request, and returns the rows in table order.
-func setUp(ctx context.Context, c *api.Client, ev *standin.Server, standinURL string, clients int) ([]target, error) {
+// setUp mounts and configures what the rows request, and returns the rows in table order. The
+// engine's requests go to the stand-in at standinURL, the direct POSTs to the one at directURL.
+func setUp(ctx context.Context, c *api.Client, ev *standin.Server, standinURL, directURL string, clients int) ([]target, error) {
 	if err := mountAll(ctx, c); err != nil {
 		return nil, err
 	}
@@ -179,7 +190,7 @@ func setUp(ctx context.Context, c *api.Client, ev *standin.Server, standinURL st
 		return nil, err
 	}
 
-	mint := directToken(standinURL, pooledClient(clients))
+	mint := directToken(directURL, pooledClient(clients))
 	read := func(name, path string, k kind) target {
 		return target{name, path, k, vaultRead(c, path, k != builtin)}
 	}
@@ -189,7 +200,7 @@ func setUp(ctx context.Context, c *api.Client, ev *standin.Server, standinURL st
 		read("user token, cached", engineMount+"/users/"+benchUser+"/token", engine),
 		read("client credentials", engineMount+"/token", minting),
 		read("role token, ttl=60s", engineMount+"/token/"+role, minting),
-		{"direct token POST to the stand-in", "POST /o/token", direct, func(ctx context.Context) error {
+		{"direct token POST to a stand-in process", "POST /o/token", direct, func(ctx context.Context) error {
 			_, err := mint(ctx)
 			return err
 		}},
@@ -200,7 +211,7 @@ func setUp(ctx context.Context, c *api.Client, ev *standin.Server, standinURL st
 func startStandin() (*standin.Server, *httptest.Server) {
 	ev := standin.New()
 	for _, id := range []string{engineClient, directClient} {
-		ev.AddClient(standin.Client{ID: id, Secret: clientSecret, Scopes: []string{"charging_session:read", "vehicle:read"}})
+		ev.AddClient(standin.Client{ID: id, Secret: clientSecret, Scopes: standinScopes})
 	}
 	return ev, httptest.NewServer(ev)
 }
