@@ -13,6 +13,8 @@ import (
 	"github.com/hashicorp/vault/api"
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+	"golang.org/x/oauth2"
+	"golang.org/x/oauth2/clientcredentials"
 
 	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
 )
@@ -324,4 +326,31 @@ func TestWriteAheadRollbackRevokesAnOrphan(t *testing.T) {
 	if wal, _ := framework.ListWAL(t.Context(), s); len(wal) != 0 {
 		t.Fatalf("%d write-ahead records left after the rollback", len(wal))
 	}
+}
+
+// BenchmarkClientCredentialsRead mints a token through the token path, in process against the
+// stand-in; the floor is the same POST sent straight to the stand-in, so x-direct-post is what the
+// engine costs around its call to ev.energy.
+func BenchmarkClientCredentialsRead(b *testing.B) {
+	be, s := newUnitBackend(b)
+	newUnitStandin(b, be, s)
+	cfg, _, err := be.config(context.Background(), s)
+	if err != nil {
+		b.Fatal(err)
+	}
+	post := clientcredentials.Config{ClientID: testClientID, ClientSecret: testClientSecret, TokenURL: cfg.BaseURL + "/o/token", AuthStyle: oauth2.AuthStyleInHeader}
+	direct := context.WithValue(context.Background(), oauth2.HTTPClient, &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()})
+	floor := timeEach(2000, func() {
+		if _, err := post.Token(direct); err != nil {
+			b.Fatal(err)
+		}
+	})
+	req := &logical.Request{Operation: logical.ReadOperation, Path: "token", Storage: s}
+	b.ReportAllocs()
+	for b.Loop() {
+		if resp, err := be.HandleRequest(context.Background(), req); err != nil || resp.IsError() {
+			b.Fatal(err, resp)
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed()/time.Duration(b.N))/float64(floor), "x-direct-post")
 }
