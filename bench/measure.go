@@ -18,6 +18,7 @@ type kind int
 const (
 	builtin kind = iota // inside Vault, unleased
 	floor               // the leased no-op plugin every other row is compared with
+	shaped              // the no-op plugin answering as an engine row does: what that answer costs Vault
 	engine              // this engine
 	minting             // this engine, minting a token at the stand-in on every read
 	direct              // the stand-in's token endpoint without Vault
@@ -29,6 +30,9 @@ type target struct {
 	path string // the Vault path requested, or the stand-in's endpoint
 	kind kind
 	read func(context.Context) error
+	// before, when set, runs untimed before each request of the single client, to put the machine
+	// in the state in which the engine makes that request.
+	before func(context.Context) error
 }
 
 // round is one target's measurements in one round.
@@ -60,7 +64,7 @@ func measure(ctx context.Context, targets []target, p plan) ([][]round, error) {
 		fmt.Fprintf(os.Stderr, "round %d of %d\n", n+1, p.rounds)
 		for k := range targets {
 			i := (n + k) % len(targets)
-			r, err := timeRound(ctx, targets[i].read, p)
+			r, err := timeRound(ctx, targets[i], p)
 			if err != nil {
 				return nil, fmt.Errorf("%s: %w", targets[i].name, err)
 			}
@@ -73,18 +77,23 @@ func measure(ctx context.Context, targets []target, p plan) ([][]round, error) {
 	return results, nil
 }
 
-func timeRound(ctx context.Context, read func(context.Context) error, p plan) (round, error) {
+func timeRound(ctx context.Context, t target, p plan) (round, error) {
 	var r round
 	for range p.alone {
+		if t.before != nil {
+			if err := t.before(ctx); err != nil {
+				return r, err
+			}
+		}
 		start := time.Now()
-		if err := read(ctx); err != nil {
+		if err := t.read(ctx); err != nil {
 			return r, err
 		}
 		r.alone = append(r.alone, time.Since(start))
 	}
 	slices.Sort(r.alone)
 	start := time.Now()
-	if err := concurrently(p.burst, p.clients, func(int) error { return read(ctx) }); err != nil {
+	if err := concurrently(p.burst, p.clients, func(int) error { return t.read(ctx) }); err != nil {
 		return r, err
 	}
 	r.burstTime, r.burstReads = time.Since(start), p.burst
