@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
+	"golang.org/x/oauth2"
 
 	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
 )
@@ -176,5 +177,14 @@ func TestRefreshWindowCappedAtHalfTheTokenLife(t *testing.T) {
 	}
 	if resp, _ := request(t, b, s, logical.ReadOperation, "users/driver", nil); resp.Data["refresh_window"] != int64(1200) {
 		t.Fatalf("users/driver shows refresh_window %v for a 10-hour token, want 1200", resp.Data["refresh_window"])
+	}
+}
+
+// TestRefreshedGrantComesDueByTheWallClock: a refreshed grant's expiry holds no monotonic reading,
+// as the stored one does not, so the refresh schedule (by wall clock) and unattended agree.
+func TestRefreshedGrantComesDueByTheWallClock(t *testing.T) {
+	g := grant{}.refreshed(&oauth2.Token{AccessToken: "access", Expiry: time.Now().Add(time.Hour)})
+	if g.ExpiresAt != g.ExpiresAt.Round(0) {
+		t.Fatalf("the refreshed grant's expiry %v holds a monotonic reading", g.ExpiresAt)
 	}
 }
