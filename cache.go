@@ -31,6 +31,7 @@ type cache struct {
 	unsaved    map[string]bool      // users whose rotated grant storage refused: only memory holds it
 	loaded     bool                 // grants holds every stored grant
 	pending    map[string]time.Time // expiry of each pending authorization; nil until listed
+	schedule   refreshSchedule      // the grants by when they come due; built by the first periodic pass
 
 	refreshes *refreshes // beside the grants, what only this node knows of their refreshes
 }
@@ -233,6 +234,9 @@ func (c *cache) setGrant(user string, g *grant) {
 	if g == nil {
 		delete(c.grants, user)
 		return
+	}
+	if c.grants[user] != g { // the same grant stored again (an unsaved one) is scheduled already
+		c.schedule.add(user, g)
 	}
 	c.grants[user] = g
 }
