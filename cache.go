@@ -167,7 +167,7 @@ func (b *backend) grant(ctx context.Context, s logical.Storage, user string) (*g
 	}
 	load := b.cache.startLoad()
 	defer load.end()
-	g, err := getJSON[grant](ctx, s, userPrefix+user)
+	g, err := getGrant(ctx, s, user)
 	if err != nil {
 		return nil, err
 	}
@@ -274,7 +274,7 @@ func (b *backend) loadGrantsLocked(ctx context.Context, s logical.Storage) error
 	}
 	grants := make(map[string]*grant, len(users))
 	for _, user := range users {
-		g, err := getJSON[grant](ctx, s, userPrefix+user)
+		g, err := getGrant(ctx, s, user)
 		if err != nil {
 			return err
 		}
