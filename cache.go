@@ -32,6 +32,7 @@ type cache struct {
 	unsaved    map[string]bool      // users whose rotated grant storage refused: only memory holds it
 	loaded     bool                 // grants holds every stored grant
 	pending    map[string]time.Time // expiry of each pending authorization; nil until listed
+	schedule   refreshSchedule      // the grants by when they come due; built by the first periodic pass
 
 	refreshes *refreshes // beside the grants, what only this node knows of their refreshes
 }
@@ -167,7 +168,7 @@ func (b *backend) grant(ctx context.Context, s logical.Storage, user string) (*g
 	}
 	load := b.cache.startLoad()
 	defer load.end()
-	g, err := getJSON[grant](ctx, s, userPrefix+user)
+	g, err := getGrant(ctx, s, user)
 	if err != nil {
 		return nil, err
 	}
@@ -235,6 +236,9 @@ func (c *cache) setGrant(user string, g *grant) {
 		delete(c.grants, user)
 		return
 	}
+	if c.grants[user] != g { // the same grant stored again (an unsaved one) is scheduled already
+		c.schedule.add(user, g)
+	}
 	c.grants[user] = g
 }
 
@@ -296,7 +300,7 @@ func readGrants(ctx context.Context, s logical.Storage, users []string) ([]*gran
 	reads.SetLimit(loadWorkers)
 	for i, user := range users {
 		reads.Go(func() (err error) {
-			grants[i], err = getJSON[grant](ctx, s, userPrefix+user)
+			grants[i], err = getGrant(ctx, s, user)
 			return err
 		})
 	}

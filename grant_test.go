@@ -4,12 +4,16 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
+	"unique"
+	"unsafe"
 
 	"github.com/hashicorp/vault/sdk/logical"
+	"golang.org/x/oauth2"
 
 	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
 )
@@ -176,5 +180,49 @@ func TestRefreshWindowCappedAtHalfTheTokenLife(t *testing.T) {
 	}
 	if resp, _ := request(t, b, s, logical.ReadOperation, "users/driver", nil); resp.Data["refresh_window"] != int64(1200) {
 		t.Fatalf("users/driver shows refresh_window %v for a 10-hour token, want 1200", resp.Data["refresh_window"])
+	}
+}
+
+// TestRefreshedGrantComesDueByTheWallClock: a refreshed grant's expiry holds no monotonic reading,
+// as the stored one does not, so the refresh schedule (by wall clock) and unattended agree.
+func TestRefreshedGrantComesDueByTheWallClock(t *testing.T) {
+	g := grant{}.refreshed(&oauth2.Token{AccessToken: "access", Expiry: time.Now().Add(time.Hour)})
+	if g.ExpiresAt != g.ExpiresAt.Round(0) {
+		t.Fatalf("the refreshed grant's expiry %v holds a monotonic reading", g.ExpiresAt)
+	}
+}
+
+// TestGrantsShareTheirRepeatedStrings: grants read from storage, and refreshed ones, hold one copy
+// of the strings most grants repeat, not one each.
+func TestGrantsShareTheirRepeatedStrings(t *testing.T) {
+	// A shared copy lives while a handle to it does: held, so that a collection cannot make another.
+	handles := []unique.Handle[string]{unique.Make(testClientID), unique.Make("Bearer"), unique.Make("vehicle:read"), unique.Make(grantActive)}
+	defer runtime.KeepAlive(handles)
+	s := &logical.InmemStorage{}
+	var read []*grant
+	for _, user := range []string{"u0", "u1"} {
+		stored := &grant{ClientID: testClientID, TokenType: "Bearer", Scope: "vehicle:read", Status: grantActive}
+		if err := putJSON(t.Context(), s, userPrefix+user, stored); err != nil {
+			t.Fatal(err)
+		}
+		g, err := getGrant(t.Context(), s, user)
+		if err != nil {
+			t.Fatal(err)
+		}
+		read = append(read, g)
+	}
+	tok := (&oauth2.Token{AccessToken: "access", TokenType: "bearer"}).WithExtra(map[string]any{"scope": strings.Clone("vehicle:read")})
+	refreshed := grant{ClientID: testClientID}.refreshed(tok)
+	for field, copies := range map[string][]string{
+		"client_id":  {read[0].ClientID, read[1].ClientID},
+		"token_type": {read[0].TokenType, read[1].TokenType, refreshed.TokenType},
+		"scope":      {read[0].Scope, read[1].Scope, refreshed.Scope},
+		"status":     {read[0].Status, read[1].Status},
+	} {
+		for _, c := range copies[1:] {
+			if unsafe.StringData(c) != unsafe.StringData(copies[0]) {
+				t.Errorf("the grants hold copies of their %s %q", field, c)
+			}
+		}
 	}
 }

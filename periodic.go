@@ -117,17 +117,11 @@ func (b *backend) storeUnsavedGrant(ctx context.Context, s logical.Storage, user
 }
 
 // dueUsers lists, from memory, the users whose active grant of this client entered the refresh
-// window unattended: an active reader has refreshed it already.
+// window unattended (an active reader has refreshed it already), the earliest first.
 func (b *backend) dueUsers(cfg *config, now time.Time) []string {
-	b.cache.mu.RLock()
-	defer b.cache.mu.RUnlock()
-	var users []string
-	for user, g := range b.cache.grants {
-		if g.usable(cfg, user) == nil && g.unattended(cfg, now) {
-			users = append(users, user)
-		}
-	}
-	return users
+	b.cache.mu.Lock()
+	defer b.cache.mu.Unlock()
+	return b.cache.schedule.due(b.cache.grants, cfg, now)
 }
 
 // forgetExpiredAuthorizations deletes pending authorizations nobody came back for in time.

@@ -207,3 +207,42 @@ func TestPeriodicPassStartsNothingOnceItsContextEnded(t *testing.T) {
 		t.Fatalf("a pass whose context had ended sent %d refreshes (it returned %v)", n, err)
 	}
 }
+
+// TestPeriodicPassFindsGrantsThatCameDueByAChange: after a first pass, a grant another node stored
+// due (learnt through Invalidate) and a grant a wider refresh_window makes due are both refreshed
+// by the next pass.
+func TestPeriodicPassFindsGrantsThatCameDueByAChange(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	seedGrants(t, b, s, sv, 2, time.Now().Add(2*time.Hour))
+	refreshed := func() int {
+		issued := len(sv.Tokens())
+		if err := b.periodic(t.Context(), &logical.Request{Storage: s}); err != nil {
+			t.Fatal(err)
+		}
+		return (len(sv.Tokens()) - issued) / 2
+	}
+	if n := refreshed(); n != 0 {
+		t.Fatalf("the first pass refreshed %d grants of none due", n)
+	}
+
+	g, err := getJSON[grant](t.Context(), s, userPrefix+"u0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.ExpiresAt = time.Now().Add(time.Minute)
+	if err := putJSON(t.Context(), s, userPrefix+"u0", g); err != nil {
+		t.Fatal(err)
+	}
+	b.InvalidateKey(t.Context(), userPrefix+"u0")
+	if n := refreshed(); n != 1 {
+		t.Fatalf("after another node stored u0 due, a pass refreshed %d grants", n)
+	}
+
+	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"refresh_window": "3h"}); err != nil {
+		t.Fatal(err)
+	}
+	if n := refreshed(); n != 1 {
+		t.Fatalf("after refresh_window grew past u1's expiry, a pass refreshed %d grants", n)
+	}
+}

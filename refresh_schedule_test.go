@@ -1,0 +1,108 @@
+package evenergy
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"testing"
+	"time"
+)
+
+// TestRefreshScheduleListsEveryDueGrant: while grants are cached, replaced, deleted, invalidated,
+// cached again as they were, the config changes and the clock moves (at times to a nanosecond of a
+// window's opening), every pass lists exactly the users a walk over every cached grant finds unattended.
+func TestRefreshScheduleListsEveryDueGrant(t *testing.T) {
+	rng := rand.New(rand.NewPCG(13, 13))
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	configs := []config{{ClientID: "a", RefreshWindow: 10 * time.Minute}, {ClientID: "a", RefreshWindow: time.Hour},
+		{ClientID: "a"}, {ClientID: "b", RefreshWindow: 10 * time.Minute}}
+	cfg := &configs[0]
+	c := newCache()
+	passes, listed := 0, 0
+	for range 5000 {
+		user := fmt.Sprintf("u%d", rng.IntN(40))
+		switch rng.IntN(9) {
+		case 0, 1: // a write, a refresh or a load caches a new grant
+			c.mu.Lock()
+			c.setGrant(user, randomGrant(rng, now))
+			c.mu.Unlock()
+		case 2: // a delete
+			c.mu.Lock()
+			c.setGrant(user, nil)
+			c.mu.Unlock()
+		case 3: // another node changed it
+			c.invalidate(userPrefix + user)
+		case 4: // stored again as it is, as an unsaved grant is
+			c.mu.Lock()
+			if g := c.grants[user]; g != nil {
+				c.setGrant(user, g)
+			}
+			c.mu.Unlock()
+		case 5: // the config is read again, changed or not
+			next := configs[rng.IntN(len(configs))]
+			cfg = &next
+		case 6:
+			now = now.Add(time.Duration(rng.Int64N(int64(20 * time.Minute))))
+		case 7: // the clock stands at a window's opening, or a nanosecond before it
+			c.mu.RLock()
+			if g := c.grants[user]; g != nil && g.windowOpens(cfg).After(now) {
+				now = g.windowOpens(cfg).Add(-time.Duration(rng.IntN(2)))
+			}
+			c.mu.RUnlock()
+		case 8:
+			c.mu.Lock()
+			got, want := c.schedule.due(c.grants, cfg, now), unattendedUsers(c, cfg, now)
+			c.mu.Unlock()
+			slices.Sort(got)
+			if !slices.Equal(got, want) {
+				t.Fatalf("pass %d at %v listed %v, want %v", passes, now, got, want)
+			}
+			passes, listed = passes+1, listed+len(got)
+		}
+	}
+	t.Logf("%d passes listed %d due grants", passes, listed)
+}
+
+// randomGrant is an active or revoked grant, of client a, client b or none recorded, whose token
+// of 10 hours, 1 minute or unknown life expires within the next 11 hours or expired an hour ago.
+func randomGrant(rng *rand.Rand, now time.Time) *grant {
+	g := &grant{ClientID: []string{"a", "a", "a", "b", ""}[rng.IntN(5)], Status: grantActive,
+		ExpiresAt: now.Add(time.Duration(rng.Int64N(int64(12*time.Hour))) - time.Hour)}
+	if rng.IntN(8) == 0 {
+		g.Status = grantRevoked
+	}
+	if life := []time.Duration{tokenLifetime, time.Minute, 0}[rng.IntN(3)]; life > 0 {
+		g.LastRefreshedAt = g.ExpiresAt.Add(-life)
+	}
+	return g
+}
+
+// unattendedUsers walks every cached grant for the users a periodic pass refreshes, sorted.
+func unattendedUsers(c *cache, cfg *config, now time.Time) []string {
+	var users []string
+	for user, g := range c.grants {
+		if g.usable(cfg, user) == nil && g.unattended(cfg, now) {
+			users = append(users, user)
+		}
+	}
+	slices.Sort(users)
+	return users
+}
+
+// TestRefreshScheduleDropsReplacedGrants: a grant replaced many times before its window opens
+// leaves no pile of entries behind once a pass has run.
+func TestRefreshScheduleDropsReplacedGrants(t *testing.T) {
+	cfg := &config{ClientID: "a", RefreshWindow: 10 * time.Minute}
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	c := newCache()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.schedule.due(c.grants, cfg, now)
+	for range 100 {
+		c.setGrant("driver", &grant{ClientID: "a", Status: grantActive, ExpiresAt: now.Add(tokenLifetime)})
+	}
+	c.schedule.due(c.grants, cfg, now)
+	if n := len(c.schedule.entries); n != 1 {
+		t.Fatalf("one cached grant, replaced 100 times, left %d entries", n)
+	}
+}
