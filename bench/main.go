@@ -180,6 +180,7 @@ func setUp(ctx context.Context, c *api.Client, ev *standin.Server, standinURL, d
 	}{
 		{engineMount + "/config", engineConfig(standinURL)},
 		{engineMount + "/roles/" + role, map[string]any{"ttl": "60s"}},
+		{"noop/mint-target", map[string]any{"token_url": standinURL + "/o/token", "client_id": directClient, "client_secret": clientSecret}},
 	}
 	for _, w := range writes {
 		if _, err := c.Logical().WriteWithContext(ctx, w.path, w.data); err != nil {
@@ -203,6 +204,7 @@ func setUp(ctx context.Context, c *api.Client, ev *standin.Server, standinURL, d
 		read("leased floor: no-op plugin", "noop/creds", floor),
 		read("no-op plugin, answering as the user token", "noop/token", shaped),
 		read("user token, cached", engineMount+"/users/"+benchUser+"/token", engine),
+		read("no-op plugin, minting as the token path", "noop/mint", minting),
 		read("client credentials", engineMount+"/token", minting),
 		read("role token, ttl=60s", engineMount+"/token/"+role, minting),
 		{name: "direct token POST to a stand-in process", path: "POST /o/token", kind: direct, read: func(ctx context.Context) error {

@@ -20,7 +20,7 @@ const (
 	floor               // the leased no-op plugin every other row is compared with
 	shaped              // the no-op plugin answering as an engine row does: what that answer costs Vault
 	engine              // this engine
-	minting             // this engine, minting a token at the stand-in on every read
+	minting             // minting a token at the stand-in on every read, as the engine's token paths do
 	direct              // the stand-in's token endpoint without Vault
 )
 

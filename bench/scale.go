@@ -442,6 +442,15 @@ func runGoBenchmarks(ctx context.Context, pattern string) ([]goBenchmark, error)
 }
 
 // scaleMarkdown is the -scale report as Markdown.
+// msPerOp shows a Go benchmark's ns/op in milliseconds, from a periodic pass's microseconds to a
+// load's seconds.
+func msPerOp(ns float64) string {
+	if ms := ns / 1e6; ms < 100 {
+		return fmt.Sprintf("%.3g ms/op", ms)
+	}
+	return fmt.Sprintf("%.0f ms/op", ns/1e6)
+}
+
 func scaleMarkdown(r scaleReport) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "Measured %s.\n", r.Machine)
@@ -453,7 +462,7 @@ func scaleMarkdown(r scaleReport) string {
 			for _, f := range g.Figures {
 				switch f.Unit {
 				case "ns/op":
-					figures = append(figures, fmt.Sprintf("%.1f ms/op", f.Value/1e6))
+					figures = append(figures, msPerOp(f.Value))
 				case "B/op", "allocs/op":
 				default:
 					figures = append(figures, fmt.Sprintf("%.4g %s", f.Value, f.Unit))
