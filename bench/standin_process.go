@@ -53,16 +53,17 @@ func startStandinProcess(ctx context.Context, bin string) (*standinProcess, erro
 		}
 		select {
 		case <-p.exited:
-			return nil, fmt.Errorf("the stand-in process exited before serving; its log:\n%s", p.logTail())
+			err = fmt.Errorf("the stand-in process exited before serving; its log:\n%s", p.logTail())
 		case <-ctx.Done():
-			p.stop()
-			return nil, ctx.Err()
+			err = ctx.Err()
 		case <-time.After(50 * time.Millisecond):
+			if time.Now().Before(deadline) {
+				continue
+			}
+			err = fmt.Errorf("the stand-in process did not serve within a minute; its log:\n%s", p.logTail())
 		}
-		if time.Now().After(deadline) {
-			p.stop()
-			return nil, fmt.Errorf("the stand-in process did not serve within a minute; its log:\n%s", p.logTail())
-		}
+		p.stop()
+		return nil, err
 	}
 }
 
