@@ -28,6 +28,7 @@ type cache struct {
 	configured *configured
 	roles      map[string]*role
 	grants     map[string]*grant    // every user's grant once loaded; stale users are reloaded
+	tally      grantTally           // the cached grants by client and status
 	stale      map[string]bool      // users whose grant changed underneath since it was cached
 	unsaved    map[string]bool      // users whose rotated grant storage refused: only memory holds it
 	loaded     bool                 // grants holds every stored grant
@@ -44,7 +45,7 @@ type configured struct {
 }
 
 func newCache() *cache {
-	return &cache{changed: map[string]uint64{}, roles: map[string]*role{}, grants: map[string]*grant{}, stale: map[string]bool{},
+	return &cache{changed: map[string]uint64{}, roles: map[string]*role{}, grants: map[string]*grant{}, tally: grantTally{}, stale: map[string]bool{},
 		unsaved: map[string]bool{}, refreshes: newRefreshes()}
 }
 
@@ -63,8 +64,7 @@ func (c *cache) invalidate(key string) {
 		delete(c.roles, strings.TrimPrefix(key, rolePrefix))
 	case strings.HasPrefix(key, userPrefix):
 		if user := strings.TrimPrefix(key, userPrefix); !c.unsaved[user] { // storage holds a dead refresh token of an unsaved one
-			delete(c.grants, user)
-			c.stale[user] = true
+			c.dropGrant(user)
 		}
 	case strings.HasPrefix(key, authRequestPrefix):
 		// A pending authorization made or used elsewhere: the next periodic pass lists them again.
@@ -193,8 +193,7 @@ func (b *backend) putGrant(ctx context.Context, s logical.Storage, user string, 
 		delete(b.cache.unsaved, user)
 	case !b.cache.unsaved[user]:
 		// What storage holds now is unknown: read it again next time.
-		delete(b.cache.grants, user)
-		b.cache.stale[user] = true
+		b.cache.dropGrant(user)
 	}
 	return err
 }
@@ -232,14 +231,26 @@ func (b *backend) putRotatedGrant(ctx context.Context, s logical.Storage, user s
 // setGrant caches g (nil: the user has none); call it with mu held.
 func (c *cache) setGrant(user string, g *grant) {
 	delete(c.stale, user)
+	old := c.grants[user]
+	if g == old {
+		return // the same grant stored again (an unsaved one): scheduled and counted already
+	}
+	c.tally.count(old, -1)
+	c.tally.count(g, 1)
 	if g == nil {
 		delete(c.grants, user)
 		return
 	}
-	if c.grants[user] != g { // the same grant stored again (an unsaved one) is scheduled already
-		c.schedule.add(user, g)
-	}
+	c.schedule.add(user, g)
 	c.grants[user] = g
+}
+
+// dropGrant forgets the user's cached grant, as what storage holds for the user is unknown: it is
+// read again when asked for; call it with mu held.
+func (c *cache) dropGrant(user string) {
+	c.tally.count(c.grants[user], -1)
+	delete(c.grants, user)
+	c.stale[user] = true
 }
 
 // errGrantsLoading says that another load of every grant (the start-up load) is under way.
@@ -311,15 +322,11 @@ func readGrants(ctx context.Context, s logical.Storage, users []string) ([]*gran
 func (b *backend) grantsByStatus() map[string]int {
 	b.cache.mu.RLock()
 	defer b.cache.mu.RUnlock()
-	counts := map[string]int{grantActive: 0, grantRevoked: 0, grantOtherClient: 0}
-	for _, g := range b.cache.grants {
-		if b.cache.configured != nil && g.ofOtherClient(b.cache.configured.cfg) {
-			counts[grantOtherClient]++
-		} else {
-			counts[g.Status]++
-		}
+	var cfg *config
+	if b.cache.configured != nil {
+		cfg = b.cache.configured.cfg
 	}
-	return counts
+	return b.cache.tally.byStatus(cfg)
 }
 
 // loadPending reads the expiry of every pending authorization into memory, when it is not there.

@@ -195,8 +195,8 @@ func (b *backend) grantClients() map[string]bool {
 	b.cache.mu.RLock()
 	defer b.cache.mu.RUnlock()
 	clients := map[string]bool{}
-	for _, g := range b.cache.grants {
-		clients[g.ClientID] = true
+	for clientID := range b.cache.tally {
+		clients[clientID] = true
 	}
 	return clients
 }
