@@ -28,7 +28,8 @@ type Fault struct {
 	Count      int           // how many token requests get the fault; 0 (or less) = every request until SetFault(Fault{})
 }
 
-// SetFault makes token requests (/o/token and /o/token/) fail as f says; requests held by FaultHang are then hung up on.
+// SetFault makes token requests (/o/token and /o/token/) fail as f says; requests held by FaultHang
+// or HangRefreshToken are then hung up on, and HangRefreshToken's tokens refresh again.
 func (s *Server) SetFault(f Fault) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -36,8 +37,25 @@ func (s *Server) SetFault(f Fault) {
 		f.Count = 0
 	}
 	s.fault = f
+	clear(s.hungRefreshes)
 	close(s.release)
 	s.release = make(chan struct{})
+}
+
+// HangRefreshToken holds every refresh request presenting refreshToken, as FaultHang holds every
+// request, until the client gives up or SetFault is called: one user's refresh hangs while the
+// stand-in answers everyone else.
+func (s *Server) HangRefreshToken(refreshToken string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.hungRefreshes[refreshToken] = true
+}
+
+// Held returns how many token requests FaultHang and HangRefreshToken hold.
+func (s *Server) Held() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.held
 }
 
 // SetLatency delays every token endpoint answer by d; concurrent requests wait in parallel.
@@ -125,7 +143,7 @@ func answerFault(w http.ResponseWriter, f Fault) bool {
 	return true
 }
 
-// hold keeps a FaultHang request unanswered until the client goes away or release is closed,
+// hold keeps a FaultHang or HangRefreshToken request unanswered until the client goes away or release is closed,
 // and then hangs up on it.
 func (s *Server) hold(w http.ResponseWriter, r *http.Request, release <-chan struct{}) {
 	io.Copy(io.Discard, r.Body) // postForm may have left some: net/http watches the connection only after the body

@@ -53,8 +53,9 @@ type Server struct {
 	tokenLifetime time.Duration
 	offset        time.Duration   // added to the real clock by Advance
 	fault         Fault           // what SetFault put on the token endpoint; Count is what is left of it
-	release       chan struct{}   // closed by SetFault to release the requests FaultHang holds
-	held          int             // requests FaultHang holds
+	release       chan struct{}   // closed by SetFault to release the requests FaultHang and HangRefreshToken hold
+	held          int             // requests FaultHang and HangRefreshToken hold
+	hungRefreshes map[string]bool // refresh tokens whose refresh requests HangRefreshToken holds
 	latency       time.Duration   // delay of every token endpoint answer
 	redirect      string          // SetRedirect's target; "" answers as usual
 	requests      int             // token endpoint requests received
@@ -81,6 +82,7 @@ func New() *Server {
 		codes:         map[string]*grant{},
 		tokens:        map[string]*token{},
 		presented:     map[string]bool{},
+		hungRefreshes: map[string]bool{},
 		tokenLifetime: 36000 * time.Second,
 		release:       make(chan struct{}),
 	}
@@ -253,15 +255,17 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 	// Read the whole body first: net/http notices a client going away (and cancels r.Context())
 	// only once the body is read.
 	form, oerr := postForm(r)
+	hang := fault.Kind == FaultHang
 	if refresh := form.Get("refresh_token"); oerr == nil && form.Get("grant_type") == "refresh_token" && refresh != "" {
 		s.mu.Lock()
 		if s.presented[refresh] {
 			s.repeated++
 		}
 		s.presented[refresh] = true
+		hang = hang || s.hungRefreshes[refresh]
 		s.mu.Unlock()
 	}
-	if fault.Kind == FaultHang {
+	if hang {
 		s.hold(w, r, release)
 		return
 	}

@@ -636,13 +636,6 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// held is how many requests FaultHang holds.
-func held(s *Server) int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.held
-}
-
 func TestFaults(t *testing.T) {
 	for name, tc := range map[string]struct {
 		fault   Fault
@@ -703,7 +696,7 @@ func TestFaults(t *testing.T) {
 				resp, body, err = send(t, client, ts, clientCredentials(), "vault", "vault-secret")
 				tc.check(t, resp, body, err)
 			}
-			waitFor(t, "the client's going away releases held requests", func() bool { return held(s) == 0 })
+			waitFor(t, "the client's going away releases held requests", func() bool { return s.Held() == 0 })
 			if n := len(s.Tokens()); n != before {
 				t.Errorf("faulted requests issued %d tokens", n-before)
 			}
@@ -820,7 +813,7 @@ func TestFaultHangReleasedBySetFault(t *testing.T) {
 		_, _, err := send(t, newClient(t, 30*time.Second), ts, clientCredentials(), "vault", "vault-secret")
 		errc <- err
 	}()
-	waitFor(t, "the request is held", func() bool { return held(s) == 1 })
+	waitFor(t, "the request is held", func() bool { return s.Held() == 1 })
 	select {
 	case err := <-errc:
 		t.Fatalf("a held request ended: %v", err)
@@ -1056,4 +1049,42 @@ func TestRequestCounts(t *testing.T) {
 	if got := s.TokenRequests(); got != 5 {
 		t.Errorf("TokenRequests = %d, want 5 (the code exchange and four refreshes)", got)
 	}
+}
+
+func TestHangRefreshTokenHoldsOnlyThatToken(t *testing.T) {
+	s, ts := newStandin(t)
+	_, hungRefresh := tokenPair(t, s, ts)
+	_, otherRefresh := tokenPair(t, s, ts)
+	creds := []string{"client_id", "vault", "client_secret", "vault-secret"}
+	s.HangRefreshToken(hungRefresh)
+	errc := make(chan error, 1)
+	go func() {
+		_, _, err := send(t, newClient(t, 30*time.Second), ts, refreshForm(hungRefresh, creds...))
+		errc <- err
+	}()
+	waitFor(t, "the refresh of the hung token is held", func() bool { return s.Held() == 1 })
+
+	// Everything else is answered meanwhile: another token's refresh, a client_credentials grant.
+	wantTokens(t, post(t, ts, "/o/token/", refreshForm(otherRefresh, creds...)), scopes, true)
+	wantTokens(t, post(t, ts, "/o/token/", clientCredentials(), "vault", "vault-secret"), scopes, false)
+	select {
+	case err := <-errc:
+		t.Fatalf("the hung refresh ended: %v", err)
+	default:
+	}
+
+	s.SetFault(Fault{})
+	select {
+	case err := <-errc:
+		if err == nil || isTimeout(err) {
+			t.Errorf("got %v, want the connection closed without a response", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("SetFault did not release the hung refresh")
+	}
+	if !s.Active(hungRefresh) {
+		t.Error("the hung refresh rotated its token")
+	}
+	// Released, the token refreshes again.
+	wantTokens(t, post(t, ts, "/o/token/", refreshForm(hungRefresh, creds...)), scopes, true)
 }
