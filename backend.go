@@ -9,7 +9,6 @@ import (
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/consts"
-	"github.com/hashicorp/vault/sdk/helper/locksutil"
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
@@ -28,13 +27,14 @@ const operationPrefix = "evenergy"
 type backend struct {
 	*framework.Backend
 
-	// locks serialize work on one user's grant (ev.energy rotates its refresh token on each refresh)
-	// or on one pending authorization.
-	locks       []*locksutil.LockEntry
-	cache       *cache
-	revocations *revocations
-	retired     *retiredClients
-	metrics     *metrics
+	// userLocks serialize work on one user's grant (ev.energy rotates its refresh token on each
+	// refresh); pendingLocks on one pending authorization, or on one user's pending ones.
+	userLocks    keyedMutex
+	pendingLocks keyedMutex
+	cache        *cache
+	revocations  *revocations
+	retired      *retiredClients
+	metrics      *metrics
 
 	// loadingGrants ends the start-up load of every grant; grantsLoaded is closed when it is over.
 	loadingGrants context.Context
@@ -57,7 +57,7 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 }
 
 func newBackend() *backend {
-	b := &backend{locks: locksutil.CreateLocks(), cache: newCache(), revocations: newRevocations(), retired: newRetiredClients(), grantsLoaded: make(chan struct{})}
+	b := &backend{cache: newCache(), revocations: newRevocations(), retired: newRetiredClients(), grantsLoaded: make(chan struct{})}
 	b.loadingGrants, b.stopLoading = context.WithCancel(context.Background())
 	b.metrics = newMetrics(b.grantsByStatus, b.revocations.count)
 	b.Backend = &framework.Backend{

@@ -11,29 +11,33 @@ import (
 	"golang.org/x/sync/errgroup"
 )
 
-// cache keeps what the hot paths read (the config with its client, roles, users' grants and the
-// expiry of pending authorizations) in memory. It is only a copy of storage: the engine's own
+// cache keeps what the hot paths read (the config with its client, roles, users' grants and when
+// the next pending authorization expires) in memory. It is only a copy of storage: the engine's own
 // writes update it, Invalidate drops what storage changed underneath (replication, another node),
 // and it is loaded anew at start. Cached values are never changed in place, only replaced.
 type cache struct {
 	mu         sync.RWMutex
 	loadingAll sync.Mutex // held by a load of every grant: a second one (the periodic pass's) does not wait for it
 	// A load keeps only what did not change while it read storage: clock counts changes (the
-	// engine's own writes and invalidations), and changed notes when each key, or each group for
-	// the listing of pending authorizations, last changed while a load was running.
+	// engine's own writes and invalidations), and changed notes when each key last changed while a
+	// load was running.
 	clock   uint64
 	changed map[string]uint64
 	loading int // loads in progress; once none is, earlier changes matter to no load
 
 	configured *configured
 	roles      map[string]*role
-	grants     map[string]*grant    // every user's grant once loaded; stale users are reloaded
-	tally      grantTally           // the cached grants by client and status
-	stale      map[string]bool      // users whose grant changed underneath since it was cached
-	unsaved    map[string]bool      // users whose rotated grant storage refused: only memory holds it
-	loaded     bool                 // grants holds every stored grant
-	pending    map[string]time.Time // expiry of each pending authorization; nil until listed
-	schedule   refreshSchedule      // the grants by when they come due; built by the first periodic pass
+	grants     map[string]*grant // every user's grant once loaded; stale users are reloaded
+	tally      grantTally        // the cached grants by client and status
+	stale      map[string]bool   // users whose grant changed underneath since it was cached
+	unsaved    map[string]bool   // users whose rotated grant storage refused: only memory holds it
+	loaded     bool              // grants holds every stored grant
+	schedule   refreshSchedule   // the grants by when they come due; built by the first periodic pass
+
+	// pendingDue is when the earliest pending authorization stored expires, as far as known: zero (at
+	// start, after an invalidation of an entry of earlier versions) sweeps at the next pass.
+	pendingDue   time.Time
+	pendingSweep *pendingSweep // a sweep that ran out of time, which the next pass goes on with
 
 	refreshes *refreshes // beside the grants, what only this node knows of their refreshes
 }
@@ -67,8 +71,7 @@ func (c *cache) invalidate(key string) {
 			c.dropGrant(user)
 		}
 	case strings.HasPrefix(key, authRequestPrefix):
-		// A pending authorization made or used elsewhere: the next periodic pass lists them again.
-		c.pending = nil
+		c.notePendingKey(key) // made or used on another node
 	}
 }
 
@@ -76,9 +79,6 @@ func (c *cache) invalidate(key string) {
 // call it with mu held.
 func (c *cache) change(key string) {
 	c.clock++
-	if strings.HasPrefix(key, authRequestPrefix) {
-		key = authRequestPrefix // pending authorizations are loaded as one listing
-	}
 	if c.loading > 0 {
 		c.changed[key] = c.clock
 	}
@@ -327,58 +327,4 @@ func (b *backend) grantsByStatus() map[string]int {
 		cfg = b.cache.configured.cfg
 	}
 	return b.cache.tally.byStatus(cfg)
-}
-
-// loadPending reads the expiry of every pending authorization into memory, when it is not there.
-func (b *backend) loadPending(ctx context.Context, s logical.Storage) error {
-	b.cache.mu.RLock()
-	known := b.cache.pending != nil
-	b.cache.mu.RUnlock()
-	if known {
-		return nil
-	}
-	load := b.cache.startLoad()
-	defer load.end()
-	states, err := s.List(ctx, authRequestPrefix)
-	if err != nil {
-		return err
-	}
-	pending := make(map[string]time.Time, len(states))
-	for _, state := range states {
-		p, err := getJSON[authRequest](ctx, s, authRequestPrefix+state)
-		if err != nil {
-			return err
-		}
-		if p != nil {
-			pending[state] = p.ExpiresAt
-		}
-	}
-	load.keep(authRequestPrefix, func() { b.cache.pending = pending })
-	return nil
-}
-
-// putPending stores a pending authorization and notes its expiry.
-func (b *backend) putPending(ctx context.Context, s logical.Storage, state string, p *authRequest) error {
-	if err := putJSON(ctx, s, authRequestPrefix+state, p); err != nil {
-		return err
-	}
-	b.cache.mu.Lock()
-	defer b.cache.mu.Unlock()
-	b.cache.change(authRequestPrefix + state) // a listing that missed this state must not be kept
-	if b.cache.pending != nil {
-		b.cache.pending[state] = p.ExpiresAt
-	}
-	return nil
-}
-
-// deletePending deletes a pending authorization, used or expired.
-func (b *backend) deletePending(ctx context.Context, s logical.Storage, state string) error {
-	if err := s.Delete(ctx, authRequestPrefix+state); err != nil {
-		return err
-	}
-	b.cache.mu.Lock()
-	defer b.cache.mu.Unlock()
-	b.cache.change(authRequestPrefix + state)
-	delete(b.cache.pending, state)
-	return nil
 }

@@ -449,7 +449,8 @@ func FuzzCallback(f *testing.F) {
 		// The pending authorization is single use: the real state consumes it, whatever else came.
 		want := maps.Clone(before)
 		if state == pending {
-			delete(want, authRequestPrefix+pending)
+			key, _ := pendingKey(pending)
+			delete(want, key)
 		}
 		wantUnchanged(t, want, snapshot(t, inmem), fmt.Sprintf("callback %q authorized nobody", data))
 	})

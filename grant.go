@@ -9,7 +9,6 @@ import (
 	"time"
 	"unique"
 
-	"github.com/hashicorp/vault/sdk/helper/locksutil"
 	"github.com/hashicorp/vault/sdk/logical"
 	"golang.org/x/oauth2"
 )
@@ -141,9 +140,7 @@ func (e *revokedGrantError) Code() int { return http.StatusBadRequest }
 
 // lockUser serializes work on one user's grant: ev.energy rotates its refresh token on each refresh.
 func (b *backend) lockUser(user string) func() {
-	lock := locksutil.LockForKey(b.locks, userPrefix+user)
-	lock.Lock()
-	return lock.Unlock
+	return b.userLocks.lock(user)
 }
 
 // storeGrant keeps a user's new tokens, replacing any grant the user had; the replaced grant is

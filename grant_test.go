@@ -3,8 +3,10 @@ package evenergy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"runtime"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -12,6 +14,7 @@ import (
 	"unique"
 	"unsafe"
 
+	"github.com/hashicorp/vault/sdk/helper/locksutil"
 	"github.com/hashicorp/vault/sdk/logical"
 	"golang.org/x/oauth2"
 
@@ -224,5 +227,88 @@ func TestGrantsShareTheirRepeatedStrings(t *testing.T) {
 				t.Errorf("the grants hold copies of their %s %q", field, c)
 			}
 		}
+	}
+}
+
+// userInBucket is a user name whose grant's lock, as locksutil's 256 shared buckets placed it,
+// falls in the bucket of key.
+func userInBucket(t *testing.T, key, prefix string) string {
+	t.Helper()
+	for i := range 100000 {
+		if user := fmt.Sprintf("%s-%d", prefix, i); locksutil.LockIndexForKey(userPrefix+user) == locksutil.LockIndexForKey(key) {
+			return user
+		}
+	}
+	t.Fatalf("no user shares the lock bucket of %s", key)
+	return ""
+}
+
+func TestHungRefreshDelaysOnlyItsUser(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+
+	// A link in flight, whose state's lock the hung user and the other user shared with locksutil.
+	resp, err := request(t, b, s, logical.UpdateOperation, "auth-url/newcomer", map[string]any{"redirect_uri": appRedirect})
+	if err != nil || resp.IsError() {
+		t.Fatalf("auth-url: %v %v", err, resp)
+	}
+	state := resp.Data["state"].(string)
+	redirect, err := sv.Authorize(t.Context(), resp.Data["authorize_url"].(string), "newcomer", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hung := userInBucket(t, authRequestPrefix+state, "hung")
+	other := userInBucket(t, userPrefix+hung, "other")
+
+	sv.SetTokenLifetime(5 * time.Minute)
+	hungGrant := connectUnitUser(t, b, s, sv, hung)
+	connectUnitUser(t, b, s, sv, other)
+	useFakeClock(b, time.Now().Add(3*time.Minute)) // both are due
+
+	sv.HangRefreshToken(hungGrant.RefreshToken)
+	hungRead := make(chan error, 1)
+	go func() {
+		_, _, err := readUserToken(t, b, s, hung)
+		hungRead <- err
+	}()
+	t.Cleanup(func() {
+		sv.SetFault(standin.Fault{}) // ends the hang, once the others have completed or not
+		select {
+		case <-hungRead:
+		case <-time.After(60 * time.Second):
+			t.Error("the hung user's read did not end once released")
+		}
+	})
+	eventually(t, 5*time.Second, "the hung user's refresh is held", func() bool { return sv.Held() == 1 })
+
+	otherRead := make(chan error, 1)
+	go func() {
+		_, _, err := readUserToken(t, b, s, other)
+		otherRead <- err
+	}()
+	callback := make(chan *logical.Response, 1)
+	go func() {
+		resp, _ := request(t, b, s, logical.ReadOperation, "callback", map[string]any{"state": state, "code": redirect.Query().Get("code")})
+		callback <- resp
+	}()
+	deadline := time.After(5 * time.Second)
+	for waiting := []string{"the other due user's read", "the callback"}; len(waiting) > 0; {
+		select {
+		case err := <-otherRead:
+			if err != nil {
+				t.Errorf("the other due user's read: %v", err)
+			}
+			waiting = slices.DeleteFunc(waiting, func(w string) bool { return strings.Contains(w, "read") })
+		case resp := <-callback:
+			if resp == nil || resp.Data[logical.HTTPStatusCode] != http.StatusOK {
+				t.Errorf("callback answered %v", resp)
+			}
+			waiting = slices.DeleteFunc(waiting, func(w string) bool { return strings.Contains(w, "callback") })
+		case <-deadline:
+			t.Fatalf("a hung refresh held up %v for 5 s", waiting)
+		}
+	}
+	if sv.Held() != 1 {
+		t.Fatal("the hung refresh ended before the others completed")
 	}
 }

@@ -2,13 +2,11 @@ package evenergy
 
 import (
 	"context"
-	"crypto/rand"
+	"fmt"
 	"net/http"
-	"regexp"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
-	"github.com/hashicorp/vault/sdk/helper/locksutil"
 	"github.com/hashicorp/vault/sdk/logical"
 	"golang.org/x/oauth2"
 )
@@ -18,10 +16,7 @@ const (
 	authRequestTTL    = 10 * time.Minute
 )
 
-// statePattern is what rand.Text gives: 26 characters of base32.
-var statePattern = regexp.MustCompile(`^[A-Z2-7]{26}$`)
-
-// authRequest is a pending authorization, stored under its state until the user comes back.
+// authRequest is a pending authorization, stored under the key its state names until the user comes back.
 type authRequest struct {
 	User        string    `json:"user"`
 	RedirectURI string    `json:"redirect_uri"`
@@ -46,7 +41,8 @@ func pathAuthURL(b *backend) *framework.Path {
 		},
 		HelpSynopsis: "Start the authorization-code flow (with PKCE) for an ev.energy user.",
 		HelpDescription: `Returns the authorize_url to send the user to, and its state. The PKCE verifier stays sealed in
-Vault. The authorization is single-use and expires after 10 minutes. ev.energy sends the user back to
+Vault. The authorization is single-use and expires after 10 minutes; a user has at most 5 pending,
+and a newer one replaces the oldest. ev.energy sends the user back to
 redirect_uri with a code that is valid for 60 seconds: point it at this mount's callback so Vault
 exchanges it at once, or write code and state to users/<user> from the application.`,
 	}
@@ -67,41 +63,43 @@ func (b *backend) pathAuthURLWrite(ctx context.Context, req *logical.Request, d 
 		scopes = cfg.Scopes
 	}
 
-	state := rand.Text() // matches statePattern
 	pending := authRequest{
 		User:        user,
 		RedirectURI: redirectURI,
 		Verifier:    oauth2.GenerateVerifier(),
 		ExpiresAt:   time.Now().Add(authRequestTTL).UTC(),
 	}
-	if err := b.putPending(ctx, req.Storage, state, &pending); err != nil {
+	state, replaced, err := b.putPending(ctx, req.Storage, &pending)
+	if err != nil {
 		return nil, err
 	}
-	return &logical.Response{Data: map[string]any{
+	resp := &logical.Response{Data: map[string]any{
 		"authorize_url": client.authorizeURL(redirectURI, scopes, state, pending.Verifier),
 		"state":         state,
 		"expires_at":    pending.ExpiresAt.Format(time.RFC3339),
-	}}, nil
+	}}
+	if replaced > 0 {
+		resp.AddWarning(fmt.Sprintf("user %s had %d pending authorization links, the most kept per user: this link replaced the oldest %d, which no longer work", user, maxPendingPerUser, replaced))
+	}
+	return resp, nil
 }
 
 // consumeAuthRequest takes the pending authorization of state out of storage: it is single use.
 // wantUser, when set, must be the user the authorization was started for.
 func (b *backend) consumeAuthRequest(ctx context.Context, s logical.Storage, wantUser, state string) (*authRequest, error) {
-	lock := locksutil.LockForKey(b.locks, authRequestPrefix+state)
-	lock.Lock()
-	defer lock.Unlock()
-
 	var pending *authRequest
-	var err error
-	if statePattern.MatchString(state) { // anything else was never issued, and may not be a storage key
-		if pending, err = getJSON[authRequest](ctx, s, authRequestPrefix+state); err != nil {
+	key, issued := pendingKey(state) // any other state was never issued, and may not be a storage key
+	if issued {
+		defer b.pendingLocks.lock(key)()
+		var err error
+		if pending, err = getJSON[authRequest](ctx, s, key); err != nil {
 			return nil, err
 		}
 	}
 	if pending == nil || time.Now().After(pending.ExpiresAt) || (wantUser != "" && pending.User != wantUser) {
-		return nil, logical.CodedError(http.StatusBadRequest, "the state is unknown, expired, already used or for another user: start again at auth-url")
+		return nil, logical.CodedError(http.StatusBadRequest, "the state is unknown, expired, already used, replaced by a newer link or for another user: start again at auth-url")
 	}
-	return pending, b.deletePending(ctx, s, state)
+	return pending, s.Delete(ctx, key)
 }
 
 // completeAuthorization exchanges the code ev.energy gave for a pending authorization and keeps the grant.

@@ -1,11 +1,14 @@
 package evenergy
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"net/url"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -23,7 +26,8 @@ func TestAuthURLStartsPKCEFlow(t *testing.T) {
 		t.Fatalf("auth-url: %v %v", err, resp)
 	}
 	state := resp.Data["state"].(string)
-	pending, err := getJSON[authRequest](t.Context(), s, authRequestPrefix+state)
+	key, _ := pendingKey(state)
+	pending, err := getJSON[authRequest](t.Context(), s, key)
 	if err != nil || pending == nil {
 		t.Fatalf("pending authorization not stored: %v", err)
 	}
@@ -86,6 +90,14 @@ func TestAuthURLRejectsBadInput(t *testing.T) {
 
 func TestPeriodicForgetsExpiredAuthorizations(t *testing.T) {
 	b, s := newUnitBackend(t)
+	folder := authRequestPrefix + pendingTag("u") + "/"
+	fresh := time.Now().Add(time.Minute)
+	for _, expiresAt := range []time.Time{time.Now().Add(-time.Second), fresh} {
+		if err := putJSON(t.Context(), s, folder+strconv.FormatInt(expiresAt.UnixNano(), 10)+"-"+strings.Repeat("A", 26), authRequest{User: "u", ExpiresAt: expiresAt}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// As earlier versions stored them.
 	for state, expiresAt := range map[string]time.Time{"old": time.Now().Add(-time.Second), "fresh": time.Now().Add(time.Minute)} {
 		if err := putJSON(t.Context(), s, authRequestPrefix+state, authRequest{User: "u", ExpiresAt: expiresAt}); err != nil {
 			t.Fatal(err)
@@ -94,7 +106,75 @@ func TestPeriodicForgetsExpiredAuthorizations(t *testing.T) {
 	if err := b.periodic(t.Context(), &logical.Request{Storage: s}); err != nil {
 		t.Fatal(err)
 	}
-	if keys, _ := s.List(t.Context(), authRequestPrefix); strings.Join(keys, ",") != "fresh" {
+	if keys, _ := s.List(t.Context(), authRequestPrefix); strings.Join(keys, ",") != pendingTag("u")+"/,fresh" {
 		t.Fatalf("pending authorizations left: %v", keys)
+	}
+	if names, _ := s.List(t.Context(), folder); len(names) != 1 || !strings.HasPrefix(names[0], strconv.FormatInt(fresh.UnixNano(), 10)) {
+		t.Fatalf("pending authorizations of the user left: %v", names)
+	}
+}
+
+// storedPending counts the pending authorizations in storage, in either layout.
+func storedPending(t testing.TB, s logical.Storage) int {
+	t.Helper()
+	keys, err := s.List(context.Background(), authRequestPrefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, key := range keys {
+		if !strings.HasSuffix(key, "/") {
+			n++
+			continue
+		}
+		names, err := s.List(context.Background(), authRequestPrefix+key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n += len(names)
+	}
+	return n
+}
+
+func TestAuthURLKeepsFewPendingLinksPerUser(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	var links []*logical.Response
+	for i := range maxPendingPerUser + 2 {
+		resp, err := request(t, b, s, logical.UpdateOperation, "auth-url/driver-1", map[string]any{"redirect_uri": appRedirect})
+		if err != nil || resp.IsError() {
+			t.Fatalf("auth-url: %v %v", err, resp)
+		}
+		replaced := len(resp.Warnings) == 1 && strings.Contains(resp.Warnings[0], "user driver-1 had 5 pending authorization links, the most kept per user: this link replaced the oldest 1, which no longer work")
+		if want := i >= maxPendingPerUser; replaced != want || len(resp.Warnings) > 1 {
+			t.Errorf("link %d: warnings %q, want the oldest replaced: %v", i+1, resp.Warnings, want)
+		}
+		links = append(links, resp)
+	}
+	// Another user's links are counted apart.
+	if resp, err := request(t, b, s, logical.UpdateOperation, "auth-url/driver-2", map[string]any{"redirect_uri": appRedirect}); err != nil || resp.IsError() || len(resp.Warnings) != 0 {
+		t.Fatalf("another user's link: %v %v", err, resp)
+	}
+	if n := storedPending(t, s); n != maxPendingPerUser+1 {
+		t.Fatalf("%d pending authorizations stored, want %d of driver-1 and 1 of driver-2", n, maxPendingPerUser)
+	}
+
+	// A replaced link fails even though ev.energy gave its code; the newest completes.
+	complete := func(link *logical.Response) (*logical.Response, error) {
+		redirect, err := sv.Authorize(t.Context(), link.Data["authorize_url"].(string), "driver-1", true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return request(t, b, s, logical.UpdateOperation, "users/driver-1", map[string]any{"code": redirect.Query().Get("code"), "state": link.Data["state"]})
+	}
+	for _, replaced := range links[:2] {
+		if resp, err := complete(replaced); err == nil && !resp.IsError() {
+			t.Fatal("a replaced link completed")
+		} else if !strings.Contains(fmt.Sprint(resp, err), "replaced by a newer link") {
+			t.Errorf("a replaced link answered %v %v, want it to say links get replaced", resp, err)
+		}
+	}
+	if resp, err := complete(links[len(links)-1]); err != nil || resp.IsError() {
+		t.Fatalf("the newest link: %v %v", err, resp)
 	}
 }

@@ -16,7 +16,7 @@ import (
 const refreshWorkers = 16
 
 // passBudget is how long a periodic pass goes on starting calls to ev.energy, for refreshes and
-// for revocations each. Vault holds its state lock through the pass, so a step-down or a seal waits
+// for revocations each, and deleting expired pending authorizations. Vault holds its state lock through the pass, so a step-down or a seal waits
 // for it: the calls already sent finish (within request_timeout), and the rest wait for the next pass.
 const passBudget = 2 * time.Second
 
@@ -124,22 +124,8 @@ func (b *backend) dueUsers(cfg *config, now time.Time) []string {
 	return b.cache.schedule.due(b.cache.grants, cfg, now)
 }
 
-// forgetExpiredAuthorizations deletes pending authorizations nobody came back for in time.
+// forgetExpiredAuthorizations deletes pending authorizations nobody came back for in time, until
+// passBudget or ctx ends; the next pass goes on from there.
 func (b *backend) forgetExpiredAuthorizations(ctx context.Context, s logical.Storage) error {
-	if err := b.loadPending(ctx, s); err != nil {
-		return err
-	}
-	b.cache.mu.RLock()
-	var expired []string
-	for state, expiresAt := range b.cache.pending {
-		if time.Now().After(expiresAt) {
-			expired = append(expired, state)
-		}
-	}
-	b.cache.mu.RUnlock()
-	var errs []error
-	for _, state := range expired {
-		errs = append(errs, b.deletePending(ctx, s, state))
-	}
-	return errors.Join(errs...)
+	return b.sweepPending(ctx, s, time.Now().Add(passBudget))
 }
