@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -162,5 +163,52 @@ func TestPeriodicForgetsManyExpiredAuthorizationsWithinBudget(t *testing.T) {
 				left = n
 			}
 		})
+	}
+}
+
+// listingThenWrite runs write once, right after the listing of prefix was read and before it is
+// returned: storage changes underneath a listing that is under way.
+type listingThenWrite struct {
+	logical.Storage
+	prefix string
+	write  func()
+}
+
+func (s *listingThenWrite) List(ctx context.Context, prefix string) ([]string, error) {
+	keys, err := s.Storage.List(ctx, prefix)
+	if prefix == s.prefix && s.write != nil {
+		write := s.write
+		s.write = nil
+		write()
+	}
+	return keys, err
+}
+
+func TestSweepKeepsDueAPendingAuthorizationStoredWhileItLists(t *testing.T) {
+	b, inmem := newUnitBackend(t)
+	newUnitStandin(t, b, inmem)
+	seedExpiredPending(t, inmem, 1, false)
+	var state string
+	s := &listingThenWrite{Storage: inmem, prefix: authRequestPrefix, write: func() {
+		resp, err := request(t, b, inmem, logical.UpdateOperation, "auth-url/driver-1", map[string]any{"redirect_uri": appRedirect})
+		if err != nil || resp.IsError() {
+			t.Errorf("auth-url: %v %v", err, resp)
+			return
+		}
+		state = resp.Data["state"].(string)
+	}}
+	if err := b.forgetExpiredAuthorizations(t.Context(), s); err != nil {
+		t.Fatal(err)
+	}
+	if state == "" {
+		t.Fatal("no link was made while the sweep listed")
+	}
+	key, _ := pendingKey(state)
+	expiresAt, _ := pendingExpiry(key[strings.LastIndex(key, "/")+1:])
+	if due := b.cache.pendingDue; due.After(expiresAt) {
+		t.Fatalf("after the sweep the next one is due at %v, after the link made meanwhile expires (%v): it would never be deleted", due, expiresAt)
+	}
+	if n := storedPending(t, inmem); n != 1 {
+		t.Fatalf("%d pending authorizations stored, want the new link only", n)
 	}
 }
