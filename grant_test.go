@@ -248,10 +248,7 @@ func TestHungRefreshDelaysOnlyItsUser(t *testing.T) {
 	sv := newUnitStandin(t, b, s)
 
 	// A link in flight, whose state's lock the hung user and the other user shared with locksutil.
-	resp, err := request(t, b, s, logical.UpdateOperation, "auth-url/newcomer", map[string]any{"redirect_uri": appRedirect})
-	if err != nil || resp.IsError() {
-		t.Fatalf("auth-url: %v %v", err, resp)
-	}
+	resp := newLink(t, b, s, "newcomer")
 	state := resp.Data["state"].(string)
 	redirect, err := sv.Authorize(t.Context(), resp.Data["authorize_url"].(string), "newcomer", true)
 	if err != nil {

@@ -290,10 +290,7 @@ func newUnitStandin(t testing.TB, b *backend, s logical.Storage) *standin.Server
 // connectUnitUser connects a user on a unit backend through the stand-in, as an application would.
 func connectUnitUser(t testing.TB, b *backend, s logical.Storage, sv *standin.Server, user string) *grant {
 	t.Helper()
-	resp, err := request(t, b, s, logical.UpdateOperation, "auth-url/"+user, map[string]any{"redirect_uri": appRedirect})
-	if err != nil || resp.IsError() {
-		t.Fatalf("auth-url: %v %v", err, resp)
-	}
+	resp := newLink(t, b, s, user)
 	redirect, err := sv.Authorize(context.Background(), resp.Data["authorize_url"].(string), user, true)
 	if err != nil {
 		t.Fatal(err)

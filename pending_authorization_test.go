@@ -18,10 +18,7 @@ import (
 func TestPendingOfEarlierVersionsCompletes(t *testing.T) {
 	b, s := newUnitBackend(t)
 	sv := newUnitStandin(t, b, s)
-	resp, err := request(t, b, s, logical.UpdateOperation, "auth-url/driver-1", map[string]any{"redirect_uri": appRedirect})
-	if err != nil || resp.IsError() {
-		t.Fatalf("auth-url: %v %v", err, resp)
-	}
+	resp := newLink(t, b, s, "driver-1")
 	// Moved to where earlier versions stored it, under a state as they made it.
 	key, _ := pendingKey(resp.Data["state"].(string))
 	pending, err := getJSON[authRequest](t.Context(), s, key)
@@ -190,12 +187,7 @@ func TestSweepKeepsDueAPendingAuthorizationStoredWhileItLists(t *testing.T) {
 	seedExpiredPending(t, inmem, 1, false)
 	var state string
 	s := &listingThenWrite{Storage: inmem, prefix: authRequestPrefix, write: func() {
-		resp, err := request(t, b, inmem, logical.UpdateOperation, "auth-url/driver-1", map[string]any{"redirect_uri": appRedirect})
-		if err != nil || resp.IsError() {
-			t.Errorf("auth-url: %v %v", err, resp)
-			return
-		}
-		state = resp.Data["state"].(string)
+		state = newLink(t, b, inmem, "driver-1").Data["state"].(string)
 	}}
 	if err := b.forgetExpiredAuthorizations(t.Context(), s); err != nil {
 		t.Fatal(err)

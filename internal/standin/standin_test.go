@@ -805,6 +805,21 @@ func TestFaultIssueThenHangUp(t *testing.T) {
 	wantError(t, post(t, ts, "/o/token", refreshForm(refresh, vaultCreds...)), 400, "invalid_grant")
 }
 
+// wantHungUpOnRelease calls SetFault, which must end the held request whose error errc gives
+// without a response.
+func wantHungUpOnRelease(t *testing.T, s *Server, errc <-chan error) {
+	t.Helper()
+	s.SetFault(Fault{})
+	select {
+	case err := <-errc:
+		if err == nil || isTimeout(err) {
+			t.Errorf("got %v, want the connection closed without a response", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("SetFault did not release the held request")
+	}
+}
+
 func TestFaultHangReleasedBySetFault(t *testing.T) {
 	s, ts := newStandin(t)
 	s.SetFault(Fault{Kind: FaultHang})
@@ -819,15 +834,7 @@ func TestFaultHangReleasedBySetFault(t *testing.T) {
 		t.Fatalf("a held request ended: %v", err)
 	case <-time.After(100 * time.Millisecond):
 	}
-	s.SetFault(Fault{})
-	select {
-	case err := <-errc:
-		if err == nil || isTimeout(err) {
-			t.Errorf("got %v, want the connection closed without a response", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("SetFault did not release the held request")
-	}
+	wantHungUpOnRelease(t, s, errc)
 	if n := len(s.Tokens()); n != 0 {
 		t.Errorf("the held request issued %d tokens", n)
 	}
@@ -1073,15 +1080,7 @@ func TestHangRefreshTokenHoldsOnlyThatToken(t *testing.T) {
 	default:
 	}
 
-	s.SetFault(Fault{})
-	select {
-	case err := <-errc:
-		if err == nil || isTimeout(err) {
-			t.Errorf("got %v, want the connection closed without a response", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("SetFault did not release the hung refresh")
-	}
+	wantHungUpOnRelease(t, s, errc)
 	if !s.Active(hungRefresh) {
 		t.Error("the hung refresh rotated its token")
 	}
