@@ -17,10 +17,10 @@ import (
 )
 
 // Pending authorizations are stored per user with their expiry in the key, at
-// auth-requests/<user tag>/<expiry in Unix nanoseconds>-<random>, and the state names that key: <user tag>-<expiry>-<random>.
-// So the callback finds the entry by its state alone, auth-url counts a user's links with one
-// listing, and the periodic pass forgets expired ones without reading them. Earlier versions
-// stored them at auth-requests/<state>, with a random state of 26 characters.
+// auth-requests/<user tag>/<expiry in Unix nanoseconds>-<random>, and the state names that key:
+// <user tag>-<expiry>-<random>. So the callback finds the entry by its state alone, auth-url
+// counts a user's links with one listing, and the periodic pass forgets expired ones without
+// reading them. Earlier versions stored them at auth-requests/<state>, a random state of 26 characters.
 const maxPendingPerUser = 5 // a user's newer links replace the oldest, so that nobody grows storage
 
 var (
