@@ -410,3 +410,27 @@ func TestConfirmationCodesAndHeldTokensStayOutOfLogsAndErrors(t *testing.T) {
 		}
 	}
 }
+
+func TestUnconfirmedGrantOfARetiredClientIsRevokedAsThatClient(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	state, _, page := heldAtCallback(t, b, s, sv, "entity-a", "bob@example.com")
+	tokens := heldTokens(t, sv, "bob@example.com")
+	switchClient(t, b, s, sv)
+	if err := b.forgetSpentClients(t.Context(), s, time.Now().Add(tokenLifetime+time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if keys, _ := s.List(t.Context(), retiredClientPrefix); len(keys) != 1 {
+		t.Fatal("the retired client was forgotten while a grant held at the callback is of it")
+	}
+	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": pageConfirmationCode(t, page)})
+	wantCoded(t, resp, err, http.StatusBadRequest, "made for ev.energy client "+testClientID+", not for the configured client "+otherClientID)
+	for _, tok := range tokens {
+		if sv.Active(tok) {
+			t.Fatal("a held token of the retired client is live after its confirmation was refused")
+		}
+	}
+	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"entity-a"); g != nil {
+		t.Fatal("a grant of the retired client was stored as the configured client's")
+	}
+}
