@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
 	"regexp"
 	"strings"
 	"testing"
@@ -104,7 +105,7 @@ func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
 	if status != http.StatusOK || !strings.Contains(body, "Never give this code to anyone") {
 		t.Errorf("B's callback page %d does not tell her to keep the code:\n%s", status, body)
 	}
-	pageConfirmationCode(t, body)
+	bobsCode := pageConfirmationCode(t, body)
 	_, err = alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"code": redirect.Query().Get("code"), "state": state})
 	wantStatus(t, err, http.StatusBadRequest, "already used")
 	_, err = alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"confirmation_code": "AAAA-AAAA", "state": state})
@@ -132,7 +133,8 @@ func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
 	if status != http.StatusOK {
 		t.Fatalf("A's callback page %d:\n%s", status, body)
 	}
-	if _, err := alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"state": state, "confirmation_code": pageConfirmationCode(t, body)}); err != nil {
+	alicesCode := pageConfirmationCode(t, body)
+	if _, err := alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"state": state, "confirmation_code": alicesCode}); err != nil {
 		t.Fatalf("A confirming her own link: %v", err)
 	}
 	if account := readAccount(alice, aliceID); account != aliceAccount {
@@ -140,6 +142,15 @@ func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
 	}
 	if account := readAccount(bob, bobID); account != bobAccount {
 		t.Fatalf("B's token is now of account %q", account)
+	}
+	logged, err := os.ReadFile(devVault.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, code := range []string{bobsCode, alicesCode, confirmationCode(bobsCode), confirmationCode(alicesCode)} {
+		if strings.Contains(string(logged), code) {
+			t.Error("a confirmation code is in Vault's log")
+		}
 	}
 
 	// A link root makes for a user connects in one visit, as before.
