@@ -60,8 +60,9 @@ type callbackPageData struct {
 
 // callbackPage is the one screen a driver sees: self-contained (no scripts, nothing fetched, not
 // even a favicon) and readable from a phone's width up. #result is "Connected", "Not connected
-// yet" (a confirmation code to enter) or "Not connected", for scripts and tests. The application's name is an inline block, with the full stop after it,
-// so that a hyphen in it does not break the name across lines.
+// yet" (a confirmation code to enter) or "Not connected", for scripts and tests. The
+// application's name is an inline block, with the full stop after it, so that a hyphen in it does
+// not break the name across lines.
 var callbackPage = template.Must(template.New("callback").Parse(`{{$connected := eq .Outcome "connected" -}}
 {{$confirm := eq .Outcome "confirm" -}}
 <!DOCTYPE html>
