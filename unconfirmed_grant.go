@@ -97,7 +97,7 @@ func (b *backend) holdForConfirmation(ctx context.Context, s logical.Storage, st
 
 // confirmGrant keeps the grant held under state for user when the writer is the link's maker and
 // the code is the one its callback page showed. Each wrong code counts; the last allowed one
-// revokes the held tokens.
+// revokes the held tokens through the queue.
 func (b *backend) confirmGrant(ctx context.Context, req *logical.Request, user, state, typed string) error {
 	if err := b.ensureWritable(); err != nil {
 		return err
@@ -134,7 +134,8 @@ func (b *backend) confirmGrant(ctx context.Context, req *logical.Request, user, 
 	return b.storeGrant(ctx, req.Storage, cfg, user, held.token())
 }
 
-// wrongConfirmationCode counts a wrong code against held; the last allowed one revokes its tokens.
+// wrongConfirmationCode counts a wrong code against held; the last allowed one hands its tokens to
+// the revocation queue, which calls ev.energy outside the lock held here.
 func (b *backend) wrongConfirmationCode(ctx context.Context, s logical.Storage, state string, held *unconfirmedGrant) error {
 	held.Attempts++
 	if left := confirmationAttempts - held.Attempts; left > 0 {
@@ -144,7 +145,7 @@ func (b *backend) wrongConfirmationCode(ctx context.Context, s logical.Storage, 
 		return logical.CodedError(http.StatusBadRequest, fmt.Sprintf("wrong confirmation code: %d attempts left", left))
 	}
 	b.Logger().Warn("too many wrong confirmation codes for a connection held at the callback: its ev.energy tokens are revoked", "user", held.User)
-	if err := b.revokeOrQueue(ctx, s, held.revocation()); err != nil {
+	if err := b.queueRevocation(ctx, s, held.revocation(), nil); err != nil {
 		return err // the tokens stay held, and are revoked when they expire
 	}
 	if err := b.unconfirmed.delete(ctx, s, state); err != nil {

@@ -282,12 +282,12 @@ func TestSelfMadeLinkIsHeldForItsMakerOnly(t *testing.T) {
 }
 
 func TestWrongConfirmationCodesRevokeTheHeldTokens(t *testing.T) {
-	b, s, sw := newSwitchableUnit(t)
-	state, _, page := heldAtCallback(t, b, s, sw.Server, "entity-a", "bob@example.com")
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	state, _, page := heldAtCallback(t, b, s, sv, "entity-a", "bob@example.com")
 	code := pageConfirmationCode(t, page)
-	tokens := heldTokens(t, sw.Server, "bob@example.com")
+	tokens := heldTokens(t, sv, "bob@example.com")
 
-	sw.down.Store(true) // the revocation is queued
 	wrong := map[string]any{"state": state, "confirmation_code": "AAAA-AAAA"}
 	for left := confirmationAttempts - 1; left > 0; left-- {
 		resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", wrong)
@@ -295,6 +295,7 @@ func TestWrongConfirmationCodesRevokeTheHeldTokens(t *testing.T) {
 	}
 	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", wrong)
 	wantCoded(t, resp, err, http.StatusBadRequest, "no attempts left")
+	heldTokens(t, sv, "bob@example.com") // queued, not yet sent
 	queued := pendingRevocations(t, s)
 	if len(queued) != 1 || queued[0].Reason != reasonUnconfirmed || queued[0].ClientID != testClientID ||
 		queued[0].AccessToken != tokens[0] || queued[0].RefreshToken != tokens[1] {
@@ -303,12 +304,11 @@ func TestWrongConfirmationCodesRevokeTheHeldTokens(t *testing.T) {
 	resp, err = requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": code})
 	wantCoded(t, resp, err, http.StatusBadRequest, "no connection waiting")
 
-	sw.down.Store(false)
 	if _, err := request(t, b, s, logical.UpdateOperation, "revocations", nil); err != nil {
 		t.Fatal(err)
 	}
 	for _, tok := range tokens {
-		if sw.Active(tok) {
+		if sv.Active(tok) {
 			t.Fatal("a held token is live after the queue was retried")
 		}
 	}
