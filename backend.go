@@ -33,6 +33,7 @@ type backend struct {
 	pendingLocks keyedMutex
 	cache        *cache
 	revocations  *revocations
+	unconfirmed  *prefixCache[unconfirmedGrant] // tokens of self-made links, held for their makers
 	retired      *retiredClients
 	metrics      *metrics
 
@@ -57,7 +58,8 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 }
 
 func newBackend() *backend {
-	b := &backend{cache: newCache(), revocations: newRevocations(), retired: newRetiredClients(), grantsLoaded: make(chan struct{})}
+	b := &backend{cache: newCache(), revocations: newRevocations(), unconfirmed: newPrefixCache[unconfirmedGrant](unconfirmedGrantPrefix),
+		retired: newRetiredClients(), grantsLoaded: make(chan struct{})}
 	b.loadingGrants, b.stopLoading = context.WithCancel(context.Background())
 	b.metrics = newMetrics(b.grantsByStatus, b.revocations.count)
 	b.Backend = &framework.Backend{
@@ -65,7 +67,7 @@ func newBackend() *backend {
 		BackendType:    logical.TypeLogical,
 		RunningVersion: Version,
 		PathsSpecial: &logical.Paths{
-			SealWrapStorage: []string{configPath, userPrefix, authRequestPrefix, revocationPrefix, retiredClientPrefix, framework.WALPrefix},
+			SealWrapStorage: []string{configPath, userPrefix, authRequestPrefix, revocationPrefix, unconfirmedGrantPrefix, retiredClientPrefix, framework.WALPrefix},
 			Unauthenticated: []string{"callback"},
 		},
 		Paths: framework.PathAppend(
@@ -80,6 +82,7 @@ func newBackend() *backend {
 		Invalidate: func(_ context.Context, key string) {
 			b.cache.invalidate(key)
 			b.revocations.invalidate(key)
+			b.unconfirmed.invalidate(key)
 			b.retired.invalidate(key)
 		},
 		PeriodicFunc: b.periodic,

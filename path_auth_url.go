@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"net/url"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -22,6 +24,52 @@ type authRequest struct {
 	RedirectURI string    `json:"redirect_uri"`
 	Verifier    string    `json:"verifier"`
 	ExpiresAt   time.Time `json:"expires_at"`
+	MadeBy      string    `json:"made_by,omitempty"` // the Vault entity that wrote auth-url; "" for a token without one, such as root
+}
+
+// How a link from auth-url completes, as its answer says.
+const (
+	completionCallback         = "callback"          // at this mount's callback, in one visit
+	completionConfirmationCode = "confirmation_code" // the callback shows a code that the link's maker writes back to users/<user>
+	completionApplication      = "application"       // the application writes code and state to users/<user>
+)
+
+// selfMade reports whether an entity made the link for itself (the README's self-service policy).
+// Whoever opens such a link may be someone the maker sent it to, so it completes only in the
+// maker's own Vault session.
+func (p *authRequest) selfMade() bool {
+	return p.MadeBy != "" && p.MadeBy == p.User
+}
+
+// toCallback reports whether the link sends the user back to the callback of the mount at mountPoint.
+func (p *authRequest) toCallback(mountPoint string) bool {
+	u, err := url.Parse(p.RedirectURI)
+	return err == nil && strings.HasSuffix(u.Path, "/"+mountPoint+"callback")
+}
+
+// completion is how the link completes.
+func (p *authRequest) completion(mountPoint string) string {
+	switch {
+	case !p.toCallback(mountPoint):
+		return completionApplication
+	case p.selfMade():
+		return completionConfirmationCode
+	default:
+		return completionCallback
+	}
+}
+
+// relayableBy returns why entityID may not finish the link with the code of ev.energy's redirect, or nil.
+func (p *authRequest) relayableBy(entityID, mountPoint string) error {
+	switch {
+	case !p.selfMade():
+		return nil
+	case entityID != p.MadeBy:
+		return logical.CodedError(http.StatusForbidden, "this link was made by a Vault identity for itself: only that identity can finish it, in its own Vault session")
+	case p.toCallback(mountPoint):
+		return logical.CodedError(http.StatusBadRequest, "this link completes at the callback, whose page shows its maker a confirmation code: write state and confirmation_code")
+	}
+	return nil
 }
 
 func pathAuthURL(b *backend) *framework.Path {
@@ -40,11 +88,13 @@ func pathAuthURL(b *backend) *framework.Path {
 			},
 		},
 		HelpSynopsis: "Start the authorization-code flow (with PKCE) for an ev.energy user.",
-		HelpDescription: `Returns the authorize_url to send the user to, and its state. The PKCE verifier stays sealed in
-Vault. The authorization is single-use and expires after 10 minutes; a user has at most 5 pending,
-and a newer one replaces the oldest. ev.energy sends the user back to
-redirect_uri with a code that is valid for 60 seconds: point it at this mount's callback so Vault
-exchanges it at once, or write code and state to users/<user> from the application.`,
+		HelpDescription: `Returns the authorize_url to send the user to, its state, and how it completes. The PKCE verifier
+stays sealed in Vault. The authorization is single-use and expires after 10 minutes; a user has at
+most 5 pending, and a newer one replaces the oldest. ev.energy sends the user back to redirect_uri
+with a code that is valid for 60 seconds: point it at this mount's callback so Vault exchanges it at
+once, or write code and state to users/<user> from the application. A link a Vault entity makes for
+itself completes only in that entity's own session: the callback holds it behind a confirmation code
+that the entity writes back with state.`,
 	}
 }
 
@@ -68,6 +118,7 @@ func (b *backend) pathAuthURLWrite(ctx context.Context, req *logical.Request, d 
 		RedirectURI: redirectURI,
 		Verifier:    oauth2.GenerateVerifier(),
 		ExpiresAt:   time.Now().Add(authRequestTTL).UTC(),
+		MadeBy:      req.EntityID,
 	}
 	state, replaced, err := b.putPending(ctx, req.Storage, &pending)
 	if err != nil {
@@ -77,6 +128,7 @@ func (b *backend) pathAuthURLWrite(ctx context.Context, req *logical.Request, d 
 		"authorize_url": client.authorizeURL(redirectURI, scopes, state, pending.Verifier),
 		"state":         state,
 		"expires_at":    pending.ExpiresAt.Format(time.RFC3339),
+		"completion":    pending.completion(req.MountPoint),
 	}}
 	if replaced > 0 {
 		resp.AddWarning(fmt.Sprintf("user %s had %d pending authorization links, the most kept per user: this link replaced the oldest %d, which no longer work", user, maxPendingPerUser, replaced))
@@ -104,18 +156,25 @@ func (b *backend) consumeAuthRequest(ctx context.Context, s logical.Storage, wan
 
 // completeAuthorization exchanges the code ev.energy gave for a pending authorization and keeps the grant.
 func (b *backend) completeAuthorization(ctx context.Context, s logical.Storage, pending *authRequest, code string) error {
-	if code == "" {
-		return logical.CodedError(http.StatusBadRequest, "code is required: the code ev.energy added to the redirect")
-	}
-	cfg, client, err := b.config(ctx, s)
-	if err != nil {
-		return err
-	}
 	// Once sent, the exchange must reach storage even if the caller goes away, or its tokens are orphans.
 	ctx = context.WithoutCancel(ctx)
-	tok, err := client.exchangeCode(ctx, code, pending.Verifier, pending.RedirectURI)
+	cfg, tok, err := b.exchangeAuthorization(ctx, s, pending, code)
 	if err != nil {
 		return err
 	}
 	return b.storeGrant(ctx, s, cfg, pending.User, tok)
+}
+
+// exchangeAuthorization exchanges the code ev.energy gave for a pending authorization, as the
+// configured client, which it returns with the tokens; ctx must outlive the caller (see completeAuthorization).
+func (b *backend) exchangeAuthorization(ctx context.Context, s logical.Storage, pending *authRequest, code string) (*config, *oauth2.Token, error) {
+	if code == "" {
+		return nil, nil, logical.CodedError(http.StatusBadRequest, "code is required: the code ev.energy added to the redirect")
+	}
+	cfg, client, err := b.config(ctx, s)
+	if err != nil {
+		return nil, nil, err
+	}
+	tok, err := client.exchangeCode(ctx, code, pending.Verifier, pending.RedirectURI)
+	return cfg, tok, err
 }

@@ -185,3 +185,35 @@ func TestAuthURLKeepsFewPendingLinksPerUser(t *testing.T) {
 		t.Fatalf("the newest link: %v %v", err, resp)
 	}
 }
+
+func TestAuthURLRecordsItsMakerAndSaysHowTheLinkCompletes(t *testing.T) {
+	b, s := newUnitBackend(t)
+	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": "app"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		entity, user, redirectURI, completion string
+	}{
+		{"entity-a", "entity-a", unitCallback, completionConfirmationCode},
+		{"entity-a", "entity-a", appRedirect, completionApplication},
+		{"", "driver-1", unitCallback, completionCallback}, // a token without an entity, such as root
+		{"", "driver-1", appRedirect, completionApplication},
+		{"app-entity", "driver-1", unitCallback, completionCallback}, // an application, for its user
+		{"entity-a", "entity-a", "https://vault.example.com/v1/other/callback", completionApplication},
+	} {
+		resp, err := requestAs(t, b, s, tc.entity, logical.UpdateOperation, "auth-url/"+tc.user, map[string]any{"redirect_uri": tc.redirectURI})
+		if err != nil || resp.IsError() {
+			t.Fatalf("auth-url: %v %v", err, resp)
+		}
+		if resp.Data["completion"] != tc.completion {
+			t.Errorf("entity %q, user %s, redirect %s: completion %v, want %s", tc.entity, tc.user, tc.redirectURI, resp.Data["completion"], tc.completion)
+		}
+		pending, err := getJSON[authRequest](t.Context(), s, authRequestPrefix+resp.Data["state"].(string))
+		if err != nil || pending == nil {
+			t.Fatalf("pending authorization not stored: %v", err)
+		}
+		if pending.MadeBy != tc.entity {
+			t.Errorf("entity %q: the pending authorization records its maker as %q", tc.entity, pending.MadeBy)
+		}
+	}
+}

@@ -30,7 +30,8 @@ func pathCallback(b *backend) *framework.Path {
 		HelpSynopsis: "Where ev.energy sends a user back after authorizing (unauthenticated).",
 		HelpDescription: `Give https://VAULT/v1/<mount>/callback as redirect_uri to auth-url: the user's browser then comes
 back straight to Vault, which exchanges the code (valid for 60 seconds) at once and answers with a
-page that says whether the user is connected.`,
+page that says whether the user is connected. A link a Vault entity made for itself is held instead:
+the page shows a confirmation code, which that entity writes back to users/<user> with state.`,
 	}
 }
 
@@ -39,6 +40,7 @@ type callbackOutcome string
 
 const (
 	connected      callbackOutcome = "connected"
+	toConfirm      callbackOutcome = "confirm"         // held until the link's maker writes back the confirmation code
 	badLink        callbackOutcome = "bad-link"        // the state is unknown, expired, already used or malformed
 	accessDenied   callbackOutcome = "access-denied"   // the user chose not to allow access at ev.energy
 	refusedAtLogin callbackOutcome = "refused"         // ev.energy sent the user back with another OAuth error
@@ -51,20 +53,25 @@ type callbackPageData struct {
 	App         string // the application the user connects to ev.energy
 	LinkMinutes int    // how long a link from auth-url works
 	Details     string // one short technical line: never a code, a state or a secret
+	// ConfirmationCode is shown with the outcome "confirm" only: to whoever opened the link, who
+	// is its maker unless the maker sent it to someone else.
+	ConfirmationCode string
 }
 
 // callbackPage is the one screen a driver sees: self-contained (no scripts, nothing fetched, not
-// even a favicon) and readable from a phone's width up. #result is "Connected" or "Not connected",
-// for scripts and tests. The application's name is an inline block, with the full stop after it,
-// so that a hyphen in it does not break the name across lines.
+// even a favicon) and readable from a phone's width up. #result is "Connected", "Not connected
+// yet" (a confirmation code to enter) or "Not connected", for scripts and tests. The
+// application's name is an inline block, with the full stop after it, so that a hyphen in it does
+// not break the name across lines.
 var callbackPage = template.Must(template.New("callback").Parse(`{{$connected := eq .Outcome "connected" -}}
+{{$confirm := eq .Outcome "confirm" -}}
 <!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="icon" href="data:,">
-<title>ev.energy: {{if $connected}}Connected{{else}}Not connected{{end}}</title>
+<title>ev.energy: {{if $connected}}Connected{{else if $confirm}}Not connected yet{{else}}Not connected{{end}}</title>
 <style>
 *{box-sizing:border-box}
 html{-webkit-text-size-adjust:100%;text-size-adjust:100%}
@@ -74,24 +81,31 @@ main{width:100%;max-width:34rem;background:#fff;border-radius:1rem;padding:2.25r
 .icon{display:flex;align-items:center;justify-content:center;width:3.5rem;height:3.5rem;margin-bottom:1.25rem;border-radius:50%}
 .ok .icon{background:#dff3e8;color:#0a7a4c}
 .fail .icon{background:#fdebe7;color:#b42318}
+.confirm .icon{background:#fff4d6;color:#8a5a00}
 h1{margin:0 0 .75rem;font-size:1.875rem;line-height:1.2}
 p{margin:0 0 1rem}
 .app{display:inline-block}
 .next{font-weight:600}
+.code{margin:0 0 1rem;padding:.75rem 1rem;border-radius:.5rem;background:#f3f6f4;text-align:center;font:700 1.75rem/1.2 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;letter-spacing:.12em}
 .details{margin:1.75rem 0 0;padding-top:1rem;border-top:1px solid #e3e8e5;font-size:.875rem;line-height:1.45;color:#5a6661}
 @media (max-width:30rem){body{align-items:flex-start;padding:1rem}main{padding:1.75rem 1.5rem}}
 </style>
 </head>
 <body>
-<main class="{{if $connected}}ok{{else}}fail{{end}}">
+<main class="{{if $connected}}ok{{else if $confirm}}confirm{{else}}fail{{end}}">
 <p class="brand">ev.energy</p>
 <div class="icon" aria-hidden="true"><svg width="30" height="30" viewBox="0 0 24 24" fill="none" stroke="currentColor" stroke-width="2.5" stroke-linecap="round" stroke-linejoin="round">
-{{- if $connected}}<path d="M5 12.5l4.5 4.5L19 7.5"/>{{else}}<path d="M7 7l10 10M17 7L7 17"/>{{end -}}
+{{- if $connected}}<path d="M5 12.5l4.5 4.5L19 7.5"/>{{else if $confirm}}<rect x="5" y="11" width="14" height="9" rx="2"/><path d="M8 11V8a4 4 0 0 1 8 0v3"/>{{else}}<path d="M7 7l10 10M17 7L7 17"/>{{end -}}
 </svg></div>
-<h1 id="result">{{if $connected}}Connected{{else}}Not connected{{end}}</h1>
+<h1 id="result">{{if $connected}}Connected{{else if $confirm}}Not connected yet{{else}}Not connected{{end}}</h1>
 {{- if $connected}}
 <p id="happened">Your ev.energy account is now connected to <span class="app">{{.App}}.</span></p>
 <p id="next" class="next">You can close this page and return to <span class="app">{{.App}}.</span></p>
+{{- else if $confirm}}
+<p id="happened">ev.energy allowed <span class="app">{{.App}}</span> to access your account. To finish connecting it, enter this code in <span class="app">{{.App}}</span> yourself, within {{.LinkMinutes}} minutes:</p>
+<p id="confirmation-code" class="code">{{.ConfirmationCode}}</p>
+<p id="next" class="next">Never give this code to anyone, not even to someone who sent you the link: whoever enters it gets access to your ev.energy account.</p>
+<p id="unasked">If you did not start this connection in <span class="app">{{.App}}</span> yourself, close this page: without the code, nothing is connected.</p>
 {{- else if eq .Outcome "bad-link"}}
 <p id="happened">This link has expired, has already been used or is not complete, so your ev.energy account was not connected. Each link works once, within {{.LinkMinutes}} minutes.</p>
 <p id="next" class="next">Ask <span class="app">{{.App}}</span> for a new link and try again.</p>
@@ -113,21 +127,32 @@ p{margin:0 0 1rem}
 
 func (b *backend) pathCallbackRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	outcome := badLink
-	pending, err := b.consumeAuthRequest(ctx, req.Storage, "", d.Get("state").(string))
+	state := d.Get("state").(string)
+	pending, err := b.consumeAuthRequest(ctx, req.Storage, "", state)
+	var confirmation string // the code to show when the link waits for its maker
 	if err == nil {
-		if oauthErr := d.Get("error").(string); oauthErr != "" {
+		switch oauthErr := d.Get("error").(string); {
+		case oauthErr != "":
 			outcome = refusedAtLogin
 			if oauthErr == "access_denied" {
 				outcome = accessDenied
 			}
 			err = &upstreamError{Op: "authorization", Status: http.StatusBadRequest, OAuthCode: oauthErr, Description: d.Get("error_description").(string)}
-		} else {
+		case pending.selfMade():
+			// Whoever opened the link may not be its maker: only the maker may keep what it gives.
+			outcome = exchangeFailed
+			confirmation, err = b.holdForConfirmation(ctx, req.Storage, state, pending, d.Get("code").(string))
+		default:
 			outcome = exchangeFailed
 			err = b.completeAuthorization(ctx, req.Storage, pending, d.Get("code").(string))
 		}
 	}
 	var coded logical.HTTPCodedError
 	switch {
+	case err == nil && confirmation != "":
+		data := b.callbackPageData(ctx, req.Storage, toConfirm, "held for "+pending.User+" until the code is entered")
+		data.ConfirmationCode = confirmation
+		return callbackResponse(http.StatusOK, data)
 	case err == nil:
 		return callbackResponse(http.StatusOK, b.callbackPageData(ctx, req.Storage, connected, "connected as "+pending.User))
 	case errors.Is(err, logical.ErrReadOnly):

@@ -178,8 +178,9 @@ func screenshotPage(t *testing.T, ctx context.Context, dir, name string) {
 
 // TestAccBrowserAuthorizationFlow walks the authorization code flow as a user does, in a real
 // headless Chromium: auth-url, the stand-in's consent page, its redirect to this mount's
-// unauthenticated callback, and the page Vault answers there, once allowing access and once
-// not. It screenshots both pages at phone and desktop sizes into $EVENERGY_SCREENSHOTS, if set.
+// unauthenticated callback, and the page Vault answers there, once allowing access, once not,
+// and once for a link a Vault entity made for itself, which shows a confirmation code. It
+// screenshots the pages at phone and desktop sizes into $EVENERGY_SCREENSHOTS, if set.
 func TestAccBrowserAuthorizationFlow(t *testing.T) {
 	t.Parallel()
 	chromium := chromiumPath(t)
@@ -298,4 +299,30 @@ func TestAccBrowserAuthorizationFlow(t *testing.T) {
 		"ask "+testClientID+" for a new link and try again.",
 		"access_denied")
 	screenshotPage(t, browserCtx, shots, "not-connected")
+
+	// A link a Vault entity makes for itself: the page shows the code its maker writes back.
+	maker, makerID := e.userpass(t, e.selfServicePolicy())("driver-9")
+	link, err := maker.Logical().Write(e.path("auth-url/"+makerID), map[string]any{"redirect_uri": callbackURL})
+	if err != nil {
+		t.Fatalf("auth-url for one's own entity: %v", err)
+	}
+	step("open the consent page of a link made for oneself", chromedp.Navigate(link.Data["authorize_url"].(string)), chromedp.WaitVisible(chromedp.ID("authorize")))
+	status, result, location = leaveConsent("authorize")
+	if result != "Not connected yet" || status != 200 {
+		t.Fatalf("Vault's callback page answered HTTP %d %q for a link made for oneself, want 200 \"Not connected yet\"", status, result)
+	}
+	checkCallbackPage(t, browserCtx, location,
+		"To finish connecting it, enter this code in "+testClientID+" yourself, within 10 minutes:",
+		"Never give this code to anyone, not even to someone who sent you the link: whoever enters it gets access to your ev.energy account.")
+	screenshotPage(t, browserCtx, shots, "confirm")
+	code, err := chromedp.Run(browserCtx, chromedp.Text(chromedp.ID("confirmation-code")))
+	if err != nil {
+		t.Fatalf("browser: read #confirmation-code: %v", err)
+	}
+	if _, err := maker.Logical().Write(e.path("users/"+makerID), map[string]any{"state": link.Data["state"], "confirmation_code": code}); err != nil {
+		t.Fatalf("writing back the code the page showed: %v", err)
+	}
+	if status := e.read(t, "users/"+makerID).Data["status"]; status != "active" {
+		t.Fatalf("users/%s status = %v after the confirmation, want active", makerID, status)
+	}
 }

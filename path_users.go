@@ -22,10 +22,11 @@ func pathUsers(b *backend) []*framework.Path {
 		{
 			Pattern: userPrefix + userField + "$",
 			Fields: map[string]*framework.FieldSchema{
-				"user":          userSchema,
-				"code":          {Type: framework.TypeString, Description: "Authorization code from ev.energy's redirect; goes with state.", DisplayAttrs: &framework.DisplayAttributes{Sensitive: true}},
-				"state":         {Type: framework.TypeString, Description: "State from auth-url, as ev.energy's redirect returned it."},
-				"refresh_token": {Type: framework.TypeString, Description: "A refresh token obtained elsewhere, to import instead of code and state.", DisplayAttrs: &framework.DisplayAttributes{Sensitive: true}},
+				"user":              userSchema,
+				"code":              {Type: framework.TypeString, Description: "Authorization code from ev.energy's redirect; goes with state.", DisplayAttrs: &framework.DisplayAttributes{Sensitive: true}},
+				"state":             {Type: framework.TypeString, Description: "State from auth-url, as ev.energy's redirect returned it."},
+				"refresh_token":     {Type: framework.TypeString, Description: "A refresh token obtained elsewhere, to import instead of code and state.", DisplayAttrs: &framework.DisplayAttributes{Sensitive: true}},
+				"confirmation_code": {Type: framework.TypeString, Description: "The code the callback page showed for a link its maker made for itself; goes with state, written by the link's maker.", DisplayAttrs: &framework.DisplayAttributes{Sensitive: true}},
 			},
 			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "user"},
 			Operations: map[logical.Operation]framework.OperationHandler{
@@ -39,8 +40,10 @@ func pathUsers(b *backend) []*framework.Path {
 			},
 			HelpSynopsis: "Manage an ev.energy user's grant.",
 			HelpDescription: `Write code and state (from ev.energy's redirect to the application) to finish an authorization
-started at auth-url, or refresh_token to import a grant obtained elsewhere. Read shows the grant's
-status, never a token. Delete revokes the grant at ev.energy and forgets it.`,
+started at auth-url, state and confirmation_code (from the callback page of a link its maker made
+for itself), or refresh_token to import a grant obtained elsewhere. A link a Vault entity made for
+itself is finished only by that entity. Read shows the grant's status, never a token. Delete
+revokes the grant at ev.energy and forgets it.`,
 		},
 		{
 			Pattern:      userPrefix + "?$",
@@ -68,9 +71,12 @@ one; its lease ends before the next refresh replaces it, and ending the lease re
 func (b *backend) pathUserWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	user := d.Get("user").(string)
 	code, state, refreshToken := d.Get("code").(string), d.Get("state").(string), d.Get("refresh_token").(string)
+	confirmation := d.Get("confirmation_code").(string)
 	switch {
-	case refreshToken != "" && (code != "" || state != ""):
-		return logical.ErrorResponse("give either code and state, or refresh_token, not both"), nil
+	case refreshToken != "" && (code != "" || state != "" || confirmation != ""):
+		return logical.ErrorResponse("give either code and state, state and confirmation_code, or refresh_token alone"), nil
+	case code != "" && confirmation != "":
+		return logical.ErrorResponse("give state with either code or confirmation_code, not both"), nil
 	case refreshToken != "":
 		if err := b.ensureWritable(); err != nil {
 			return nil, err
@@ -87,14 +93,19 @@ func (b *backend) pathUserWrite(ctx context.Context, req *logical.Request, d *fr
 			return nil, err
 		}
 		return nil, b.storeGrant(ctx, req.Storage, cfg, user, tok)
+	case state != "" && confirmation != "":
+		return nil, b.confirmGrant(ctx, req, user, state, confirmation)
 	case state != "":
 		pending, err := b.consumeAuthRequest(ctx, req.Storage, user, state)
+		if err == nil {
+			err = pending.relayableBy(req.EntityID, req.MountPoint)
+		}
 		if err != nil {
 			return nil, err
 		}
 		return nil, b.completeAuthorization(ctx, req.Storage, pending, code)
 	default:
-		return logical.ErrorResponse("give code and state from ev.energy's redirect, or refresh_token to import a grant"), nil
+		return logical.ErrorResponse("give code and state from ev.energy's redirect, state and the confirmation_code the callback page showed, or refresh_token to import a grant"), nil
 	}
 }
 

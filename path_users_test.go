@@ -400,24 +400,20 @@ func TestGrantOfAnotherClientIsNeverSent(t *testing.T) {
 	}
 }
 
-// TestAccEntitiesReachOnlyTheirOwnGrant logs two Vault entities in through userpass under one
-// templated policy: each authorizes, reads and deletes its own grant and gets 403 on the other's.
-func TestAccEntitiesReachOnlyTheirOwnGrant(t *testing.T) {
-	t.Parallel()
-	e := newAccEnv(t)
+// userpass enables a userpass auth method of this test under policy, and returns a login that
+// creates a user of that name and logs in as it: a Vault entity's client and its entity ID.
+func (e *accEnv) userpass(t *testing.T, policy string) func(name string) (*api.Client, string) {
+	t.Helper()
 	auth := "userpass-" + strings.TrimPrefix(e.mount, "evenergy-")
 	if err := e.vault.Sys().EnableAuthWithOptions(auth, &api.EnableAuthOptions{Type: "userpass"}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = e.vault.Sys().DisableAuth(auth) })
-	policy := fmt.Sprintf(`
-path "%[1]s/+/{{identity.entity.id}}" { capabilities = ["read", "update", "delete"] }
-path "%[1]s/users/{{identity.entity.id}}/*" { capabilities = ["read"] }
-`, e.mount)
 	if err := e.vault.Sys().PutPolicy(e.mount+"-self", policy); err != nil {
 		t.Fatal(err)
 	}
-	login := func(name string) (*api.Client, string) {
+	return func(name string) (*api.Client, string) {
+		t.Helper()
 		if _, err := e.vault.Logical().Write("auth/"+auth+"/users/"+name, map[string]any{"password": "pw-" + name, "token_policies": e.mount + "-self"}); err != nil {
 			t.Fatal(err)
 		}
@@ -432,6 +428,17 @@ path "%[1]s/users/{{identity.entity.id}}/*" { capabilities = ["read"] }
 		c.SetToken(s.Auth.ClientToken)
 		return c, s.Auth.EntityID
 	}
+}
+
+// TestAccEntitiesReachOnlyTheirOwnGrant logs two Vault entities in through userpass under one
+// templated policy: each authorizes, reads and deletes its own grant and gets 403 on the other's.
+func TestAccEntitiesReachOnlyTheirOwnGrant(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	login := e.userpass(t, fmt.Sprintf(`
+path "%[1]s/+/{{identity.entity.id}}" { capabilities = ["read", "update", "delete"] }
+path "%[1]s/users/{{identity.entity.id}}/*" { capabilities = ["read"] }
+`, e.mount))
 	alice, aliceID := login("alice")
 	bob, bobID := login("bob")
 
@@ -474,5 +481,46 @@ path "%[1]s/users/{{identity.entity.id}}/*" { capabilities = ["read"] }
 	}
 	if users := e.users(t); len(users) != 1 || users[0] != bobID {
 		t.Fatalf("users after alice deleted hers: %v", users)
+	}
+}
+
+func TestSelfMadeLinkCompletesThroughTheApplicationOnlyForItsMaker(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	link := func(redirectURI string) (state, code string) {
+		t.Helper()
+		resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "auth-url/entity-a", map[string]any{"redirect_uri": redirectURI})
+		if err != nil || resp.IsError() {
+			t.Fatalf("auth-url: %v %v", err, resp)
+		}
+		redirect, err := sv.Authorize(t.Context(), resp.Data["authorize_url"].(string), "bob@example.com", true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.Data["state"].(string), redirect.Query().Get("code")
+	}
+	issued := len(sv.Tokens())
+	// Another driver's session relaying the maker's state, by the application's own token or root.
+	for _, entity := range []string{"entity-b", ""} {
+		state, code := link(appRedirect)
+		resp, err := requestAs(t, b, s, entity, logical.UpdateOperation, "users/entity-a", map[string]any{"code": code, "state": state})
+		wantCoded(t, resp, err, http.StatusForbidden, "only that identity can finish it")
+		resp, err = requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"code": code, "state": state})
+		wantCoded(t, resp, err, http.StatusBadRequest, "already used")
+	}
+	// A code of a link to the callback is not relayed, even by its maker: its page gives a confirmation code.
+	state, code := link(unitCallback)
+	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"code": code, "state": state})
+	wantCoded(t, resp, err, http.StatusBadRequest, "write state and confirmation_code")
+	if len(sv.Tokens()) != issued {
+		t.Fatal("a refused relay exchanged its code at ev.energy")
+	}
+
+	state, code = link(appRedirect)
+	if resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"code": code, "state": state}); err != nil || resp.IsError() {
+		t.Fatalf("the maker relaying her own link: %v %v", err, resp)
+	}
+	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"entity-a"); g == nil || !sv.Active(g.AccessToken) {
+		t.Fatal("the maker's relay stored no live grant")
 	}
 }

@@ -21,15 +21,16 @@ const refreshWorkers = 16
 const passBudget = 2 * time.Second
 
 // periodic runs every minute on the active node only: it forgets expired pending authorizations,
-// retries queued revocations, refreshes every user token due for a refresh and forgets retired
-// clients of which nothing is left. What is due is known from memory, so a pass
-// with nothing to do reads no storage.
+// queues the revocation of unconfirmed grants nobody claimed in time, retries queued revocations,
+// refreshes every user token due for a refresh and forgets retired clients of which nothing is
+// left. What is due is known from memory, so a pass with nothing to do reads no storage.
 func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 	if b.ensureWritable() != nil {
 		return nil
 	}
 	return errors.Join(
 		b.forgetExpiredAuthorizations(ctx, req.Storage),
+		b.revokeUnclaimedGrants(ctx, req.Storage),
 		b.retryRevocations(ctx, req.Storage, time.Now().Add(passBudget), false),
 		b.refreshDueUsers(ctx, req.Storage),
 		b.forgetSpentClients(ctx, req.Storage, time.Now()),

@@ -18,7 +18,7 @@ const (
 // its own, and the failures of a grant's refresh token, which hold the next attempt back. A failure
 // writes nothing to storage.
 type refreshes struct {
-	now   func() time.Time // the clock of due dates, backoff and leases; tests set their own
+	now   func() time.Time // the clock of due dates, backoff, leases and unconfirmed grants; tests set their own
 	mu    sync.Mutex
 	users map[string]*grantRefresh // users with a refresh in flight or failures; others have none
 }

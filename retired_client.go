@@ -158,13 +158,17 @@ func (b *backend) retiredClientIDs(ctx context.Context, s logical.Storage) ([]st
 }
 
 // forgetSpentClients deletes the credentials of retired clients of which nothing may be alive
-// any more: their tokens expired, and no grant or pending revocation is theirs.
+// any more: their tokens expired, and no grant, held grant or pending revocation is theirs.
 func (b *backend) forgetSpentClients(ctx context.Context, s logical.Storage, now time.Time) error {
 	retired, err := b.retired.stored.all(ctx, s)
 	if err != nil || len(retired) == 0 {
 		return err
 	}
 	records, err := b.revocations.all(ctx, s)
+	var held map[string]*unconfirmedGrant
+	if err == nil {
+		held, err = b.unconfirmed.all(ctx, s)
+	}
 	if err == nil {
 		err = b.loadGrants(ctx, s)
 	}
@@ -176,6 +180,9 @@ func (b *backend) forgetSpentClients(ctx context.Context, s logical.Storage, now
 	inUse := b.grantClients()
 	for _, rec := range records {
 		inUse[rec.ClientID] = true
+	}
+	for _, u := range held {
+		inUse[u.ClientID] = true
 	}
 	for key, rc := range retired {
 		if now.Before(rc.TokensUntil) || inUse[rc.Config.ClientID] {

@@ -21,6 +21,7 @@ const (
 	reasonUnowned       = "unowned"        // minted, but no lease or stored grant owns it
 	reasonReplacedGrant = "replaced_grant" // the user connected again; revoked once its leases end
 	reasonDeletedUser   = "deleted_user"   // the operator deleted the user's grant
+	reasonUnconfirmed   = "unconfirmed"    // held for a link's maker, who did not confirm it in time or in few enough attempts
 )
 
 // Retries of a client's revocations back off exponentially up to revocationMaxBackoff.

@@ -8,6 +8,7 @@ import (
 	"html/template"
 	"io"
 	"net/http"
+	"net/http/cookiejar"
 	"net/url"
 	"regexp"
 	"slices"
@@ -84,12 +85,19 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodGet {
 		s.mu.Lock()
 		req, fail := s.parseAuthRequest(r.URL.Query())
-		s.mu.Unlock()
-		if fail != nil {
-			refuse(w, r, fail)
-			return
+		var code string
+		if user := s.approvedBefore(r, req); fail == nil && user != "" {
+			code = s.issueCode(req, user)
 		}
-		consent(w, req)
+		s.mu.Unlock()
+		switch {
+		case fail != nil:
+			refuse(w, r, fail)
+		case code != "":
+			redirect(w, r, req.redirectURI, req.state, url.Values{"code": {code}})
+		default:
+			consent(w, req)
+		}
 		return
 	}
 	if err := r.ParseForm(); err != nil {
@@ -107,22 +115,54 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request) {
 		refuse(w, r, fail)
 		return
 	}
+	user := strings.TrimSpace(form.Get("user"))
+	// The user logged in to reach the consent page, as at DOT, whether or not they allow access.
+	session := randomValue()
+	s.sessions[session] = user
+	http.SetCookie(w, &http.Cookie{Name: sessionCookie, Value: session, Path: "/", HttpOnly: true, SameSite: http.SameSiteLaxMode})
 	params := url.Values{}
 	if form.Get("allow") != "" {
-		code := randomValue()
-		s.codes[code] = &grant{
-			clientID:    req.client.ID,
-			user:        strings.TrimSpace(form.Get("user")),
-			redirectURI: req.redirectURI,
-			scope:       req.scope,
-			challenge:   req.challenge,
-			issued:      s.now(),
-		}
-		params.Set("code", code)
+		params.Set("code", s.issueCode(req, user))
 	} else {
 		params.Set("error", "access_denied")
 	}
 	redirect(w, r, req.redirectURI, req.state, params)
+}
+
+// sessionCookie is the cookie of a user logged in at the stand-in, as Django's session cookie.
+const sessionCookie = "sessionid"
+
+// approvedBefore returns the user logged in with r's session cookie when req asks for
+// approval_prompt=auto and that user holds a live access token of req's client covering req's
+// scopes: DOT then redirects at once, without a consent page. Call it with s.mu held.
+func (s *Server) approvedBefore(r *http.Request, req authRequest) string {
+	cookie, err := r.Cookie(sessionCookie)
+	if err != nil || r.URL.Query().Get("approval_prompt") != "auto" || s.sessions[cookie.Value] == "" {
+		return ""
+	}
+	user := s.sessions[cookie.Value]
+	for _, t := range s.tokens {
+		if t.User == user && t.Kind == "access" && t.ClientID == req.client.ID && t.active(s.now()) {
+			if _, covered := scopeWithin(req.scope, strings.Fields(t.Scope)); covered {
+				return user
+			}
+		}
+	}
+	return ""
+}
+
+// issueCode issues an authorization code of req for user; call it with s.mu held.
+func (s *Server) issueCode(req authRequest, user string) string {
+	code := randomValue()
+	s.codes[code] = &grant{
+		clientID:    req.client.ID,
+		user:        user,
+		redirectURI: req.redirectURI,
+		scope:       req.scope,
+		challenge:   req.challenge,
+		issued:      s.now(),
+	}
+	return code
 }
 
 func refuse(w http.ResponseWriter, r *http.Request, fail *authFailure) {
@@ -217,15 +257,32 @@ var (
 	errorMessage = regexp.MustCompile(`<p id="error">([^<]*)</p>`)
 )
 
-// Authorize plays user in a browser at authorizeURL: it loads the consent page, submits it
-// (allowing or denying) and returns where the stand-in redirects the browser. When the stand-in
-// refuses the request by redirecting with an error, as DOT does once client and redirect_uri are
-// valid, that redirect is returned along with the error.
+// Authorize plays user in a new browser at authorizeURL; see Browser.Authorize.
 func (s *Server) Authorize(ctx context.Context, authorizeURL, user string, allow bool) (*url.URL, error) {
-	browser := &http.Client{
+	return NewBrowser().Authorize(ctx, authorizeURL, user, allow)
+}
+
+// Browser is one person's browser: it keeps the session cookie the stand-in sets when its user logs
+// in at the consent page.
+type Browser struct{ client *http.Client }
+
+// NewBrowser returns a browser that nobody has logged in with yet.
+func NewBrowser() *Browser {
+	jar, _ := cookiejar.New(nil) // never fails without options
+	return &Browser{client: &http.Client{
+		Jar:           jar,
 		Timeout:       10 * time.Second,
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-	}
+	}}
+}
+
+// Authorize plays user in this browser at authorizeURL: it loads the consent page, submits it
+// (allowing or denying) and returns where the stand-in redirects the browser. A browser whose user
+// logged in and allowed the client before is sent back at once when the URL has
+// approval_prompt=auto, without a consent page: user and allow then play no part. When the
+// stand-in refuses the request by redirecting with an error, as DOT does once client and
+// redirect_uri are valid, that redirect is returned along with the error.
+func (b *Browser) Authorize(ctx context.Context, authorizeURL, user string, allow bool) (*url.URL, error) {
 	do := func(method, target string, form url.Values) (*http.Response, []byte, error) {
 		req, err := http.NewRequestWithContext(ctx, method, target, strings.NewReader(form.Encode()))
 		if err != nil {
@@ -234,7 +291,7 @@ func (s *Server) Authorize(ctx context.Context, authorizeURL, user string, allow
 		if form != nil {
 			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 		}
-		resp, err := browser.Do(req)
+		resp, err := b.client.Do(req)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -249,8 +306,8 @@ func (s *Server) Authorize(ctx context.Context, authorizeURL, user string, allow
 	}
 	if resp.StatusCode == http.StatusFound {
 		location, err := resp.Location()
-		if err != nil {
-			return nil, err
+		if err != nil || location.Query().Has("code") {
+			return location, err // approved before: no consent page
 		}
 		return location, fmt.Errorf("stand-in refused the authorize request: %s %s",
 			location.Query().Get("error"), location.Query().Get("error_description"))

@@ -51,16 +51,17 @@ type Server struct {
 	tokens        map[string]*token
 	issued        []*token // every token, in issue order
 	tokenLifetime time.Duration
-	offset        time.Duration   // added to the real clock by Advance
-	fault         Fault           // what SetFault put on the token endpoint; Count is what is left of it
-	release       chan struct{}   // closed by SetFault to release the requests FaultHang and HangRefreshToken hold
-	held          int             // requests FaultHang and HangRefreshToken hold
-	hungRefreshes map[string]bool // refresh tokens whose refresh requests HangRefreshToken holds
-	latency       time.Duration   // delay of every token endpoint answer
-	redirect      string          // SetRedirect's target; "" answers as usual
-	requests      int             // token endpoint requests received
-	presented     map[string]bool // refresh tokens refresh requests have presented
-	repeated      int             // refresh requests presenting a refresh token an earlier one presented
+	offset        time.Duration     // added to the real clock by Advance
+	fault         Fault             // what SetFault put on the token endpoint; Count is what is left of it
+	release       chan struct{}     // closed by SetFault to release the requests FaultHang and HangRefreshToken hold
+	held          int               // requests FaultHang and HangRefreshToken hold
+	hungRefreshes map[string]bool   // refresh tokens whose refresh requests HangRefreshToken holds
+	latency       time.Duration     // delay of every token endpoint answer
+	redirect      string            // SetRedirect's target; "" answers as usual
+	requests      int               // token endpoint requests received
+	presented     map[string]bool   // refresh tokens refresh requests have presented
+	repeated      int               // refresh requests presenting a refresh token an earlier one presented
+	sessions      map[string]string // the user logged in with each session cookie the consent page set
 }
 
 // grant is an authorization code and what the user consented to.
@@ -83,6 +84,7 @@ func New() *Server {
 		tokens:        map[string]*token{},
 		presented:     map[string]bool{},
 		hungRefreshes: map[string]bool{},
+		sessions:      map[string]string{},
 		tokenLifetime: 36000 * time.Second,
 		release:       make(chan struct{}),
 	}

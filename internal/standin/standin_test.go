@@ -1087,3 +1087,80 @@ func TestHangRefreshTokenHoldsOnlyThatToken(t *testing.T) {
 	// Released, the token refreshes again.
 	wantTokens(t, post(t, ts, "/o/token/", refreshForm(hungRefresh, creds...)), scopes, true)
 }
+
+// TestApprovalPromptAuto checks DOT's approval_prompt=auto: a browser logged in as a user who holds
+// a live access token of the client, covering the scopes asked for, is sent back at once with a
+// code; anything less shows the consent page.
+func TestApprovalPromptAuto(t *testing.T) {
+	s, ts := newStandin(t)
+	auto := func(clientID string, params ...string) string {
+		return authorizeURL(ts, clientID, callback, append([]string{"approval_prompt", "auto", "state", "s3"}, params...)...)
+	}
+	// consentShown opens target in browser as user, denying access if a consent page is shown: a
+	// code comes back only when the stand-in approved at once.
+	consentShown := func(browser *Browser, target, user string) bool {
+		t.Helper()
+		loc, err := browser.Authorize(t.Context(), target, user, false)
+		if loc == nil {
+			t.Fatal(err)
+		}
+		return !loc.Query().Has("code")
+	}
+	browser := NewBrowser()
+	if !consentShown(browser, auto("vault"), "bob@example.com") {
+		t.Fatal("a browser nobody had logged in with was approved at once")
+	}
+	if !consentShown(browser, auto("vault"), "bob@example.com") {
+		t.Fatal("a user who logged in but never allowed the client was approved at once")
+	}
+	loc, err := browser.Authorize(t.Context(), authorizeURL(ts, "vault", callback, "scope", "vehicle:read"), "bob@example.com", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds := []string{"client_id", "vault", "client_secret", "vault-secret"}
+	narrow := post(t, ts, "/o/token", exchange(loc.Query().Get("code"), callback, creds...))
+	wantTokens(t, narrow, "vehicle:read", true)
+	if !consentShown(browser, auto("vault"), "bob@example.com") {
+		t.Fatal("approved at once for scopes beyond those of the user's token")
+	}
+
+	loc, err = browser.Authorize(t.Context(), authorizeURL(ts, "vault", callback), "bob@example.com", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantTokens(t, post(t, ts, "/o/token", exchange(loc.Query().Get("code"), callback, creds...)), scopes, true)
+	loc, err = browser.Authorize(t.Context(), auto("vault"), "mallory@example.com", false)
+	if err != nil || !loc.Query().Has("code") || loc.Query().Get("state") != "s3" || loc.Scheme+"://"+loc.Host+loc.Path != callback {
+		t.Fatalf("approval at once: %v, redirected to %v", err, loc)
+	}
+	r := post(t, ts, "/o/token", exchange(loc.Query().Get("code"), callback, creds...))
+	wantTokens(t, r, scopes, true)
+	if info, _ := s.Token(r.str("access_token")); info.User != "bob@example.com" {
+		t.Fatalf("the code approved at once is of user %q, want the logged-in bob@example.com", info.User)
+	}
+
+	for name, target := range map[string]string{
+		"without approval_prompt":   authorizeURL(ts, "vault", callback),
+		"approval_prompt=force":     authorizeURL(ts, "vault", callback, "approval_prompt", "force"),
+		"another client":            auto("other"),
+		"an invalid request":        auto("vault", "scope", "vehicle:write"),
+		"from a browser logged out": "",
+	} {
+		b := browser
+		if target == "" {
+			b, target = NewBrowser(), auto("vault")
+		}
+		loc, _ := b.Authorize(t.Context(), target, "bob@example.com", false)
+		if loc == nil || loc.Query().Has("code") {
+			t.Errorf("%s: approved at once (%v)", name, loc)
+		}
+	}
+	for _, info := range s.Tokens() {
+		if info.User == "bob@example.com" && info.Kind == "refresh" {
+			post(t, ts, "/o/revoke_token/", url.Values{"token": {info.Value}, "client_id": {"vault"}, "client_secret": {"vault-secret"}})
+		}
+	}
+	if !consentShown(browser, auto("vault"), "bob@example.com") {
+		t.Fatal("approved at once after the user's tokens were revoked")
+	}
+}

@@ -1,0 +1,447 @@
+package evenergy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/vault/api"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
+)
+
+// confirmationCodeOnPage is where the callback page shows a confirmation code.
+var confirmationCodeOnPage = regexp.MustCompile(`id="confirmation-code"[^>]*>([A-Z2-7-]+)<`)
+
+// pageConfirmationCode is the confirmation code a callback page shows.
+func pageConfirmationCode(t *testing.T, page string) string {
+	t.Helper()
+	m := confirmationCodeOnPage.FindStringSubmatch(page)
+	if m == nil {
+		t.Fatalf("the callback page shows no confirmation code; it reads:\n%s", page)
+	}
+	return m[1]
+}
+
+// selfServicePolicy is the README's policy for every user, on this test's mount.
+func (e *accEnv) selfServicePolicy() string {
+	return strings.ReplaceAll(`
+path "evenergy/auth-url/{{identity.entity.id}}"    { capabilities = ["update"] }
+path "evenergy/users/{{identity.entity.id}}"       { capabilities = ["update", "read", "delete"] }
+path "evenergy/users/{{identity.entity.id}}/token" { capabilities = ["read"] }
+`, "evenergy/", e.mount+"/")
+}
+
+// TestAccSelfServiceLinkTakesNoOtherAccount is the takeover of issue 18 on a real Vault under the
+// README's self-service policy: Vault user A makes a link for herself to Vault's callback, with
+// approval_prompt=auto, and driver B, connected already, opens it. A must not get B's account,
+// neither from the callback nor by relaying B's code; A's own link still connects A, and a link
+// root makes for a user still connects in one visit.
+func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	login := e.userpass(t, e.selfServicePolicy())
+	alice, aliceID := login("alice")
+	bob, bobID := login("bob")
+	const aliceAccount, bobAccount = "alice@example.com", "bob@example.com"
+
+	// link has an entity make a link for itself.
+	link := func(c *api.Client, id, redirectURI, completion string) (state, authorizeURL string) {
+		t.Helper()
+		s, err := c.Logical().Write(e.path("auth-url/"+id), map[string]any{"redirect_uri": redirectURI})
+		if err != nil {
+			t.Fatalf("auth-url for one's own entity: %v", err)
+		}
+		if s.Data["completion"] != completion {
+			t.Errorf("auth-url says the link completes by %v, want %s", s.Data["completion"], completion)
+		}
+		return s.Data["state"].(string), s.Data["authorize_url"].(string)
+	}
+	// readAccount reads the entity's token, and the ev.energy account it is of ("" when none).
+	readAccount := func(c *api.Client, id string) string {
+		t.Helper()
+		s, err := c.Logical().Read(e.path("users/" + id + "/token"))
+		if err != nil {
+			return ""
+		}
+		info, _ := e.standin.Token(e.standinToken(t, s))
+		return info.User
+	}
+
+	// B connects through the application in her own session, and stays logged in at ev.energy.
+	bobBrowser := standin.NewBrowser()
+	state, authorizeURL := link(bob, bobID, appRedirect, "application")
+	redirect, err := bobBrowser.Authorize(t.Context(), authorizeURL, bobAccount, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bob.Logical().Write(e.path("users/"+bobID), map[string]any{"code": redirect.Query().Get("code"), "state": state}); err != nil {
+		t.Fatalf("B finishing her own link through the application: %v", err)
+	}
+	if account := readAccount(bob, bobID); account != bobAccount {
+		t.Fatalf("B's token is of account %q", account)
+	}
+
+	// A's link, opened in B's browser: B clicks nothing (were a consent page shown, allow=false
+	// would deny), and her browser follows ev.energy's redirect to Vault's callback.
+	state, authorizeURL = link(alice, aliceID, e.callbackURL(), "confirmation_code")
+	redirect, _ = bobBrowser.Authorize(t.Context(), authorizeURL+"&approval_prompt=auto", bobAccount, false)
+	if redirect == nil || !redirect.Query().Has("code") {
+		t.Fatal("ev.energy showed B a consent page for approval_prompt=auto")
+	}
+	status, body := page(t, redirect.String())
+	if account := readAccount(alice, aliceID); account != "" {
+		t.Fatalf("A reads a token of account %q after B opened her link (callback page %d)", account, status)
+	}
+	if status != http.StatusOK || !strings.Contains(body, "Never give this code to anyone") {
+		t.Errorf("B's callback page %d does not tell her to keep the code:\n%s", status, body)
+	}
+	bobsCode := pageConfirmationCode(t, body)
+	_, err = alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"code": redirect.Query().Get("code"), "state": state})
+	wantStatus(t, err, http.StatusBadRequest, "already used")
+	_, err = alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"confirmation_code": "AAAA-AAAA", "state": state})
+	wantStatus(t, err, http.StatusBadRequest, "wrong confirmation code")
+
+	// A, handed B's redirect before B's browser reached the callback, relays its code herself.
+	state, authorizeURL = link(alice, aliceID, e.callbackURL(), "confirmation_code")
+	redirect, _ = bobBrowser.Authorize(t.Context(), authorizeURL+"&approval_prompt=auto", bobAccount, false)
+	if redirect == nil || !redirect.Query().Has("code") {
+		t.Fatal("ev.energy showed B a consent page for approval_prompt=auto")
+	}
+	_, err = alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"code": redirect.Query().Get("code"), "state": state})
+	if account := readAccount(alice, aliceID); account != "" {
+		t.Fatalf("A reads a token of account %q after relaying B's code (%v)", account, err)
+	}
+	wantStatus(t, err, http.StatusBadRequest, "confirmation_code")
+
+	// Control: A's own link, opened by A, connects A once she writes back the code her page shows.
+	state, authorizeURL = link(alice, aliceID, e.callbackURL(), "confirmation_code")
+	redirect, err = standin.NewBrowser().Authorize(t.Context(), authorizeURL, aliceAccount, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	status, body = page(t, redirect.String())
+	if status != http.StatusOK {
+		t.Fatalf("A's callback page %d:\n%s", status, body)
+	}
+	alicesCode := pageConfirmationCode(t, body)
+	if _, err := alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"state": state, "confirmation_code": alicesCode}); err != nil {
+		t.Fatalf("A confirming her own link: %v", err)
+	}
+	if account := readAccount(alice, aliceID); account != aliceAccount {
+		t.Fatalf("A's token is of account %q, want %s", account, aliceAccount)
+	}
+	if account := readAccount(bob, bobID); account != bobAccount {
+		t.Fatalf("B's token is now of account %q", account)
+	}
+	logged, err := os.ReadFile(devVault.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, code := range []string{bobsCode, alicesCode, confirmationCode(bobsCode), confirmationCode(alicesCode)} {
+		if strings.Contains(string(logged), code) {
+			t.Error("a confirmation code is in Vault's log")
+		}
+	}
+
+	// A link root makes for a user connects in one visit, as before.
+	s := e.write(t, "auth-url/carol", map[string]any{"redirect_uri": e.callbackURL()})
+	if s.Data["completion"] != "callback" {
+		t.Errorf("auth-url by root says the link completes by %v, want callback", s.Data["completion"])
+	}
+	redirect, err = standin.NewBrowser().Authorize(t.Context(), s.Data["authorize_url"].(string), "carol@example.com", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if status, body := page(t, redirect.String()); status != http.StatusOK || !strings.Contains(body, ">Connected<") {
+		t.Fatalf("root's link: callback page %d:\n%s", status, body)
+	}
+	if info, _ := e.standin.Token(e.standinToken(t, e.read(t, "users/carol/token"))); info.User != "carol@example.com" {
+		t.Fatalf("carol's token is of account %q", info.User)
+	}
+}
+
+// unitCallback is the callback of the mount evenergy/, on which requestAs runs requests.
+const unitCallback = "https://vault.example.com/v1/evenergy/callback"
+
+// requestAs runs one request against a unit backend mounted at evenergy/, as the Vault entity
+// entityID ("" for a token without one, such as root).
+func requestAs(t testing.TB, b *backend, s logical.Storage, entityID string, op logical.Operation, path string, data map[string]any) (*logical.Response, error) {
+	t.Helper()
+	return b.HandleRequest(context.Background(), &logical.Request{Operation: op, Path: path, Storage: s, Data: data, EntityID: entityID, MountPoint: "evenergy/"})
+}
+
+// heldAtCallback has entity make a link for itself to the callback and account open it at the
+// stand-in, whose redirect goes to the callback; it returns the state, that redirect and the page.
+func heldAtCallback(t *testing.T, b *backend, s logical.Storage, sv *standin.Server, entity, account string) (state, redirect, page string) {
+	t.Helper()
+	resp, err := requestAs(t, b, s, entity, logical.UpdateOperation, "auth-url/"+entity, map[string]any{"redirect_uri": unitCallback})
+	if err != nil || resp.IsError() {
+		t.Fatalf("auth-url: %v %v", err, resp)
+	}
+	if resp.Data["completion"] != completionConfirmationCode {
+		t.Errorf("auth-url says the link completes by %v, want %s", resp.Data["completion"], completionConfirmationCode)
+	}
+	back, err := sv.Authorize(t.Context(), resp.Data["authorize_url"].(string), account, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	callback, err := request(t, b, s, logical.ReadOperation, "callback", map[string]any{"state": back.Query().Get("state"), "code": back.Query().Get("code")})
+	if err != nil || callback.Data[logical.HTTPStatusCode] != http.StatusOK {
+		t.Fatalf("callback: %v %v", err, callback)
+	}
+	return resp.Data["state"].(string), back.String(), string(callback.Data[logical.HTTPRawBody].([]byte))
+}
+
+// wantCoded checks that err is a coded error of this HTTP status saying want.
+func wantCoded(t *testing.T, resp *logical.Response, err error, status int, want string) {
+	t.Helper()
+	var coded logical.HTTPCodedError
+	msg := fmt.Sprint(err)
+	if resp.IsError() {
+		msg = resp.Error().Error()
+	}
+	if !errors.As(err, &coded) && !(status == http.StatusBadRequest && errors.Is(err, logical.ErrInvalidRequest)) {
+		t.Fatalf("want HTTP %d saying %q, got %v %v", status, want, resp, err)
+	}
+	if coded != nil && coded.Code() != status || !strings.Contains(msg, want) {
+		t.Fatalf("want HTTP %d saying %q, got %q", status, want, msg)
+	}
+}
+
+// heldTokens are the stand-in's tokens of account, which must be live while held.
+func heldTokens(t *testing.T, sv *standin.Server, account string) []string {
+	t.Helper()
+	var values []string
+	for _, info := range sv.Tokens() {
+		if info.User == account {
+			if !sv.Active(info.Value) {
+				t.Fatalf("a held %s token is not live", info.Kind)
+			}
+			values = append(values, info.Value)
+		}
+	}
+	if len(values) != 2 {
+		t.Fatalf("the stand-in issued %d tokens to %s, want an access and a refresh token", len(values), account)
+	}
+	return values
+}
+
+func TestSelfMadeLinkIsHeldForItsMakerOnly(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	state, redirect, page := heldAtCallback(t, b, s, sv, "entity-a", "bob@example.com")
+	for _, want := range []string{`<h1 id="result">Not connected yet</h1>`, "enter this code in <span class=\"app\">" + testClientID + "</span> yourself", "Never give this code to anyone"} {
+		if !strings.Contains(page, want) {
+			t.Errorf("the callback page does not say %q; it reads:\n%s", want, page)
+		}
+	}
+	for _, v := range callbackURLValues(t, redirect) {
+		if strings.Contains(page, v) {
+			t.Error("the callback page carries the code or state of its URL")
+		}
+	}
+	code := pageConfirmationCode(t, page)
+	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"entity-a"); g != nil {
+		t.Fatal("the callback stored a grant for a self-made link")
+	}
+	tokens := heldTokens(t, sv, "bob@example.com")
+
+	claim := map[string]any{"state": state, "confirmation_code": code}
+	for range confirmationAttempts { // none of these counts against the maker
+		resp, err := requestAs(t, b, s, "entity-b", logical.UpdateOperation, "users/entity-a", claim)
+		wantCoded(t, resp, err, http.StatusForbidden, "only the Vault identity that made this link")
+		resp, err = requestAs(t, b, s, "", logical.UpdateOperation, "users/entity-a", claim)
+		wantCoded(t, resp, err, http.StatusForbidden, "only the Vault identity that made this link")
+	}
+	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-b", claim)
+	wantCoded(t, resp, err, http.StatusBadRequest, "no connection waiting for a confirmation code")
+
+	typed := " " + strings.ToLower(strings.ReplaceAll(code, "-", " ")) + " " // as a person may type it
+	if resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": typed}); err != nil || resp.IsError() {
+		t.Fatalf("the maker's confirmation: %v %v", err, resp)
+	}
+	g, _ := getJSON[grant](t.Context(), s, userPrefix+"entity-a")
+	if g == nil || g.AccessToken != tokens[0] || g.RefreshToken != tokens[1] || g.ClientID != testClientID || g.Scope != strings.Join(testScopes, " ") || g.Status != grantActive {
+		t.Fatal("the confirmed grant is not the held one, of the configured client, scopes and status active")
+	}
+	resp, err = requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", claim)
+	wantCoded(t, resp, err, http.StatusBadRequest, "already confirmed")
+	if keys, _ := s.List(t.Context(), unconfirmedGrantPrefix); len(keys) != 0 {
+		t.Fatalf("%d unconfirmed grants left after the confirmation", len(keys))
+	}
+}
+
+func TestWrongConfirmationCodesRevokeTheHeldTokens(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	state, _, page := heldAtCallback(t, b, s, sv, "entity-a", "bob@example.com")
+	code := pageConfirmationCode(t, page)
+	tokens := heldTokens(t, sv, "bob@example.com")
+
+	wrong := map[string]any{"state": state, "confirmation_code": "AAAA-AAAA"}
+	for left := confirmationAttempts - 1; left > 0; left-- {
+		resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", wrong)
+		wantCoded(t, resp, err, http.StatusBadRequest, fmt.Sprintf("wrong confirmation code: %d attempts left", left))
+	}
+	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", wrong)
+	wantCoded(t, resp, err, http.StatusBadRequest, "no attempts left")
+	heldTokens(t, sv, "bob@example.com") // queued, not yet sent
+	queued := pendingRevocations(t, s)
+	if len(queued) != 1 || queued[0].Reason != reasonUnconfirmed || queued[0].ClientID != testClientID ||
+		queued[0].AccessToken != tokens[0] || queued[0].RefreshToken != tokens[1] {
+		t.Fatalf("want the held tokens queued for revocation as %s, reason %s; %d records queued", testClientID, reasonUnconfirmed, len(queued))
+	}
+	resp, err = requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": code})
+	wantCoded(t, resp, err, http.StatusBadRequest, "no connection waiting")
+
+	if _, err := request(t, b, s, logical.UpdateOperation, "revocations", nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, tok := range tokens {
+		if sv.Active(tok) {
+			t.Fatal("a held token is live after the queue was retried")
+		}
+	}
+	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"entity-a"); g != nil || len(pendingRevocations(t, s)) != 0 {
+		t.Fatalf("after the revocation: a grant stored %v, %d records queued", g != nil, len(pendingRevocations(t, s)))
+	}
+}
+
+func TestUnclaimedGrantIsRevokedOnceItExpires(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	clock := useFakeClock(b, time.Now())
+	state, _, page := heldAtCallback(t, b, s, sv, "entity-a", "bob@example.com")
+	tokens := heldTokens(t, sv, "bob@example.com")
+
+	clock.Advance(authRequestTTL - time.Second)
+	runPeriodic(t, b, s)
+	heldTokens(t, sv, "bob@example.com")
+	clock.Advance(2 * time.Second)
+	runPeriodic(t, b, s) // queues the revocation, which the same pass sends
+	for _, tok := range tokens {
+		if sv.Active(tok) {
+			t.Fatal("an unclaimed token is live after its grant expired")
+		}
+	}
+	if keys, _ := s.List(t.Context(), unconfirmedGrantPrefix); len(keys) != 0 || len(pendingRevocations(t, s)) != 0 {
+		t.Fatalf("%d unconfirmed grants and %d revocations left", len(keys), len(pendingRevocations(t, s)))
+	}
+	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": pageConfirmationCode(t, page)})
+	wantCoded(t, resp, err, http.StatusBadRequest, "no connection waiting")
+}
+
+func TestPeriodicPassBoundsUnclaimedGrants(t *testing.T) {
+	b, s := newUnitBackend(t)
+	newUnitStandin(t, b, s)
+	const extra = 5
+	for i := range unconfirmedPerPass + extra {
+		held := unconfirmedGrant{User: "u", MadeBy: "u", ExpiresAt: time.Now().Add(-time.Second), ClientID: testClientID, AccessToken: fmt.Sprintf("a%d", i)}
+		if err := putJSON(t.Context(), s, unconfirmedGrantPrefix+fmt.Sprintf("S%025d", i), held); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runPeriodic(t, b, s)
+	if keys, _ := s.List(t.Context(), unconfirmedGrantPrefix); len(keys) != extra {
+		t.Fatalf("one pass left %d expired unconfirmed grants, want %d", len(keys), extra)
+	}
+	runPeriodic(t, b, s)
+	if keys, _ := s.List(t.Context(), unconfirmedGrantPrefix); len(keys) != 0 {
+		t.Fatalf("the next pass left %d expired unconfirmed grants", len(keys))
+	}
+}
+
+func TestConfirmationCodesAndHeldTokensStayOutOfLogsAndErrors(t *testing.T) {
+	var logs lockedBuffer
+	config := logical.TestBackendConfig()
+	config.StorageView = &logical.InmemStorage{}
+	config.Logger = hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Trace})
+	engine, err := Factory(t.Context(), config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, s := engine.(*backend), config.StorageView
+	sw := &switchableStandin{Server: newTestStandin()}
+	unitConfig(t, b, s, sw)
+	clock := useFakeClock(b, time.Now())
+
+	var answers []string // every error and response but the callback pages
+	write := func(entity, user string, data map[string]any) {
+		resp, err := requestAs(t, b, s, entity, logical.UpdateOperation, "users/"+user, data)
+		body, _ := json.Marshal(resp)
+		answers = append(answers, fmt.Sprint(err), string(body))
+	}
+	var secrets []string
+	hold := func(account string) (state, code string) {
+		state, _, page := heldAtCallback(t, b, s, sw.Server, "entity-a", account)
+		code = pageConfirmationCode(t, page)
+		secrets = append(append(secrets, code, confirmationCode(code)), heldTokens(t, sw.Server, account)...)
+		return state, code
+	}
+	exhausted, exhaustedCode := hold("exhausted@example.com")
+	confirmed, confirmedCode := hold("confirmed@example.com")
+	hold("unclaimed@example.com")
+	sw.down.Store(true) // failed revocations log, and answer, the most
+
+	write("entity-b", "entity-a", map[string]any{"state": exhausted, "confirmation_code": exhaustedCode})
+	for range confirmationAttempts {
+		write("entity-a", "entity-a", map[string]any{"state": exhausted, "confirmation_code": "AAAA-AAAA"})
+	}
+	write("entity-a", "entity-a", map[string]any{"state": exhausted, "confirmation_code": exhaustedCode})
+	write("entity-a", "entity-a", map[string]any{"state": confirmed, "confirmation_code": confirmedCode, "code": "x"})
+	write("entity-a", "entity-a", map[string]any{"state": confirmed, "confirmation_code": confirmedCode})
+	clock.Advance(authRequestTTL + time.Second)
+	_ = b.periodic(t.Context(), &logical.Request{Storage: s})
+	if len(pendingRevocations(t, s)) != 2 {
+		t.Fatalf("want the exhausted and the unclaimed grants queued, got %d records", len(pendingRevocations(t, s)))
+	}
+
+	logged := logs.buf.String()
+	if !strings.Contains(logged, "too many wrong confirmation codes") {
+		t.Fatalf("the log capture missed the engine's warnings:\n%s", logged)
+	}
+	for i, secret := range secrets {
+		if strings.Contains(logged, secret) {
+			t.Errorf("secret %d of the held connections is in the log", i)
+		}
+		for _, answer := range answers {
+			if strings.Contains(answer, secret) {
+				t.Errorf("secret %d of the held connections is in an answer", i)
+			}
+		}
+	}
+}
+
+func TestUnconfirmedGrantOfARetiredClientIsRevokedAsThatClient(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	state, _, page := heldAtCallback(t, b, s, sv, "entity-a", "bob@example.com")
+	tokens := heldTokens(t, sv, "bob@example.com")
+	switchClient(t, b, s, sv)
+	if err := b.forgetSpentClients(t.Context(), s, time.Now().Add(tokenLifetime+time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if keys, _ := s.List(t.Context(), retiredClientPrefix); len(keys) != 1 {
+		t.Fatal("the retired client was forgotten while a grant held at the callback is of it")
+	}
+	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": pageConfirmationCode(t, page)})
+	wantCoded(t, resp, err, http.StatusBadRequest, "made for ev.energy client "+testClientID+", not for the configured client "+otherClientID)
+	for _, tok := range tokens {
+		if sv.Active(tok) {
+			t.Fatal("a held token of the retired client is live after its confirmation was refused")
+		}
+	}
+	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"entity-a"); g != nil {
+		t.Fatal("a grant of the retired client was stored as the configured client's")
+	}
+}
