@@ -208,7 +208,8 @@ func TestAuthURLRecordsItsMakerAndSaysHowTheLinkCompletes(t *testing.T) {
 		if resp.Data["completion"] != tc.completion {
 			t.Errorf("entity %q, user %s, redirect %s: completion %v, want %s", tc.entity, tc.user, tc.redirectURI, resp.Data["completion"], tc.completion)
 		}
-		pending, err := getJSON[authRequest](t.Context(), s, authRequestPrefix+resp.Data["state"].(string))
+		key, _ := pendingKey(resp.Data["state"].(string))
+		pending, err := getJSON[authRequest](t.Context(), s, key)
 		if err != nil || pending == nil {
 			t.Fatalf("pending authorization not stored: %v", err)
 		}
