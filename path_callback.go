@@ -113,7 +113,7 @@ p{margin:0 0 1rem}
 
 func (b *backend) pathCallbackRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	outcome := badLink
-	pending, err := b.consumeAuthRequest(ctx, req.Storage, "", d.Get("state").(string))
+	pending, err := b.consumeAuthRequest(ctx, req.Storage, "", trimmedField(d, "state"))
 	if err == nil {
 		if oauthErr := d.Get("error").(string); oauthErr != "" {
 			outcome = refusedAtLogin
@@ -123,7 +123,7 @@ func (b *backend) pathCallbackRead(ctx context.Context, req *logical.Request, d 
 			err = &upstreamError{Op: "authorization", Status: http.StatusBadRequest, OAuthCode: oauthErr, Description: d.Get("error_description").(string)}
 		} else {
 			outcome = exchangeFailed
-			err = b.completeAuthorization(ctx, req.Storage, pending, d.Get("code").(string))
+			err = b.completeAuthorization(ctx, req.Storage, pending, trimmedField(d, "code"))
 		}
 	}
 	var coded logical.HTTPCodedError

@@ -134,7 +134,7 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	}
 	secret, secretGiven := fieldOnWrite(req, d, "client_secret")
 	if secretGiven {
-		cfg.ClientSecret = secret.(string)
+		cfg.ClientSecret = strings.TrimSpace(secret.(string)) // as trimmedField does
 	} else if cfg.ClientID != previousClientID {
 		return logical.ErrorResponse("client_id changes from %s to %s: give client_secret too (empty for a public client), so that the previous client's secret is not kept", previousClientID, cfg.ClientID), nil
 	}

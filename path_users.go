@@ -67,7 +67,7 @@ one; its lease ends before the next refresh replaces it, and ending the lease re
 
 func (b *backend) pathUserWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	user := d.Get("user").(string)
-	code, state, refreshToken := d.Get("code").(string), d.Get("state").(string), d.Get("refresh_token").(string)
+	code, state, refreshToken := trimmedField(d, "code"), trimmedField(d, "state"), trimmedField(d, "refresh_token")
 	switch {
 	case refreshToken != "" && (code != "" || state != ""):
 		return logical.ErrorResponse("give either code and state, or refresh_token, not both"), nil
