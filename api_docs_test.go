@@ -13,10 +13,13 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
-// The README's API section documents each endpoint under a ### heading, with a method table
+// apiDocsFile documents each endpoint under a ## heading, with a method table
 // ("| `GET` | `/evenergy/config` |") and, when it takes any, a parameter table headed by
 // parameterHeader ("| `client_id` | string | `""` | ... |").
-const parameterHeader = "| Parameter | Type | Default | Description |"
+const (
+	apiDocsFile     = "docs/api.md"
+	parameterHeader = "| Parameter | Type | Default | Description |"
+)
 
 var (
 	methodRow    = regexp.MustCompile("^\\| `(GET|POST|DELETE|LIST)` +\\| `/evenergy/([^`]*)` +\\|")
@@ -24,8 +27,8 @@ var (
 	namedGroup   = regexp.MustCompile(`\(\?P<(\w+)>`)
 )
 
-// readmeTypes are the README's names of the field types the engine uses.
-var readmeTypes = map[framework.FieldType]string{
+// apiDocsTypes are docs/api.md's names of the field types the engine uses.
+var apiDocsTypes = map[framework.FieldType]string{
 	framework.TypeString:           "string",
 	framework.TypeLowerCaseString:  "string",
 	framework.TypeCommaStringSlice: "list",
@@ -41,18 +44,18 @@ var httpMethods = map[logical.Operation]string{
 	logical.ListOperation:   "LIST",
 }
 
-// apiEndpoint is one ### section of the README's API section.
+// apiEndpoint is one ## section of docs/api.md.
 type apiEndpoint struct {
 	heading    string
 	methods    []string // "GET config"
 	parameters map[string][2]string
 }
 
-// TestReadmeDocumentsEveryPathAndField reads README.md: every operation of every path appears in
-// the API section with its HTTP method, every field in a parameter table of its path with its
+// TestAPIDocsDocumentEveryPathAndField reads docs/api.md: every operation of every path appears
+// in it with its HTTP method, every field in a parameter table of its path with its
 // type and default, and every method and parameter there exists in the engine.
-func TestReadmeDocumentsEveryPathAndField(t *testing.T) {
-	endpoints := readmeAPI(t)
+func TestAPIDocsDocumentEveryPathAndField(t *testing.T) {
+	endpoints := apiDocs(t)
 	documented := map[string]bool{} // "GET config"
 	for _, e := range endpoints {
 		for _, m := range e.methods {
@@ -71,7 +74,7 @@ func TestReadmeDocumentsEveryPathAndField(t *testing.T) {
 		}
 		for method := range methods {
 			if !documented[method+" "+path] {
-				t.Errorf("the README's API section has no method table row | `%s` | `/evenergy/%s` |", method, path)
+				t.Errorf(apiDocsFile+" has no method table row | `%s` | `/evenergy/%s` |", method, path)
 			}
 			delete(documented, method+" "+path)
 		}
@@ -86,17 +89,17 @@ func TestReadmeDocumentsEveryPathAndField(t *testing.T) {
 				if got, ok := e.parameters[name]; ok && e.documents(path) {
 					found = true
 					if got != want {
-						t.Errorf("README %q: %s has type %q and default %q; the engine's are %q and %q", e.heading, name, got[0], got[1], want[0], want[1])
+						t.Errorf(apiDocsFile+" %q: %s has type %q and default %q; the engine's are %q and %q", e.heading, name, got[0], got[1], want[0], want[1])
 					}
 				}
 			}
 			if !found {
-				t.Errorf("no parameter table of /evenergy/%s in the README names %s (%s, default %s)", path, name, want[0], want[1])
+				t.Errorf("no parameter table of /evenergy/%s in "+apiDocsFile+" names %s (%s, default %s)", path, name, want[0], want[1])
 			}
 		}
 	}
 	for m := range documented {
-		t.Errorf("the README's API section documents %s, which the engine does not have", m)
+		t.Errorf(apiDocsFile+" documents %s, which the engine does not have", m)
 	}
 	fields := map[string]map[string]bool{} // by path
 	for _, p := range newBackend().Paths {
@@ -108,7 +111,7 @@ func TestReadmeDocumentsEveryPathAndField(t *testing.T) {
 	for _, e := range endpoints {
 		for name := range e.parameters {
 			if !slices.ContainsFunc(e.methods, func(m string) bool { return fields[strings.SplitN(m, " ", 2)[1]][name] }) {
-				t.Errorf("README %q names parameter %s, which none of its paths has", e.heading, name)
+				t.Errorf(apiDocsFile+" %q names parameter %s, which none of its paths has", e.heading, name)
 			}
 		}
 	}
@@ -119,27 +122,20 @@ func (e apiEndpoint) documents(path string) bool {
 	return slices.ContainsFunc(e.methods, func(m string) bool { return strings.SplitN(m, " ", 2)[1] == path })
 }
 
-// readmeAPI parses the ### sections of README.md's "## API" section.
-func readmeAPI(t *testing.T) []apiEndpoint {
+// apiDocs parses the ## sections of docs/api.md, one per endpoint.
+func apiDocs(t *testing.T) []apiEndpoint {
 	t.Helper()
-	raw, err := os.ReadFile("README.md")
+	raw, err := os.ReadFile(apiDocsFile)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, api, ok := strings.Cut(string(raw), "\n## API\n")
-	if !ok {
-		t.Fatal(`README.md has no "## API" section`)
-	}
-	if end := strings.Index(api, "\n## "); end >= 0 {
-		api = api[:end]
-	}
 	var endpoints []apiEndpoint
 	inParameters := false
-	for line := range strings.Lines(api) {
+	for line := range strings.Lines(string(raw)) {
 		line = strings.TrimRight(line, "\n")
 		switch {
-		case strings.HasPrefix(line, "### "):
-			endpoints = append(endpoints, apiEndpoint{heading: strings.TrimPrefix(line, "### "), parameters: map[string][2]string{}})
+		case strings.HasPrefix(line, "## "):
+			endpoints = append(endpoints, apiEndpoint{heading: strings.TrimPrefix(line, "## "), parameters: map[string][2]string{}})
 			continue
 		case len(endpoints) == 0:
 			continue
@@ -155,15 +151,15 @@ func readmeAPI(t *testing.T) []apiEndpoint {
 			e.methods = append(e.methods, m[1]+" "+m[2])
 		} else if m := parameterRow.FindStringSubmatch(line); m != nil && inParameters {
 			if _, twice := e.parameters[m[1]]; twice {
-				t.Errorf("README %q names parameter %s twice", e.heading, m[1])
+				t.Errorf("%s %q names parameter %s twice", apiDocsFile, e.heading, m[1])
 			}
 			e.parameters[m[1]] = [2]string{m[2], m[3]}
 		} else if inParameters && !strings.HasPrefix(line, "|---") {
-			t.Errorf("README %q: a parameter row must read | `name` | type | default | description |, not %q", e.heading, line)
+			t.Errorf("%s %q: a parameter row must read | `name` | type | default | description |, not %q", apiDocsFile, e.heading, line)
 		}
 	}
 	if len(endpoints) == 0 {
-		t.Fatal("the README's API section has no ### endpoint sections")
+		t.Fatalf("%s has no ## endpoint sections", apiDocsFile)
 	}
 	return endpoints
 }
@@ -200,11 +196,11 @@ func displayPath(pattern string) string {
 	return strings.TrimSuffix(strings.TrimSuffix(path, "?"), "/")
 }
 
-// fieldTypeAndDefault is a field's type and default as the README's parameter tables write them.
+// fieldTypeAndDefault is a field's type and default as docs/api.md's parameter tables write them.
 func fieldTypeAndDefault(schema *framework.FieldSchema) ([2]string, error) {
-	typ, ok := readmeTypes[schema.Type]
+	typ, ok := apiDocsTypes[schema.Type]
 	if !ok {
-		return [2]string{}, fmt.Errorf("type %s has no README name in this test", schema.Type)
+		return [2]string{}, fmt.Errorf("type %s has no docs/api.md name in this test", schema.Type)
 	}
 	switch {
 	case schema.Required:
@@ -226,7 +222,7 @@ func fieldTypeAndDefault(schema *framework.FieldSchema) ([2]string, error) {
 	}
 }
 
-// readableSeconds writes a duration as the README does: 30s, 10m, 1h.
+// readableSeconds writes a duration as docs/api.md does: 30s, 10m, 1h.
 func readableSeconds(seconds int) string {
 	switch {
 	case seconds%3600 == 0:
@@ -238,7 +234,7 @@ func readableSeconds(seconds int) string {
 	}
 }
 
-// TestDisplayPath pins how path patterns read in the README.
+// TestDisplayPath pins how path patterns read in docs/api.md.
 func TestDisplayPath(t *testing.T) {
 	for pattern, want := range map[string]string{
 		"config":                           "config",
