@@ -32,6 +32,7 @@ type grant struct {
 	Status          string    `json:"status"`
 	LastRefreshedAt time.Time `json:"last_refreshed_at"`
 	LastError       string    `json:"last_error"`
+	RevokedAt       time.Time `json:"revoked_at,omitzero"` // when ev.energy was found to refuse the refresh token
 }
 
 // getGrant reads the user's stored grant (nil when there is none), its repeated strings shared.
@@ -258,7 +259,7 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 	case refreshRevoked:
 		b.Logger().Warn("ev.energy no longer accepts a user's grant", "user", user, "error", err)
 		revoked := *g
-		revoked.Status, revoked.LastError = grantRevoked, err.Error()
+		revoked.Status, revoked.LastError, revoked.RevokedAt = grantRevoked, err.Error(), b.cache.refreshes.now().UTC()
 		if err := b.putGrant(ctx, s, user, &revoked); err != nil {
 			return nil, err
 		}
