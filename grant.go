@@ -85,14 +85,19 @@ func (g *grant) refreshWindow(cfg *config) time.Duration {
 	return window
 }
 
-// windowOpens is when the token enters the refresh window.
+// windowOpens is when the token enters the refresh window: at once for a grant that a check
+// (check-grants) started after its last refresh has yet to refresh.
 func (g *grant) windowOpens(cfg *config) time.Time {
-	return g.ExpiresAt.Add(-g.refreshWindow(cfg))
+	opens := g.ExpiresAt.Add(-g.refreshWindow(cfg))
+	if g.LastRefreshedAt.Before(cfg.CheckGrantsBefore) && cfg.CheckGrantsBefore.Before(opens) {
+		return cfg.CheckGrantsBefore
+	}
+	return opens
 }
 
 // due reports whether a read refreshes the access token first.
 func (g *grant) due(cfg *config, now time.Time) bool {
-	return g.ExpiresAt.Sub(now) <= g.refreshWindow(cfg)+readAhead
+	return !now.Before(g.windowOpens(cfg).Add(-readAhead))
 }
 
 // unattended reports whether the token entered the refresh window with no reader refreshing it.
