@@ -1,0 +1,329 @@
+package evenergy
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"maps"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/api"
+
+	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
+)
+
+// readmeCommand is one `vault` command of README.md: a `$ vault ...` line of a shell-session block
+// (with its continuation lines), or an inline `vault ...` in a numbered step of a procedure.
+type readmeCommand struct {
+	line int // in README.md
+	text string
+}
+
+var (
+	numberedStep = regexp.MustCompile(`^\d+\. `)
+	inlineVault  = regexp.MustCompile("`(vault [^`]+)`")
+)
+
+// readmeCommands lists README.md's `vault` commands in the order an operator meets them.
+func readmeCommands(t *testing.T) []readmeCommand {
+	t.Helper()
+	raw, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(string(raw), "\n")
+	var commands []readmeCommand
+	fence := "" // the info string of the fenced block the line is in
+	for i := 0; i < len(lines); i++ {
+		line := strings.TrimSpace(lines[i])
+		switch {
+		case strings.HasPrefix(line, "```"):
+			if fence == "" {
+				fence = strings.TrimPrefix(line, "```") + " " // a block with no info string is still a block
+			} else {
+				fence = ""
+			}
+		case fence == "shell-session " && strings.HasPrefix(line, "$ vault "):
+			start, text := i, strings.TrimPrefix(line, "$ ")
+			for strings.HasSuffix(text, `\`) && i+1 < len(lines) {
+				i++
+				text = strings.TrimSpace(strings.TrimSuffix(text, `\`)) + " " + strings.TrimSpace(lines[i])
+			}
+			commands = append(commands, readmeCommand{line: start + 1, text: text})
+		case fence == "" && numberedStep.MatchString(line):
+			// A step goes on in the indented lines below it.
+			start, step := i, line
+			for i+1 < len(lines) && strings.HasPrefix(lines[i+1], "   ") && !strings.HasPrefix(strings.TrimSpace(lines[i+1]), "```") {
+				i++
+				step += " " + strings.TrimSpace(lines[i])
+			}
+			for _, m := range inlineVault.FindAllStringSubmatch(step, -1) {
+				commands = append(commands, readmeCommand{line: start + 1, text: m[1]})
+			}
+		}
+	}
+	return commands
+}
+
+// TestReadmeCommandsAreFound pins what readmeCommands takes from the README: commands in sessions,
+// with their continuation lines, and in the steps of a procedure.
+func TestReadmeCommandsAreFound(t *testing.T) {
+	var texts []string
+	for _, c := range readmeCommands(t) {
+		texts = append(texts, c.text)
+	}
+	for _, want := range []string{
+		`vault secrets enable -path=evenergy -plugin-version="$VERSION" -default-lease-ttl=1h -allowed-response-headers=Retry-After vault-plugin-secrets-evenergy`,
+		`vault write sys/plugins/reload/backend mounts=evenergy/`,
+		`vault operator raft snapshot restore evenergy.snap`,
+	} {
+		if !slices.Contains(texts, want) {
+			t.Errorf("the README's commands do not include %q; they are:\n%s", want, strings.Join(texts, "\n"))
+		}
+	}
+	for _, text := range texts {
+		if strings.Contains(text, "vault plugin reload") {
+			t.Errorf("the README runs %q, which calls sys/plugins/reload/unknown without a namespace", text)
+		}
+	}
+}
+
+// readmeWarnings are the commands whose Vault warning is what the README shows them for.
+var readmeWarnings = map[string]string{
+	"vault write -f evenergy/check-grants": "it warns that each refresh ends the token readers hold",
+	`vault list -format=json evenergy/users | jq -r '.[]' | xargs -I{} vault delete evenergy/users/{}`: "each delete warns until when leases of the revoked grant's token may run",
+}
+
+// TestAccReadmeCommands runs every `vault` command of README.md in order, as an operator would,
+// against a single-node Raft Vault (the restore needs snapshots) with the plugin and the stand-in
+// as ev.energy. Each must exit 0 without a warning from Vault, and each procedure must end as the
+// README says: a reload runs the new version, a restore lists as revoked the users refreshed since
+// the snapshot.
+func TestAccReadmeCommands(t *testing.T) {
+	commands := readmeCommands(t)
+	cluster := startRaftCluster(t, 1)
+	vault := cluster.active(t).client
+	work := t.TempDir()
+
+	// What the README leaves to the operator: the release's files, and ev.energy.
+	version := "v" + releaseVersion(t)
+	newVersion := version + ".1"
+	binary, newBinary := pluginName+"_"+version+"_linux_amd64", pluginName+"_"+newVersion+"_linux_amd64"
+	var sums strings.Builder
+	for name, v := range map[string]string{binary: version, newBinary: newVersion} {
+		fmt.Fprintf(&sums, "%s  %s\n", buildVersionedPlugin(t, name, v), name)
+	}
+	const secret, newSecret = "abc-secret", "new-secret"
+	for name, content := range map[string]string{
+		"SHA256SUMS": sums.String(), "client-secret.txt": secret + "\n", "new-secret.txt": newSecret + "\n", // as echo writes them
+	} {
+		if err := os.WriteFile(filepath.Join(work, name), []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ev := standin.New()
+	ev.AddClient(standin.Client{ID: "abc123", Secret: secret, Scopes: testScopes})
+	ev.AddClient(standin.Client{ID: "new-app", Secret: newSecret, Scopes: testScopes})
+	evServer := httptest.NewServer(ev)
+	t.Cleanup(evServer.Close)
+
+	// The placeholders: shell variables the README sets or names, and text standing for what only
+	// the operator's site has.
+	env := append(os.Environ(), "VAULT_ADDR="+vault.Address(), "VAULT_TOKEN="+vault.Token(), "VAULT_MAX_RETRIES=0", "VAULT_FORMAT=table",
+		"PATH="+filepath.Dir(vaultOnPath(t))+":"+os.Getenv("PATH"),
+		"VERSION="+version, "BINARY="+binary, "OLD="+version, "NEW="+newVersion, "NEW_BINARY="+newBinary)
+	replacements := []string{
+		"https://vault.example.com", vault.Address(), // this Vault, where the callback is
+		"evenergy/config client_id=abc123", "evenergy/config base_url=" + evServer.URL + " client_id=abc123", // the stand-in is ev.energy
+	}
+
+	// What happens between the commands, outside Vault: users at ev.energy, and the checks of each
+	// procedure's end. Keyed by the README's command, which must exist.
+	var refreshedAtSnapshot map[string]bool // the stand-in's refreshed access tokens when the snapshot was taken
+	var lostInRestore []string
+	before := map[string]func(){
+		"vault operator raft snapshot save evenergy.snap": func() {
+			for _, user := range []string{"restore-kept", "restore-rotated"} {
+				importUser(t, vault, ev, user)
+			}
+		},
+		"vault write evenergy/config client_secret=@new-secret.txt": func() { // 1. Get the new secret from ev.energy.
+			ev.AddClient(standin.Client{ID: "abc123", Secret: newSecret, Scopes: testScopes})
+		},
+		"vault operator raft snapshot restore evenergy.snap": func() {
+			lostInRestore = refreshedSince(ev, refreshedAtSnapshot)
+			if !slices.Contains(lostInRestore, "restore-rotated") {
+				t.Fatalf("the users refreshed since the snapshot are %v, which lacks restore-rotated", lostInRestore)
+			}
+		},
+		"vault read evenergy/check-grants": func() {
+			eventually(t, 3*time.Minute, "the check of every grant to end", func() bool {
+				s, err := vault.Logical().Read("evenergy/check-grants")
+				return err == nil && fmt.Sprint(s.Data["pending"]) == "0"
+			})
+		},
+	}
+	after := map[string]func(stdout string){
+		`vault write evenergy/auth-url/driver-42 redirect_uri=https://vault.example.com/v1/evenergy/callback`: func(stdout string) {
+			authorizeURL := regexp.MustCompile(`(?m)^authorize_url\s+(\S+)$`).FindStringSubmatch(stdout)
+			if authorizeURL == nil {
+				t.Fatalf("no authorize_url in:\n%s", stdout)
+			}
+			callback, err := ev.Authorize(context.Background(), authorizeURL[1], "driver-42", true) // the user consents
+			if err != nil {
+				t.Fatal(err)
+			}
+			if resp := get(t, callback.String()); resp.StatusCode != http.StatusOK {
+				t.Fatalf("the callback answered %d", resp.StatusCode)
+			}
+		},
+		"vault operator raft snapshot save evenergy.snap": func(string) {
+			refreshedAtSnapshot = map[string]bool{}
+			for _, tok := range ev.Tokens() {
+				refreshedAtSnapshot[tok.Value] = true
+			}
+			// Vault refreshes restore-rotated's grant after the snapshot, as a reader's refresh would.
+			importUser(t, vault, ev, "restore-rotated")
+		},
+		"vault list -detailed evenergy/users": func(stdout string) {
+			if revoked := revokedUsers(t, stdout); !slices.Equal(revoked, lostInRestore) {
+				t.Fatalf("after the restore the list shows %v revoked; the users refreshed since the snapshot are %v:\n%s", revoked, lostInRestore, stdout)
+			}
+		},
+		`vault secrets list -detailed        # the mount's running version is $NEW`: func(string) {
+			mount, err := vault.Logical().Read("sys/mounts/evenergy")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := mount.Data["running_plugin_version"]; got != newVersion {
+				t.Fatalf("after the upgrade the mount runs %v, want %s", got, newVersion)
+			}
+		},
+	}
+	texts := map[string]bool{}
+	for _, c := range commands {
+		texts[c.text] = true
+	}
+	for _, keys := range [][]string{slices.Collect(maps.Keys(before)), slices.Collect(maps.Keys(after)), slices.Collect(maps.Keys(readmeWarnings))} {
+		for _, k := range keys {
+			if !texts[k] {
+				t.Fatalf("this test acts around the README command %q, which the README no longer has", k)
+			}
+		}
+	}
+
+	for _, c := range commands {
+		if hook := before[c.text]; hook != nil {
+			hook()
+		}
+		text := c.text
+		for i := 0; i < len(replacements); i += 2 {
+			text = strings.ReplaceAll(text, replacements[i], replacements[i+1])
+		}
+		cmd := exec.Command("bash", "-c", "set -o pipefail; "+text)
+		cmd.Dir, cmd.Env = work, env
+		var stdout, stderr strings.Builder
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("README.md:%d: %s: %v\n%s%s", c.line, c.text, err, stdout.String(), stderr.String())
+		}
+		if out := stdout.String() + stderr.String(); strings.Contains(out, "WARNING") && readmeWarnings[c.text] == "" {
+			t.Fatalf("README.md:%d: %s: Vault warned:\n%s", c.line, c.text, out)
+		}
+		if hook := after[c.text]; hook != nil {
+			hook(stdout.String())
+		}
+	}
+}
+
+// buildVersionedPlugin builds the race-built plugin stamped with version into the plugin directory
+// under a release's name, and returns its sha256.
+func buildVersionedPlugin(t *testing.T, name, version string) string {
+	t.Helper()
+	dir, _, err := racePlugin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, name)
+	build := exec.Command("go", "build", "-race", "-ldflags", "-X "+versionVar+"="+version, "-o", bin, "./cmd/"+pluginName)
+	build.Env = append(os.Environ(), "CGO_ENABLED=1")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building %s: %v\n%s", name, err, out)
+	}
+	data, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("%x", sha256.Sum256(data))
+}
+
+// vaultOnPath is a directory's `vault`: VAULT_BIN, as the README's commands call it.
+func vaultOnPath(t *testing.T) string {
+	t.Helper()
+	link := filepath.Join(t.TempDir(), "vault")
+	if err := os.Symlink(os.Getenv("VAULT_BIN"), link); err != nil {
+		t.Fatal(err)
+	}
+	return link
+}
+
+// importUser has Vault import the user's current refresh token at the stand-in, or a new grant:
+// Vault refreshes it at once, so the refresh token the grant held before is rotated away.
+func importUser(t *testing.T, vault *api.Client, ev *standin.Server, user string) {
+	t.Helper()
+	var refreshToken string
+	for _, tok := range ev.Tokens() {
+		if tok.User == user && tok.Kind == "refresh" && !tok.Revoked {
+			refreshToken = tok.Value
+		}
+	}
+	if refreshToken == "" {
+		var err error
+		if refreshToken, err = ev.IssueUserGrant("abc123", user, "vehicle:read"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := vault.Logical().Write("evenergy/users/"+user, map[string]any{"refresh_token": refreshToken}); err != nil {
+		t.Fatalf("importing %s: %v", user, err)
+	}
+}
+
+// refreshedSince lists, sorted, the users whose grant the stand-in refreshed after it held known.
+func refreshedSince(ev *standin.Server, known map[string]bool) []string {
+	var users []string
+	for _, tok := range ev.Tokens() {
+		if tok.Grant == "refresh_token" && tok.Kind == "access" && !known[tok.Value] && !slices.Contains(users, tok.User) {
+			users = append(users, tok.User)
+		}
+	}
+	slices.Sort(users)
+	return users
+}
+
+// revokedUsers reads `vault list -detailed`'s table: the users whose status is revoked, sorted.
+func revokedUsers(t *testing.T, table string) []string {
+	t.Helper()
+	lines := strings.Split(strings.TrimSpace(table), "\n")
+	header := strings.Fields(lines[0])
+	status := slices.Index(header, "status")
+	if status < 0 {
+		t.Fatalf("no status column in:\n%s", table)
+	}
+	var revoked []string
+	for _, line := range lines[1:] {
+		if fields := strings.Fields(line); len(fields) == len(header) && fields[status] == grantRevoked {
+			revoked = append(revoked, fields[0])
+		}
+	}
+	slices.Sort(revoked)
+	return revoked
+}
