@@ -52,15 +52,23 @@ func (b *backend) pathCheckGrantsWrite(ctx context.Context, req *logical.Request
 	if err := b.putConfig(ctx, req.Storage, cfg); err != nil {
 		return nil, err
 	}
-	resp, err := b.pathCheckGrantsRead(ctx, req, nil)
-	if err == nil && !resp.IsError() {
-		resp.AddWarning(fmt.Sprintf("each check refreshes a grant, which ends the access token its readers hold; the periodic pass makes about %d refreshes a minute, so the %v grants to check take about %v minutes: read %scheck-grants for progress",
-			checkRefreshesPerMinute, resp.Data["pending"], resp.Data["minutes_left_about"], req.MountPoint))
+	left := "each 600 grants take about a minute"
+	data, err := b.checkProgress(ctx, req.Storage, cfg)
+	switch {
+	case errors.Is(err, errGrantsLoading): // right after a reload: the check runs once they are loaded
+		data = map[string]any{"started_at": cfg.CheckGrantsBefore.Format(time.RFC3339)}
+	case err != nil:
+		return nil, err
+	default:
+		left = fmt.Sprintf("the %d grants to check take about %d minutes", data["pending"], data["minutes_left_about"])
 	}
-	return resp, err
+	resp := &logical.Response{Data: data}
+	resp.AddWarning(fmt.Sprintf("each check refreshes a grant, which ends the access token its readers hold; the periodic pass makes about %d refreshes a minute, so %s: read %scheck-grants for progress",
+		checkRefreshesPerMinute, left, req.MountPoint))
+	return resp, nil
 }
 
-// pathCheckGrantsRead counts, on the active node that runs the check, the grants still to check.
+// pathCheckGrantsRead shows how far the check has come.
 func (b *backend) pathCheckGrantsRead(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
 	if err := b.ensureWritable(); err != nil {
 		return nil, err
@@ -72,9 +80,16 @@ func (b *backend) pathCheckGrantsRead(ctx context.Context, req *logical.Request,
 	if cfg.CheckGrantsBefore.IsZero() {
 		return logical.ErrorResponse("no check has been started: write to check-grants to start one"), nil
 	}
-	if err := b.loadGrants(ctx, req.Storage); errors.Is(err, errGrantsLoading) {
+	data, err := b.checkProgress(ctx, req.Storage, cfg)
+	if errors.Is(err, errGrantsLoading) {
 		return nil, logical.CodedError(http.StatusServiceUnavailable, "users' grants are still being loaded after a start: read check-grants again in a few seconds")
-	} else if err != nil {
+	}
+	return &logical.Response{Data: data}, err
+}
+
+// checkProgress counts, on the active node that runs the check, the grants still to check.
+func (b *backend) checkProgress(ctx context.Context, s logical.Storage, cfg *config) (map[string]any, error) {
+	if err := b.loadGrants(ctx, s); err != nil {
 		return nil, err
 	}
 	pending, revoked := 0, 0
@@ -88,10 +103,10 @@ func (b *backend) pathCheckGrantsRead(ctx context.Context, req *logical.Request,
 		}
 	}
 	b.cache.mu.RUnlock()
-	return &logical.Response{Data: map[string]any{
+	return map[string]any{
 		"started_at":          cfg.CheckGrantsBefore.Format(time.RFC3339),
 		"pending":             pending,
 		"revoked_since_start": revoked,
 		"minutes_left_about":  (pending + checkRefreshesPerMinute - 1) / checkRefreshesPerMinute,
-	}}, nil
+	}, nil
 }
