@@ -176,7 +176,7 @@ func TestAccReadmeCommands(t *testing.T) {
 		`vault write evenergy/auth-url/driver-42 redirect_uri=https://vault.example.com/v1/evenergy/callback`: func(stdout string) {
 			authorizeURL := regexp.MustCompile(`(?m)^authorize_url\s+(\S+)$`).FindStringSubmatch(stdout)
 			if authorizeURL == nil {
-				t.Fatalf("no authorize_url in:\n%s", stdout)
+				t.Fatalf("no authorize_url in:\n%s", withoutSecrets(stdout))
 			}
 			callback, err := ev.Authorize(context.Background(), authorizeURL[1], "driver-42", true) // the user consents
 			if err != nil {
@@ -233,17 +233,25 @@ func TestAccReadmeCommands(t *testing.T) {
 		cmd.Dir, cmd.Env = work, env
 		var stdout, stderr strings.Builder
 		cmd.Stdout, cmd.Stderr = &stdout, &stderr
-		if err := cmd.Run(); err != nil {
-			t.Fatalf("README.md:%d: %s: %v\n%s%s", c.line, c.text, err, stdout.String(), stderr.String())
+		err := cmd.Run()
+		out := stdout.String() + stderr.String()
+		if err != nil {
+			t.Fatalf("README.md:%d: %s: %v\n%s", c.line, c.text, err, withoutSecrets(out))
 		}
-		if out := stdout.String() + stderr.String(); strings.Contains(out, "WARNING") && readmeWarnings[c.text] == "" {
-			t.Fatalf("README.md:%d: %s: Vault warned:\n%s", c.line, c.text, out)
+		if strings.Contains(out, "WARNING") && readmeWarnings[c.text] == "" {
+			t.Fatalf("README.md:%d: %s: Vault warned:\n%s", c.line, c.text, withoutSecrets(out))
 		}
 		if hook := after[c.text]; hook != nil {
 			hook(stdout.String())
 		}
 	}
 }
+
+// secretValue is a token, state or authorization link in a command's table output.
+var secretValue = regexp.MustCompile(`(?m)^((?:access_token|authorize_url|state)\s+)\S+`)
+
+// withoutSecrets is a command's output fit for the test log.
+func withoutSecrets(out string) string { return secretValue.ReplaceAllString(out, "${1}<redacted>") }
 
 // buildVersionedPlugin builds the race-built plugin stamped with version into the plugin directory
 // under a release's name, and returns its sha256.
@@ -326,4 +334,11 @@ func revokedUsers(t *testing.T, table string) []string {
 	}
 	slices.Sort(revoked)
 	return revoked
+}
+
+func TestWithoutSecrets(t *testing.T) {
+	out := withoutSecrets("lease_duration     1h\naccess_token       K8hGUZTX\nstate            VQ6Z\nauthorize_url    https://x/?state=VQ6Z\n")
+	if strings.Contains(out, "K8hGUZTX") || strings.Contains(out, "VQ6Z") || !strings.Contains(out, "lease_duration     1h") {
+		t.Fatalf("withoutSecrets left a secret or lost the rest:\n%s", out)
+	}
 }
