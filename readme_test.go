@@ -97,6 +97,49 @@ func TestReadmeCommandsAreFound(t *testing.T) {
 	}
 }
 
+// TestAccReadmePolicies writes the README's policies to a real Vault, which must take them, and
+// checks what the operator's allows: users' grants but not their tokens, and the sudo that
+// `vault lease revoke -prefix` needs.
+func TestAccReadmePolicies(t *testing.T) {
+	t.Parallel()
+	vault := testVault(t)
+	raw, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, _ := strings.Cut(string(raw), "\n### Policies\n")
+	section, _, _ = strings.Cut(section, "\n### ")
+	blocks := regexp.MustCompile("(?s)```hcl\n(.*?)```").FindAllStringSubmatch(section, -1)
+	if len(blocks) < 3 {
+		t.Fatalf("the README's Policies section has %d hcl blocks, want the operator's, the application's and the templated one", len(blocks))
+	}
+	for i, block := range blocks {
+		name := fmt.Sprintf("readme-policy-%d", i)
+		if err := vault.Sys().PutPolicy(name, block[1]); err != nil {
+			t.Fatalf("Vault refuses the README's policy %d: %v\n%s", i, err, block[1])
+		}
+		t.Cleanup(func() { _ = vault.Sys().DeletePolicy(name) })
+	}
+	token, err := vault.Auth().Token().Create(&api.TokenCreateRequest{Policies: []string{"readme-policy-0"}, NoDefaultPolicy: true, TTL: "10m"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string][]string{
+		"evenergy/users/driver-42":                                {"delete", "read"},
+		"evenergy/users/driver-42/token":                          {"deny"},
+		"sys/leases/revoke-prefix/evenergy/users/driver-42/token": {"sudo", "update"},
+	} {
+		got, err := vault.Sys().Capabilities(token.Auth.ClientToken, path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		slices.Sort(got)
+		if !slices.Equal(got, want) {
+			t.Errorf("the README's operator policy gives %v on %s, want %v", got, path, want)
+		}
+	}
+}
+
 // readmeWarnings are the commands whose Vault warning is what the README shows them for.
 var readmeWarnings = map[string]string{
 	"vault write -f evenergy/check-grants": "it warns that each refresh ends the token readers hold",
