@@ -150,7 +150,10 @@ var readmeWarnings = map[string]string{
 // against a single-node Raft Vault (the restore needs snapshots) with the plugin and the stand-in
 // as ev.energy. Each must exit 0 without a warning from Vault, and each procedure must end as the
 // README says: a reload runs the new version, a restore lists as revoked the users refreshed since
-// the snapshot.
+// the snapshot. Not run, as they are not Vault's: checking and installing the release on every
+// node (sha256sum, install; the test builds both versions into the one node's plugin directory),
+// what happens at ev.energy (a new secret, a user's consent: the hooks below), and the HCL of
+// Terraform and Vault Agent.
 func TestAccReadmeCommands(t *testing.T) {
 	commands := readmeCommands(t)
 	cluster := startRaftCluster(t, 1)
