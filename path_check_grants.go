@@ -98,7 +98,7 @@ func (b *backend) checkProgress(ctx context.Context, s logical.Storage, cfg *con
 		switch {
 		case g.usable(cfg, user) == nil && g.LastRefreshedAt.Before(cfg.CheckGrantsBefore):
 			pending++
-		case g.Status == grantRevoked && !g.RevokedAt.Before(cfg.CheckGrantsBefore):
+		case g.Status == grantRevoked && g.RevokedAt != nil && !g.RevokedAt.Before(cfg.CheckGrantsBefore):
 			revoked++
 		}
 	}

@@ -40,7 +40,7 @@ func TestCheckGrantsRefreshesEveryGrant(t *testing.T) {
 			t.Errorf("the check did not refresh %s's grant", user)
 		}
 	}
-	if after, _ := getJSON[grant](t.Context(), s, userPrefix+"rotated-away"); after.Status != grantRevoked || after.RevokedAt.IsZero() {
+	if after, _ := getJSON[grant](t.Context(), s, userPrefix+"rotated-away"); after.Status != grantRevoked || after.RevokedAt == nil {
 		t.Errorf("the grant ev.energy refuses is %s, revoked_at %v; want revoked with when", after.Status, after.RevokedAt)
 	}
 	resp, err = request(t, b, s, logical.ReadOperation, "check-grants", nil)

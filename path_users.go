@@ -124,7 +124,7 @@ func (g *grant) statusData(cfg *config) map[string]any {
 		status = grantOtherClient
 	}
 	data := map[string]any{"status": status, "last_refreshed_at": g.LastRefreshedAt.Format(time.RFC3339)}
-	if status == grantRevoked && !g.RevokedAt.IsZero() {
+	if status == grantRevoked && g.RevokedAt != nil {
 		data["revoked_at"] = g.RevokedAt.Format(time.RFC3339)
 	}
 	return data
