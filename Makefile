@@ -1,6 +1,7 @@
 PLUGIN  := vault-plugin-secrets-evenergy
 VAULT   := $(CURDIR)/bin/vault
-# The version stamped into the plugin: the VERSION file, which the newest release in CHANGELOG.md names.
+# The version stamped into the plugin: the VERSION file, the newest release in CHANGELOG.md or, between
+# releases, a -dev version newer than every release.
 VERSION := v$(shell cat VERSION)
 LDFLAGS := -X github.com/evenergy/vault-plugin-secrets-evenergy.Version=$(VERSION)
 

@@ -71,7 +71,7 @@ func newBackend() *backend {
 			Unauthenticated: []string{"callback"},
 		},
 		Paths: framework.PathAppend(
-			[]*framework.Path{pathConfig(b), pathRevoke(b), pathRevocations(b), pathAuthURL(b), pathCallback(b), pathMetrics(b)},
+			[]*framework.Path{pathConfig(b), pathRevoke(b), pathRevocations(b), pathCheckGrants(b), pathAuthURL(b), pathCallback(b), pathMetrics(b)},
 			pathRoles(b),
 			pathToken(b),
 			pathUsers(b),

@@ -34,6 +34,12 @@ func fieldOnWrite(req *logical.Request, d *framework.FieldData, name string) (an
 	return d.Get(name), req.Operation == logical.CreateOperation
 }
 
+// trimmedField returns a string field without surrounding whitespace: `@file` and `-` values keep
+// the trailing newline of the file or stdin, which ev.energy would refuse as part of a credential.
+func trimmedField(d *framework.FieldData, name string) string {
+	return strings.TrimSpace(d.Get(name).(string))
+}
+
 // checkURL accepts an absolute https:// URL, or http:// for a loopback host only.
 func checkURL(field, raw string) error {
 	u, err := url.Parse(raw)

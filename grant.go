@@ -22,15 +22,16 @@ const (
 // grant is what Vault keeps of one ev.energy user's authorization; its tokens never leave except
 // the access token through users/<user>/token.
 type grant struct {
-	ClientID        string    `json:"client_id"` // the ev.energy client the user authorized; empty in grants stored before v0.2
-	RefreshToken    string    `json:"refresh_token"`
-	AccessToken     string    `json:"access_token"`
-	TokenType       string    `json:"token_type"`
-	Scope           string    `json:"scope"`
-	ExpiresAt       time.Time `json:"expires_at"`
-	Status          string    `json:"status"`
-	LastRefreshedAt time.Time `json:"last_refreshed_at"`
-	LastError       string    `json:"last_error"`
+	ClientID        string     `json:"client_id"` // the ev.energy client the user authorized; empty in grants stored before v0.2
+	RefreshToken    string     `json:"refresh_token"`
+	AccessToken     string     `json:"access_token"`
+	TokenType       string     `json:"token_type"`
+	Scope           string     `json:"scope"`
+	ExpiresAt       time.Time  `json:"expires_at"`
+	Status          string     `json:"status"`
+	LastRefreshedAt time.Time  `json:"last_refreshed_at"`
+	LastError       string     `json:"last_error"`
+	RevokedAt       *time.Time `json:"revoked_at,omitempty"` // when ev.energy was found to refuse the refresh token; a pointer costs a cached grant 16 bytes, a time.Time 32
 }
 
 // getGrant reads the user's stored grant (nil when there is none), its repeated strings shared.
@@ -83,14 +84,19 @@ func (g *grant) refreshWindow(cfg *config) time.Duration {
 	return window
 }
 
-// windowOpens is when the token enters the refresh window.
+// windowOpens is when the token enters the refresh window: at once for a grant that a check
+// (check-grants) started after its last refresh has yet to refresh.
 func (g *grant) windowOpens(cfg *config) time.Time {
-	return g.ExpiresAt.Add(-g.refreshWindow(cfg))
+	opens := g.ExpiresAt.Add(-g.refreshWindow(cfg))
+	if g.LastRefreshedAt.Before(cfg.CheckGrantsBefore) && cfg.CheckGrantsBefore.Before(opens) {
+		return cfg.CheckGrantsBefore
+	}
+	return opens
 }
 
 // due reports whether a read refreshes the access token first.
 func (g *grant) due(cfg *config, now time.Time) bool {
-	return g.ExpiresAt.Sub(now) <= g.refreshWindow(cfg)+readAhead
+	return !now.Before(g.windowOpens(cfg).Add(-readAhead))
 }
 
 // unattended reports whether the token entered the refresh window with no reader refreshing it.
@@ -255,7 +261,8 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 	case refreshRevoked:
 		b.Logger().Warn("ev.energy no longer accepts a user's grant", "user", user, "error", err)
 		revoked := *g
-		revoked.Status, revoked.LastError = grantRevoked, err.Error()
+		found := b.cache.refreshes.now().UTC()
+		revoked.Status, revoked.LastError, revoked.RevokedAt = grantRevoked, err.Error(), &found
 		if err := b.putGrant(ctx, s, user, &revoked); err != nil {
 			return nil, err
 		}

@@ -127,7 +127,7 @@ p{margin:0 0 1rem}
 
 func (b *backend) pathCallbackRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	outcome := badLink
-	state := d.Get("state").(string)
+	state := trimmedField(d, "state")
 	pending, err := b.consumeAuthRequest(ctx, req.Storage, "", state)
 	var confirmation string // the code to show when the link waits for its maker
 	if err == nil {
@@ -141,10 +141,10 @@ func (b *backend) pathCallbackRead(ctx context.Context, req *logical.Request, d 
 		case pending.selfMade():
 			// Whoever opened the link may not be its maker: only the maker may keep what it gives.
 			outcome = exchangeFailed
-			confirmation, err = b.holdForConfirmation(ctx, req.Storage, state, pending, d.Get("code").(string))
+			confirmation, err = b.holdForConfirmation(ctx, req.Storage, state, pending, trimmedField(d, "code"))
 		default:
 			outcome = exchangeFailed
-			err = b.completeAuthorization(ctx, req.Storage, pending, d.Get("code").(string))
+			err = b.completeAuthorization(ctx, req.Storage, pending, trimmedField(d, "code"))
 		}
 	}
 	var coded logical.HTTPCodedError

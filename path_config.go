@@ -25,6 +25,8 @@ type config struct {
 	Scopes         []string      `json:"scopes"`
 	RequestTimeout time.Duration `json:"request_timeout"`
 	RefreshWindow  time.Duration `json:"refresh_window"`
+	// CheckGrantsBefore makes the active grants last refreshed before it due (check-grants).
+	CheckGrantsBefore time.Time `json:"check_grants_before,omitzero"`
 }
 
 func pathConfig(b *backend) *framework.Path {
@@ -134,7 +136,7 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	}
 	secret, secretGiven := fieldOnWrite(req, d, "client_secret")
 	if secretGiven {
-		cfg.ClientSecret = secret.(string)
+		cfg.ClientSecret = strings.TrimSpace(secret.(string)) // as trimmedField does
 	} else if cfg.ClientID != previousClientID {
 		return logical.ErrorResponse("client_id changes from %s to %s: give client_secret too (empty for a public client), so that the previous client's secret is not kept", previousClientID, cfg.ClientID), nil
 	}
@@ -173,8 +175,13 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	if err := b.unretireClient(ctx, req.Storage, cfg.ClientID); err != nil {
 		return nil, err
 	}
+	return nil, b.putConfig(ctx, req.Storage, cfg)
+}
+
+// putConfig stores the config, which every node then reads anew.
+func (b *backend) putConfig(ctx context.Context, s logical.Storage, cfg *config) error {
 	defer b.cache.invalidate(configPath)
-	return nil, putJSON(ctx, req.Storage, configPath, cfg)
+	return putJSON(ctx, s, configPath, cfg)
 }
 
 func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {

@@ -49,10 +49,10 @@ revokes the grant at ev.energy and forgets it.`,
 			Pattern:      userPrefix + "?$",
 			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "users"},
 			Operations: map[logical.Operation]framework.OperationHandler{
-				logical.ListOperation: &framework.PathOperation{Callback: b.pathUserList, Summary: "List the users with a grant."},
+				logical.ListOperation: &framework.PathOperation{Callback: b.pathUserList, Summary: "List the users with a grant, and each grant's status in key_info."},
 			},
 			HelpSynopsis:    "List the ev.energy users with a grant.",
-			HelpDescription: "Lists the names of the users whose grants this engine keeps.",
+			HelpDescription: "Lists the names of the users whose grants this engine keeps, with each grant's status and, for a revoked grant, when ev.energy was found to refuse it.",
 		},
 		{
 			Pattern: userPrefix + userField + "/token$",
@@ -70,8 +70,8 @@ one; its lease ends before the next refresh replaces it, and ending the lease re
 
 func (b *backend) pathUserWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	user := d.Get("user").(string)
-	code, state, refreshToken := d.Get("code").(string), d.Get("state").(string), d.Get("refresh_token").(string)
-	confirmation := d.Get("confirmation_code").(string)
+	code, state, refreshToken := trimmedField(d, "code"), trimmedField(d, "state"), trimmedField(d, "refresh_token")
+	confirmation := trimmedField(d, "confirmation_code")
 	switch {
 	case refreshToken != "" && (code != "" || state != "" || confirmation != ""):
 		return logical.ErrorResponse("give either code and state, state and confirmation_code, or refresh_token alone"), nil
@@ -119,19 +119,26 @@ func (b *backend) pathUserRead(ctx context.Context, req *logical.Request, d *fra
 	if err != nil {
 		return nil, err
 	}
+	data := g.statusData(cfg)
+	data["client_id"], data["scope"] = g.ClientID, g.Scope
+	data["access_token_expires_at"] = g.ExpiresAt.Format(time.RFC3339)
+	data["refresh_window"] = int64(g.refreshWindow(cfg).Seconds())
+	data["last_error"] = cmp.Or(b.cache.refreshes.lastFailure(user, g.RefreshToken), g.LastError)
+	return &logical.Response{Data: data}, nil
+}
+
+// statusData is what a read and a list show of a grant's status: after a restore, the revoked
+// grants, with when ev.energy was found to refuse them, are the users who must connect again.
+func (g *grant) statusData(cfg *config) map[string]any {
 	status := g.Status
 	if g.ofOtherClient(cfg) {
 		status = grantOtherClient
 	}
-	return &logical.Response{Data: map[string]any{
-		"client_id":               g.ClientID,
-		"scope":                   g.Scope,
-		"access_token_expires_at": g.ExpiresAt.Format(time.RFC3339),
-		"status":                  status,
-		"last_refreshed_at":       g.LastRefreshedAt.Format(time.RFC3339),
-		"refresh_window":          int64(g.refreshWindow(cfg).Seconds()),
-		"last_error":              cmp.Or(b.cache.refreshes.lastFailure(user, g.RefreshToken), g.LastError),
-	}}, nil
+	data := map[string]any{"status": status, "last_refreshed_at": g.LastRefreshedAt.Format(time.RFC3339)}
+	if status == grantRevoked && g.RevokedAt != nil {
+		data["revoked_at"] = g.RevokedAt.Format(time.RFC3339)
+	}
+	return data
 }
 
 func (b *backend) pathUserDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
@@ -169,7 +176,22 @@ func (b *backend) pathUserList(ctx context.Context, req *logical.Request, _ *fra
 	if err != nil {
 		return nil, err
 	}
-	return logical.ListResponse(users), nil
+	cfg, _, err := b.config(ctx, req.Storage)
+	if errors.As(err, new(logical.HTTPCodedError)) {
+		cfg, err = &config{}, nil // not configured: every grant is of a client other than the configured one
+	}
+	if err != nil {
+		return nil, err
+	}
+	keyInfo := make(map[string]any, len(users))
+	for _, user := range users {
+		if g, err := b.grant(ctx, req.Storage, user); err != nil {
+			return nil, err
+		} else if g != nil { // deleted since the list
+			keyInfo[user] = g.statusData(cfg)
+		}
+	}
+	return logical.ListResponseWithInfo(users, keyInfo), nil
 }
 
 func (b *backend) pathUserTokenRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {

@@ -524,3 +524,38 @@ func TestSelfMadeLinkCompletesThroughTheApplicationOnlyForItsMaker(t *testing.T)
 		t.Fatal("the maker's relay stored no live grant")
 	}
 }
+
+// TestUserListShowsWhoMustReconnect lists users with key_info: each grant's status, and for a grant
+// ev.energy no longer accepts, when the engine found that out (here after a restore would have put
+// back a refresh token ev.energy had rotated since).
+func TestUserListShowsWhoMustReconnect(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	connectUnitUser(t, b, s, sv, "kept")
+	gone := connectUnitUser(t, b, s, sv, "gone")
+	if resp, err := request(t, b, s, logical.UpdateOperation, "revoke", map[string]any{"token": gone.RefreshToken}); err != nil || resp.IsError() {
+		t.Fatalf("revoke: %v %v", err, resp)
+	}
+	found := time.Now().Add(10 * time.Hour).UTC().Truncate(time.Second)
+	useFakeClock(b, found) // both tokens are due
+	if _, err := request(t, b, s, logical.ReadOperation, "users/gone/token", nil); err == nil {
+		t.Fatal("a grant ev.energy refuses gave a token")
+	}
+
+	resp, err := request(t, b, s, logical.ListOperation, "users/", nil)
+	if err != nil || resp.IsError() {
+		t.Fatalf("list: %v %v", err, resp)
+	}
+	keyInfo, _ := resp.Data["key_info"].(map[string]any)
+	goneInfo, _ := keyInfo["gone"].(map[string]any)
+	keptInfo, _ := keyInfo["kept"].(map[string]any)
+	if goneInfo["status"] != grantRevoked || goneInfo["revoked_at"] != found.Format(time.RFC3339) {
+		t.Errorf("key_info of the refused grant = %v, want status revoked and revoked_at %s", goneInfo, found.Format(time.RFC3339))
+	}
+	if _, has := keptInfo["revoked_at"]; keptInfo["status"] != grantActive || has {
+		t.Errorf("key_info of the accepted grant = %v, want status active and no revoked_at", keptInfo)
+	}
+	if resp, _ := request(t, b, s, logical.ReadOperation, "users/gone", nil); resp.Data["revoked_at"] != goneInfo["revoked_at"] {
+		t.Errorf("a read of the refused grant shows revoked_at %v, the list %v", resp.Data["revoked_at"], goneInfo["revoked_at"])
+	}
+}

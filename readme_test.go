@@ -1,255 +1,390 @@
 package evenergy
 
 import (
+	"context"
+	"crypto/sha256"
 	"fmt"
 	"maps"
+	"net/http"
+	"net/http/httptest"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
-	"github.com/hashicorp/vault/sdk/framework"
-	"github.com/hashicorp/vault/sdk/logical"
+	"github.com/hashicorp/vault/api"
+
+	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
 )
 
-// The README's API section documents each endpoint under a ### heading, with a method table
-// ("| `GET` | `/evenergy/config` |") and, when it takes any, a parameter table headed by
-// parameterHeader ("| `client_id` | string | `""` | ... |").
-const parameterHeader = "| Parameter | Type | Default | Description |"
+// readmeCommand is one `vault` command of README.md: a `$ vault ...` line of a shell-session block
+// (with its continuation lines), or an inline `vault ...` in a numbered step of a procedure.
+type readmeCommand struct {
+	line int // in README.md
+	text string
+}
 
 var (
-	methodRow    = regexp.MustCompile("^\\| `(GET|POST|DELETE|LIST)` +\\| `/evenergy/([^`]*)` +\\|")
-	parameterRow = regexp.MustCompile("^\\| `([a-z_]+)` \\| ([^|]+?) \\| ([^|]+?) \\|")
-	namedGroup   = regexp.MustCompile(`\(\?P<(\w+)>`)
+	numberedStep = regexp.MustCompile(`^\d+\. `)
+	inlineVault  = regexp.MustCompile("`(vault [^`]+)`")
 )
 
-// readmeTypes are the README's names of the field types the engine uses.
-var readmeTypes = map[framework.FieldType]string{
-	framework.TypeString:           "string",
-	framework.TypeLowerCaseString:  "string",
-	framework.TypeCommaStringSlice: "list",
-	framework.TypeDurationSecond:   "duration",
-}
-
-// httpMethods are the HTTP methods of Vault's operations; create and update are both POST.
-var httpMethods = map[logical.Operation]string{
-	logical.ReadOperation:   "GET",
-	logical.CreateOperation: "POST",
-	logical.UpdateOperation: "POST",
-	logical.DeleteOperation: "DELETE",
-	logical.ListOperation:   "LIST",
-}
-
-// apiEndpoint is one ### section of the README's API section.
-type apiEndpoint struct {
-	heading    string
-	methods    []string // "GET config"
-	parameters map[string][2]string
-}
-
-// TestReadmeDocumentsEveryPathAndField reads README.md: every operation of every path appears in
-// the API section with its HTTP method, every field in a parameter table of its path with its
-// type and default, and every method and parameter there exists in the engine.
-func TestReadmeDocumentsEveryPathAndField(t *testing.T) {
-	endpoints := readmeAPI(t)
-	documented := map[string]bool{} // "GET config"
-	for _, e := range endpoints {
-		for _, m := range e.methods {
-			documented[m] = true
-		}
-	}
-	for _, p := range newBackend().Paths {
-		path := displayPath(p.Pattern)
-		methods := map[string]bool{}
-		for _, op := range append(slices.Collect(maps.Keys(p.Operations)), slices.Collect(maps.Keys(p.Callbacks))...) {
-			method, ok := httpMethods[op]
-			if !ok {
-				t.Errorf("%s: operation %s has no HTTP method in this test", path, op)
-			}
-			methods[method] = true
-		}
-		for method := range methods {
-			if !documented[method+" "+path] {
-				t.Errorf("the README's API section has no method table row | `%s` | `/evenergy/%s` |", method, path)
-			}
-			delete(documented, method+" "+path)
-		}
-		for name, schema := range p.Fields {
-			want, err := fieldTypeAndDefault(schema)
-			if err != nil {
-				t.Errorf("%s field %s: %v", path, name, err)
-				continue
-			}
-			found := false
-			for _, e := range endpoints {
-				if got, ok := e.parameters[name]; ok && e.documents(path) {
-					found = true
-					if got != want {
-						t.Errorf("README %q: %s has type %q and default %q; the engine's are %q and %q", e.heading, name, got[0], got[1], want[0], want[1])
-					}
-				}
-			}
-			if !found {
-				t.Errorf("no parameter table of /evenergy/%s in the README names %s (%s, default %s)", path, name, want[0], want[1])
-			}
-		}
-	}
-	for m := range documented {
-		t.Errorf("the README's API section documents %s, which the engine does not have", m)
-	}
-	fields := map[string]map[string]bool{} // by path
-	for _, p := range newBackend().Paths {
-		fields[displayPath(p.Pattern)] = map[string]bool{}
-		for name := range p.Fields {
-			fields[displayPath(p.Pattern)][name] = true
-		}
-	}
-	for _, e := range endpoints {
-		for name := range e.parameters {
-			if !slices.ContainsFunc(e.methods, func(m string) bool { return fields[strings.SplitN(m, " ", 2)[1]][name] }) {
-				t.Errorf("README %q names parameter %s, which none of its paths has", e.heading, name)
-			}
-		}
-	}
-}
-
-// documents reports whether the endpoint's method table names path.
-func (e apiEndpoint) documents(path string) bool {
-	return slices.ContainsFunc(e.methods, func(m string) bool { return strings.SplitN(m, " ", 2)[1] == path })
-}
-
-// readmeAPI parses the ### sections of README.md's "## API" section.
-func readmeAPI(t *testing.T) []apiEndpoint {
+// readmeCommands lists README.md's `vault` commands in the order an operator meets them.
+func readmeCommands(t *testing.T) []readmeCommand {
 	t.Helper()
 	raw, err := os.ReadFile("README.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, api, ok := strings.Cut(string(raw), "\n## API\n")
-	if !ok {
-		t.Fatal(`README.md has no "## API" section`)
-	}
-	if end := strings.Index(api, "\n## "); end >= 0 {
-		api = api[:end]
-	}
-	var endpoints []apiEndpoint
-	inParameters := false
-	for line := range strings.Lines(api) {
-		line = strings.TrimRight(line, "\n")
+	lines := strings.Split(string(raw), "\n")
+	var commands []readmeCommand
+	fence := "" // the info string of the fenced block the line is in
+	for i := 0; i < len(lines); i++ {
+		line := strings.TrimSpace(lines[i])
 		switch {
-		case strings.HasPrefix(line, "### "):
-			endpoints = append(endpoints, apiEndpoint{heading: strings.TrimPrefix(line, "### "), parameters: map[string][2]string{}})
-			continue
-		case len(endpoints) == 0:
-			continue
-		case line == parameterHeader:
-			inParameters = true
-			continue
-		case !strings.HasPrefix(line, "|"):
-			inParameters = false
-			continue
-		}
-		e := &endpoints[len(endpoints)-1]
-		if m := methodRow.FindStringSubmatch(line); m != nil {
-			e.methods = append(e.methods, m[1]+" "+m[2])
-		} else if m := parameterRow.FindStringSubmatch(line); m != nil && inParameters {
-			if _, twice := e.parameters[m[1]]; twice {
-				t.Errorf("README %q names parameter %s twice", e.heading, m[1])
+		case strings.HasPrefix(line, "```"):
+			if fence == "" {
+				fence = strings.TrimPrefix(line, "```") + " " // a block with no info string is still a block
+			} else {
+				fence = ""
 			}
-			e.parameters[m[1]] = [2]string{m[2], m[3]}
-		} else if inParameters && !strings.HasPrefix(line, "|---") {
-			t.Errorf("README %q: a parameter row must read | `name` | type | default | description |, not %q", e.heading, line)
-		}
-	}
-	if len(endpoints) == 0 {
-		t.Fatal("the README's API section has no ### endpoint sections")
-	}
-	return endpoints
-}
-
-// displayPath is a path pattern as Vault's docs write it: roles/(?P<name>...) is roles/:name.
-func displayPath(pattern string) string {
-	var out strings.Builder
-	for i := 0; i < len(pattern); {
-		m := namedGroup.FindStringSubmatchIndex(pattern[i:])
-		if m == nil {
-			out.WriteString(pattern[i:])
-			break
-		}
-		out.WriteString(pattern[i : i+m[0]])
-		out.WriteString(":" + pattern[i+m[2]:i+m[3]])
-		// Skip to the group's closing parenthesis.
-		depth, j := 0, i+m[0]
-		for ; j < len(pattern); j++ {
-			switch pattern[j] {
-			case '\\':
-				j++
-			case '(':
-				depth++
-			case ')':
-				depth--
+		case fence == "shell-session " && strings.HasPrefix(line, "$ vault "):
+			start, text := i, strings.TrimPrefix(line, "$ ")
+			for strings.HasSuffix(text, `\`) && i+1 < len(lines) {
+				i++
+				text = strings.TrimSpace(strings.TrimSuffix(text, `\`)) + " " + strings.TrimSpace(lines[i])
 			}
-			if depth == 0 {
-				break
+			commands = append(commands, readmeCommand{line: start + 1, text: text})
+		case fence == "" && numberedStep.MatchString(line):
+			// A step goes on in the indented lines below it.
+			start, step := i, line
+			for i+1 < len(lines) && strings.HasPrefix(lines[i+1], "   ") && !strings.HasPrefix(strings.TrimSpace(lines[i+1]), "```") {
+				i++
+				step += " " + strings.TrimSpace(lines[i])
+			}
+			for _, m := range inlineVault.FindAllStringSubmatch(step, -1) {
+				commands = append(commands, readmeCommand{line: start + 1, text: m[1]})
 			}
 		}
-		i = j + 1
 	}
-	path := strings.TrimSuffix(strings.TrimPrefix(out.String(), "^"), "$")
-	return strings.TrimSuffix(strings.TrimSuffix(path, "?"), "/")
+	return commands
 }
 
-// fieldTypeAndDefault is a field's type and default as the README's parameter tables write them.
-func fieldTypeAndDefault(schema *framework.FieldSchema) ([2]string, error) {
-	typ, ok := readmeTypes[schema.Type]
-	if !ok {
-		return [2]string{}, fmt.Errorf("type %s has no README name in this test", schema.Type)
+// TestReadmeCommandsAreFound pins what readmeCommands takes from the README: commands in sessions,
+// with their continuation lines, and in the steps of a procedure.
+func TestReadmeCommandsAreFound(t *testing.T) {
+	var texts []string
+	for _, c := range readmeCommands(t) {
+		texts = append(texts, c.text)
 	}
-	switch {
-	case schema.Required:
-		return [2]string{typ, "required"}, nil
-	case schema.Default == nil && typ == "list":
-		return [2]string{typ, "`[]`"}, nil
-	case schema.Default == nil && typ == "duration":
-		return [2]string{typ, "`0`"}, nil
-	case schema.Default == nil:
-		return [2]string{typ, "`\"\"`"}, nil
-	case typ == "duration":
-		seconds, ok := schema.Default.(int)
-		if !ok {
-			return [2]string{}, fmt.Errorf("duration default %v is not seconds", schema.Default)
-		}
-		return [2]string{typ, "`" + readableSeconds(seconds) + "`"}, nil
-	default:
-		return [2]string{typ, fmt.Sprintf("`%v`", schema.Default)}, nil
-	}
-}
-
-// readableSeconds writes a duration as the README does: 30s, 10m, 1h.
-func readableSeconds(seconds int) string {
-	switch {
-	case seconds%3600 == 0:
-		return fmt.Sprintf("%dh", seconds/3600)
-	case seconds%60 == 0:
-		return fmt.Sprintf("%dm", seconds/60)
-	default:
-		return fmt.Sprintf("%ds", seconds)
-	}
-}
-
-// TestDisplayPath pins how path patterns read in the README.
-func TestDisplayPath(t *testing.T) {
-	for pattern, want := range map[string]string{
-		"config":                           "config",
-		"^roles/?$":                        "roles",
-		rolePrefix + roleField("name"):     "roles/:name",
-		"token/" + roleField("role"):       "token/:role",
-		userPrefix + userField + "/token$": "users/:user/token",
-		"^auth-url/" + userField + "$":     "auth-url/:user",
+	for _, want := range []string{
+		`vault secrets enable -path=evenergy -plugin-version="$VERSION" -default-lease-ttl=1h -allowed-response-headers=Retry-After vault-plugin-secrets-evenergy`,
+		`vault write sys/plugins/reload/backend mounts=evenergy/`,
+		`vault operator raft snapshot restore evenergy.snap`,
 	} {
-		if got := displayPath(pattern); got != want {
-			t.Errorf("displayPath(%q) = %q, want %q", pattern, got, want)
+		if !slices.Contains(texts, want) {
+			t.Errorf("the README's commands do not include %q; they are:\n%s", want, strings.Join(texts, "\n"))
 		}
+	}
+	for _, text := range texts {
+		if strings.Contains(text, "vault plugin reload") {
+			t.Errorf("the README runs %q, which calls sys/plugins/reload/unknown without a namespace", text)
+		}
+	}
+}
+
+// TestAccReadmePolicies writes the README's policies to a real Vault, which must take them, and
+// checks what the operator's allows: users' grants but not their tokens, and the sudo that
+// `vault lease revoke -prefix` needs.
+func TestAccReadmePolicies(t *testing.T) {
+	t.Parallel()
+	vault := testVault(t)
+	raw, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, _ := strings.Cut(string(raw), "\n### Policies\n")
+	section, _, _ = strings.Cut(section, "\n### ")
+	blocks := regexp.MustCompile("(?s)```hcl\n(.*?)```").FindAllStringSubmatch(section, -1)
+	if len(blocks) < 3 {
+		t.Fatalf("the README's Policies section has %d hcl blocks, want the operator's, the application's and the templated one", len(blocks))
+	}
+	for i, block := range blocks {
+		name := fmt.Sprintf("readme-policy-%d", i)
+		if err := vault.Sys().PutPolicy(name, block[1]); err != nil {
+			t.Fatalf("Vault refuses the README's policy %d: %v\n%s", i, err, block[1])
+		}
+		t.Cleanup(func() { _ = vault.Sys().DeletePolicy(name) })
+	}
+	token, err := vault.Auth().Token().Create(&api.TokenCreateRequest{Policies: []string{"readme-policy-0"}, NoDefaultPolicy: true, TTL: "10m"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string][]string{
+		"evenergy/users/driver-42":                                {"delete", "read"},
+		"evenergy/users/driver-42/token":                          {"deny"},
+		"sys/leases/revoke-prefix/evenergy/users/driver-42/token": {"sudo", "update"},
+	} {
+		got, err := vault.Sys().Capabilities(token.Auth.ClientToken, path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		slices.Sort(got)
+		if !slices.Equal(got, want) {
+			t.Errorf("the README's operator policy gives %v on %s, want %v", got, path, want)
+		}
+	}
+}
+
+// readmeWarnings are the commands whose Vault warning is what the README shows them for.
+var readmeWarnings = map[string]string{
+	"vault write -f evenergy/check-grants": "it warns that each refresh ends the token readers hold",
+	`vault list -format=json evenergy/users | jq -r '.[]' | xargs -I{} vault delete evenergy/users/{}`: "each delete warns until when leases of the revoked grant's token may run",
+}
+
+// TestAccReadmeCommands runs every `vault` command of README.md in order, as an operator would,
+// against a single-node Raft Vault (the restore needs snapshots) with the plugin and the stand-in
+// as ev.energy. Each must exit 0 without a warning from Vault, and each procedure must end as the
+// README says: a reload runs the new version, a restore lists as revoked the users refreshed since
+// the snapshot. Not run, as they are not Vault's: checking and installing the release on every
+// node (sha256sum, install; the test builds both versions into the one node's plugin directory),
+// what happens at ev.energy (a new secret, a user's consent: the hooks below), and the HCL of
+// Terraform and Vault Agent.
+func TestAccReadmeCommands(t *testing.T) {
+	commands := readmeCommands(t)
+	cluster := startRaftCluster(t, 1)
+	vault := cluster.active(t).client
+	work := t.TempDir()
+
+	// What the README leaves to the operator: the release's files, and ev.energy.
+	version := "v" + releaseVersion(t)
+	newVersion := version + ".1"
+	binary, newBinary := pluginName+"_"+version+"_linux_amd64", pluginName+"_"+newVersion+"_linux_amd64"
+	var sums strings.Builder
+	for name, v := range map[string]string{binary: version, newBinary: newVersion} {
+		fmt.Fprintf(&sums, "%s  %s\n", buildVersionedPlugin(t, name, v), name)
+	}
+	const secret, newSecret = "abc-secret", "new-secret"
+	for name, content := range map[string]string{
+		"SHA256SUMS": sums.String(), "client-secret.txt": secret + "\n", "new-secret.txt": newSecret + "\n", // as echo writes them
+	} {
+		if err := os.WriteFile(filepath.Join(work, name), []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ev := standin.New()
+	ev.AddClient(standin.Client{ID: "abc123", Secret: secret, Scopes: testScopes})
+	ev.AddClient(standin.Client{ID: "new-app", Secret: newSecret, Scopes: testScopes})
+	evServer := httptest.NewServer(ev)
+	t.Cleanup(evServer.Close)
+
+	// The placeholders: shell variables the README sets or names, and text standing for what only
+	// the operator's site has.
+	env := append(os.Environ(), "VAULT_ADDR="+vault.Address(), "VAULT_TOKEN="+vault.Token(), "VAULT_MAX_RETRIES=0", "VAULT_FORMAT=table",
+		"PATH="+filepath.Dir(vaultOnPath(t))+":"+os.Getenv("PATH"),
+		"VERSION="+version, "BINARY="+binary, "OLD="+version, "NEW="+newVersion, "NEW_BINARY="+newBinary)
+	replacements := []string{
+		"https://vault.example.com", vault.Address(), // this Vault, where the callback is
+		"evenergy/config client_id=abc123", "evenergy/config base_url=" + evServer.URL + " client_id=abc123", // the stand-in is ev.energy
+	}
+
+	// What happens between the commands, outside Vault: users at ev.energy, and the checks of each
+	// procedure's end. Keyed by the README's command, which must exist.
+	var refreshedAtSnapshot map[string]bool // the stand-in's refreshed access tokens when the snapshot was taken
+	var lostInRestore []string
+	before := map[string]func(){
+		"vault operator raft snapshot save evenergy.snap": func() {
+			for _, user := range []string{"restore-kept", "restore-rotated"} {
+				importUser(t, vault, ev, user)
+			}
+		},
+		"vault write evenergy/config client_secret=@new-secret.txt": func() { // 1. Get the new secret from ev.energy.
+			ev.AddClient(standin.Client{ID: "abc123", Secret: newSecret, Scopes: testScopes})
+		},
+		"vault operator raft snapshot restore evenergy.snap": func() {
+			lostInRestore = refreshedSince(ev, refreshedAtSnapshot)
+			if !slices.Contains(lostInRestore, "restore-rotated") {
+				t.Fatalf("the users refreshed since the snapshot are %v, which lacks restore-rotated", lostInRestore)
+			}
+		},
+		"vault read evenergy/check-grants": func() {
+			eventually(t, 3*time.Minute, "the check of every grant to end", func() bool {
+				s, err := vault.Logical().Read("evenergy/check-grants")
+				return err == nil && fmt.Sprint(s.Data["pending"]) == "0"
+			})
+		},
+	}
+	after := map[string]func(stdout string){
+		`vault write evenergy/auth-url/driver-42 redirect_uri=https://vault.example.com/v1/evenergy/callback`: func(stdout string) {
+			authorizeURL := regexp.MustCompile(`(?m)^authorize_url\s+(\S+)$`).FindStringSubmatch(stdout)
+			if authorizeURL == nil {
+				t.Fatalf("no authorize_url in:\n%s", withoutSecrets(stdout))
+			}
+			callback, err := ev.Authorize(context.Background(), authorizeURL[1], "driver-42", true) // the user consents
+			if err != nil {
+				t.Fatal(err)
+			}
+			if resp := get(t, callback.String()); resp.StatusCode != http.StatusOK {
+				t.Fatalf("the callback answered %d", resp.StatusCode)
+			}
+		},
+		"vault operator raft snapshot save evenergy.snap": func(string) {
+			refreshedAtSnapshot = map[string]bool{}
+			for _, tok := range ev.Tokens() {
+				refreshedAtSnapshot[tok.Value] = true
+			}
+			// Vault refreshes restore-rotated's grant after the snapshot, as a reader's refresh would.
+			importUser(t, vault, ev, "restore-rotated")
+		},
+		"vault list -detailed evenergy/users": func(stdout string) {
+			if revoked := revokedUsers(t, stdout); !slices.Equal(revoked, lostInRestore) {
+				t.Fatalf("after the restore the list shows %v revoked; the users refreshed since the snapshot are %v:\n%s", revoked, lostInRestore, stdout)
+			}
+		},
+		`vault secrets list -detailed        # the mount's running version is $NEW`: func(string) {
+			mount, err := vault.Logical().Read("sys/mounts/evenergy")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := mount.Data["running_plugin_version"]; got != newVersion {
+				t.Fatalf("after the upgrade the mount runs %v, want %s", got, newVersion)
+			}
+		},
+	}
+	texts := map[string]bool{}
+	for _, c := range commands {
+		texts[c.text] = true
+	}
+	for _, keys := range [][]string{slices.Collect(maps.Keys(before)), slices.Collect(maps.Keys(after)), slices.Collect(maps.Keys(readmeWarnings))} {
+		for _, k := range keys {
+			if !texts[k] {
+				t.Fatalf("this test acts around the README command %q, which the README no longer has", k)
+			}
+		}
+	}
+
+	for _, c := range commands {
+		if hook := before[c.text]; hook != nil {
+			hook()
+		}
+		text := c.text
+		for i := 0; i < len(replacements); i += 2 {
+			text = strings.ReplaceAll(text, replacements[i], replacements[i+1])
+		}
+		cmd := exec.Command("bash", "-c", "set -o pipefail; "+text)
+		cmd.Dir, cmd.Env = work, env
+		var stdout, stderr strings.Builder
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		err := cmd.Run()
+		out := stdout.String() + stderr.String()
+		if err != nil {
+			t.Fatalf("README.md:%d: %s: %v\n%s", c.line, c.text, err, withoutSecrets(out))
+		}
+		if strings.Contains(out, "WARNING") && readmeWarnings[c.text] == "" {
+			t.Fatalf("README.md:%d: %s: Vault warned:\n%s", c.line, c.text, withoutSecrets(out))
+		}
+		if hook := after[c.text]; hook != nil {
+			hook(stdout.String())
+		}
+	}
+}
+
+// secretValue is a token, state or authorization link in a command's table output.
+var secretValue = regexp.MustCompile(`(?m)^((?:access_token|authorize_url|state)\s+)\S+`)
+
+// withoutSecrets is a command's output fit for the test log.
+func withoutSecrets(out string) string { return secretValue.ReplaceAllString(out, "${1}<redacted>") }
+
+// buildVersionedPlugin builds the race-built plugin stamped with version into the plugin directory
+// under a release's name, and returns its sha256.
+func buildVersionedPlugin(t *testing.T, name, version string) string {
+	t.Helper()
+	dir, _, err := racePlugin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, name)
+	build := exec.Command("go", "build", "-race", "-ldflags", "-X "+versionVar+"="+version, "-o", bin, "./cmd/"+pluginName)
+	build.Env = append(os.Environ(), "CGO_ENABLED=1")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building %s: %v\n%s", name, err, out)
+	}
+	data, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("%x", sha256.Sum256(data))
+}
+
+// vaultOnPath is a directory's `vault`: VAULT_BIN, as the README's commands call it.
+func vaultOnPath(t *testing.T) string {
+	t.Helper()
+	link := filepath.Join(t.TempDir(), "vault")
+	if err := os.Symlink(os.Getenv("VAULT_BIN"), link); err != nil {
+		t.Fatal(err)
+	}
+	return link
+}
+
+// importUser has Vault import the user's current refresh token at the stand-in, or a new grant:
+// Vault refreshes it at once, so the refresh token the grant held before is rotated away.
+func importUser(t *testing.T, vault *api.Client, ev *standin.Server, user string) {
+	t.Helper()
+	var refreshToken string
+	for _, tok := range ev.Tokens() {
+		if tok.User == user && tok.Kind == "refresh" && !tok.Revoked {
+			refreshToken = tok.Value
+		}
+	}
+	if refreshToken == "" {
+		var err error
+		if refreshToken, err = ev.IssueUserGrant("abc123", user, "vehicle:read"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := vault.Logical().Write("evenergy/users/"+user, map[string]any{"refresh_token": refreshToken}); err != nil {
+		t.Fatalf("importing %s: %v", user, err)
+	}
+}
+
+// refreshedSince lists, sorted, the users whose grant the stand-in refreshed after it held known.
+func refreshedSince(ev *standin.Server, known map[string]bool) []string {
+	var users []string
+	for _, tok := range ev.Tokens() {
+		if tok.Grant == "refresh_token" && tok.Kind == "access" && !known[tok.Value] && !slices.Contains(users, tok.User) {
+			users = append(users, tok.User)
+		}
+	}
+	slices.Sort(users)
+	return users
+}
+
+// revokedUsers reads `vault list -detailed`'s table: the users whose status is revoked, sorted.
+func revokedUsers(t *testing.T, table string) []string {
+	t.Helper()
+	lines := strings.Split(strings.TrimSpace(table), "\n")
+	header := strings.Fields(lines[0])
+	status := slices.Index(header, "status")
+	if status < 0 {
+		t.Fatalf("no status column in:\n%s", table)
+	}
+	var revoked []string
+	for _, line := range lines[1:] {
+		if fields := strings.Fields(line); len(fields) == len(header) && fields[status] == grantRevoked {
+			revoked = append(revoked, fields[0])
+		}
+	}
+	slices.Sort(revoked)
+	return revoked
+}
+
+func TestWithoutSecrets(t *testing.T) {
+	out := withoutSecrets("lease_duration     1h\naccess_token       K8hGUZTX\nstate            VQ6Z\nauthorize_url    https://x/?state=VQ6Z\n")
+	if strings.Contains(out, "K8hGUZTX") || strings.Contains(out, "VQ6Z") || !strings.Contains(out, "lease_duration     1h") {
+		t.Fatalf("withoutSecrets left a secret or lost the rest:\n%s", out)
 	}
 }

@@ -33,7 +33,7 @@ func (s *refreshSchedule) add(user string, g *grant) {
 // schedule is built anew when cfg orders the grants otherwise, or once it holds more than twice as
 // many entries as there are cached grants (stale ones).
 func (s *refreshSchedule) due(grants map[string]*grant, cfg *config, now time.Time) []string {
-	if s.cfg == nil || s.cfg.ClientID != cfg.ClientID || s.cfg.RefreshWindow != cfg.RefreshWindow || len(s.entries) > 2*len(grants) {
+	if s.cfg == nil || s.cfg.ClientID != cfg.ClientID || s.cfg.RefreshWindow != cfg.RefreshWindow || !s.cfg.CheckGrantsBefore.Equal(cfg.CheckGrantsBefore) || len(s.entries) > 2*len(grants) {
 		s.build(grants, cfg)
 	}
 	s.cfg = cfg

@@ -14,6 +14,7 @@ import (
 // TestReleaseBuildIsReproducible builds one release target twice as `make release` does, from this
 // checkout and from a copy of it elsewhere, into two directories: both SHA256SUMS must be the same
 // and name the binary's own sum, and the binary must carry the version without VCS stamp or cgo.
+// For a release, the SHA256SUMS recorded in the repository must hold that sum.
 func TestReleaseBuildIsReproducible(t *testing.T) {
 	version := "v" + releaseVersion(t)
 	name := pluginName + "_" + version + "_linux_amd64"
@@ -54,6 +55,16 @@ func TestReleaseBuildIsReproducible(t *testing.T) {
 	}
 	if !bytes.Equal(sums[0], sums[1]) {
 		t.Fatalf("two builds of the same commit differ:\n%s%s", sums[0], sums[1])
+	}
+	if isDevVersion(releaseVersion(t)) {
+		return
+	}
+	recorded, err := os.ReadFile(recordedSums(releaseVersion(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(recorded, sums[0]) {
+		t.Fatalf("%s does not hold the sum this commit builds, %q:\n%s", recordedSums(releaseVersion(t)), sums[0], recorded)
 	}
 }
 

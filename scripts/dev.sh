@@ -41,7 +41,7 @@ start)
   set -x
   "$vault" plugin register -sha256="$(sha256sum "$root/bin/plugins/vault-plugin-secrets-evenergy" | cut -d' ' -f1)" \
     -version="$VERSION" secret vault-plugin-secrets-evenergy
-  "$vault" secrets enable -path=evenergy -plugin-version="$VERSION" -allowed-response-headers=Retry-After \
+  "$vault" secrets enable -path=evenergy -plugin-version="$VERSION" -default-lease-ttl=1h -allowed-response-headers=Retry-After \
     vault-plugin-secrets-evenergy
   "$vault" write evenergy/config client_id=dev-client client_secret=dev-secret base_url="http://127.0.0.1:$standin_port"
   "$vault" read evenergy/token

@@ -1,0 +1,112 @@
+package evenergy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/framework"
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// checkRefreshesPerMinute is about how many refreshes the periodic pass makes a minute: 16 at a
+// time for its 2-second budget, once a minute.
+const checkRefreshesPerMinute = 600
+
+func pathCheckGrants(b *backend) *framework.Path {
+	return &framework.Path{
+		Pattern:      "check-grants",
+		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "grant-check"},
+		Operations: map[logical.Operation]framework.OperationHandler{
+			logical.ReadOperation: &framework.PathOperation{
+				Callback: b.pathCheckGrantsRead,
+				Summary:  "Show how far the check of every grant has come.",
+			},
+			logical.UpdateOperation: &framework.PathOperation{
+				Callback:     b.pathCheckGrantsWrite,
+				Summary:      "Check every grant at ev.energy now, by refreshing it.",
+				DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "start"},
+			},
+		},
+		HelpSynopsis: "Check every user's grant at ev.energy now, as after a restore.",
+		HelpDescription: `Write makes every active grant refreshed before now due at once: the periodic pass refreshes them
+within its budget and backoff, about 600 a minute, and readers refresh theirs. A refresh ends the
+access token readers hold. Grants ev.energy refuses turn revoked (see LIST users). Read shows
+how many grants are still to be checked.`,
+	}
+}
+
+// pathCheckGrantsWrite stores the check in the config, so that every node's schedule and reads see
+// it and it survives a step-down: grants last refreshed before the check are due.
+func (b *backend) pathCheckGrantsWrite(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	if err := b.ensureWritable(); err != nil {
+		return nil, err
+	}
+	cfg, err := getConfig(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	cfg.CheckGrantsBefore = time.Now().UTC()
+	if err := b.putConfig(ctx, req.Storage, cfg); err != nil {
+		return nil, err
+	}
+	left := "each 600 grants take about a minute"
+	data, err := b.checkProgress(ctx, req.Storage, cfg)
+	switch {
+	case errors.Is(err, errGrantsLoading): // right after a reload: the check runs once they are loaded
+		data = map[string]any{"started_at": cfg.CheckGrantsBefore.Format(time.RFC3339)}
+	case err != nil:
+		return nil, err
+	default:
+		left = fmt.Sprintf("the %d grants to check take about %d minutes", data["pending"], data["minutes_left_about"])
+	}
+	resp := &logical.Response{Data: data}
+	resp.AddWarning(fmt.Sprintf("each check refreshes a grant, which ends the access token its readers hold; the periodic pass makes about %d refreshes a minute, so %s: read %scheck-grants for progress",
+		checkRefreshesPerMinute, left, req.MountPoint))
+	return resp, nil
+}
+
+// pathCheckGrantsRead shows how far the check has come.
+func (b *backend) pathCheckGrantsRead(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	if err := b.ensureWritable(); err != nil {
+		return nil, err
+	}
+	cfg, _, err := b.config(ctx, req.Storage)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.CheckGrantsBefore.IsZero() {
+		return logical.ErrorResponse("no check has been started: write to check-grants to start one"), nil
+	}
+	data, err := b.checkProgress(ctx, req.Storage, cfg)
+	if errors.Is(err, errGrantsLoading) {
+		return nil, logical.CodedError(http.StatusServiceUnavailable, "users' grants are still being loaded after a start: read check-grants again in a few seconds")
+	}
+	return &logical.Response{Data: data}, err
+}
+
+// checkProgress counts, on the active node that runs the check, the grants still to check.
+func (b *backend) checkProgress(ctx context.Context, s logical.Storage, cfg *config) (map[string]any, error) {
+	if err := b.loadGrants(ctx, s); err != nil {
+		return nil, err
+	}
+	pending, revoked := 0, 0
+	b.cache.mu.RLock()
+	for user, g := range b.cache.grants {
+		switch {
+		case g.usable(cfg, user) == nil && g.LastRefreshedAt.Before(cfg.CheckGrantsBefore):
+			pending++
+		case g.Status == grantRevoked && g.RevokedAt != nil && !g.RevokedAt.Before(cfg.CheckGrantsBefore):
+			revoked++
+		}
+	}
+	b.cache.mu.RUnlock()
+	return map[string]any{
+		"started_at":          cfg.CheckGrantsBefore.Format(time.RFC3339),
+		"pending":             pending,
+		"revoked_since_start": revoked,
+		"minutes_left_about":  (pending + checkRefreshesPerMinute - 1) / checkRefreshesPerMinute,
+	}, nil
+}
