@@ -164,6 +164,7 @@ func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadl
 	sort.Slice(keys, func(i, j int) bool { return records[keys[i]].QueuedAt.Before(records[keys[j]].QueuedAt) })
 	var errs []error
 	failedNow := map[string]bool{} // clients whose ev.energy call failed in this pass: the rest of theirs waits
+	record := context.WithoutCancel(ctx) // what ev.energy answered is stored even when an operator's retry is interrupted
 	for _, key := range keys {
 		now := time.Now()
 		rec := *records[key]
@@ -174,7 +175,7 @@ func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadl
 		case now.Before(rec.NotBefore):
 			continue
 		case rec.expired(now):
-			errs = append(errs, b.revocations.delete(ctx, s, key))
+			errs = append(errs, b.revocations.delete(record, s, key))
 			continue
 		case failedNow[rec.ClientID] || (!force && b.revocations.waiting(rec.ClientID, now)):
 			continue
@@ -183,12 +184,12 @@ func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadl
 			failedNow[rec.ClientID] = true
 			b.revocations.failed(rec.ClientID, err, now)
 			if rec != *records[key] { // part of it was revoked: keep only the rest
-				errs = append(errs, b.revocations.put(ctx, s, key, &rec))
+				errs = append(errs, b.revocations.put(record, s, key, &rec))
 			}
 			continue
 		}
 		b.revocations.succeeded(rec.ClientID)
-		errs = append(errs, b.revocations.delete(ctx, s, key))
+		errs = append(errs, b.revocations.delete(record, s, key))
 	}
 	return errors.Join(errs...)
 }
