@@ -163,7 +163,7 @@ func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadl
 	}
 	sort.Slice(keys, func(i, j int) bool { return records[keys[i]].QueuedAt.Before(records[keys[j]].QueuedAt) })
 	var errs []error
-	failedNow := map[string]bool{} // clients whose ev.energy call failed in this pass: the rest of theirs waits
+	failedNow := map[string]bool{}       // clients whose ev.energy call failed in this pass: the rest of theirs waits
 	record := context.WithoutCancel(ctx) // what ev.energy answered is stored even when an operator's retry is interrupted
 	for _, key := range keys {
 		now := time.Now()
