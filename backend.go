@@ -36,6 +36,10 @@ type backend struct {
 	retired     *retiredClients
 	metrics     *metrics
 
+	// configWrites serializes config writes and deletes, which run on the active node only: each
+	// must retire the client it replaces, which a concurrent one could store meanwhile.
+	configWrites sync.Mutex
+
 	// loadingGrants ends the start-up load of every grant; grantsLoaded is closed when it is over.
 	loadingGrants context.Context
 	stopLoading   context.CancelFunc

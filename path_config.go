@@ -117,6 +117,8 @@ func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, _ *f
 }
 
 func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	b.configWrites.Lock()
+	defer b.configWrites.Unlock()
 	previous, err := getJSON[config](ctx, req.Storage, configPath)
 	if err != nil {
 		return nil, err
@@ -178,6 +180,8 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 }
 
 func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	b.configWrites.Lock()
+	defer b.configWrites.Unlock()
 	previous, err := getJSON[config](ctx, req.Storage, configPath)
 	if err != nil || previous == nil {
 		return nil, err
