@@ -6,6 +6,7 @@ import (
 	"context"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/consts"
@@ -35,6 +36,7 @@ type backend struct {
 	revocations *revocations
 	retired     *retiredClients
 	metrics     *metrics
+	legacy      atomic.Pointer[legacyClient] // once read from storage
 
 	// configWrites serializes config writes and deletes, which run on the active node only: each
 	// must retire the client it replaces, which a concurrent one could store meanwhile.
@@ -69,7 +71,7 @@ func newBackend() *backend {
 		BackendType:    logical.TypeLogical,
 		RunningVersion: Version,
 		PathsSpecial: &logical.Paths{
-			SealWrapStorage: []string{configPath, userPrefix, authRequestPrefix, revocationPrefix, retiredClientPrefix, framework.WALPrefix},
+			SealWrapStorage: []string{configPath, userPrefix, authRequestPrefix, revocationPrefix, retiredClientPrefix, legacyClientPath, framework.WALPrefix},
 			Unauthenticated: []string{"callback"},
 		},
 		Paths: framework.PathAppend(
@@ -85,6 +87,9 @@ func newBackend() *backend {
 			b.cache.invalidate(key)
 			b.revocations.invalidate(key)
 			b.retired.invalidate(key)
+			if key == legacyClientPath {
+				b.legacy.Store(nil)
+			}
 		},
 		PeriodicFunc: b.periodic,
 		WALRollback:  b.rollbackMintedToken,
@@ -93,12 +98,18 @@ func newBackend() *backend {
 	return b
 }
 
-// initialize loads the revocation queue, and every grant in the background: Vault holds its state
-// lock while it initializes mounts, and with many users the load takes seconds. Meanwhile a read
-// reads its user's grant from storage.
+// initialize loads the revocation queue, records on the active node the client of records from
+// before v0.3, and loads every grant in the background: Vault holds its state lock while it
+// initializes mounts, and with many users the load takes seconds. Meanwhile a read reads its
+// user's grant from storage.
 func (b *backend) initialize(ctx context.Context, req *logical.InitializationRequest) error {
 	if _, err := b.revocations.all(ctx, req.Storage); err != nil {
 		return err
+	}
+	if b.ensureWritable() == nil {
+		if err := b.recordLegacyClient(ctx, req.Storage); err != nil {
+			return err
+		}
 	}
 	b.cache.loadingAll.Lock() // before the start returns, so that a periodic pass finds the load under way
 	go func() {

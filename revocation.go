@@ -117,6 +117,7 @@ func (q *revocations) waiting(clientID string, now time.Time) bool {
 // revokeOrQueue revokes rec's tokens now, as the client that minted them; when ev.energy does not
 // confirm, the record is queued for the periodic pass. Only a record that cannot be written fails.
 func (b *backend) revokeOrQueue(ctx context.Context, s logical.Storage, rec revocation) error {
+	rec.ClientID = b.recordClient(ctx, s, rec.ClientID)
 	if b.revocations.waiting(rec.ClientID, time.Now()) {
 		return b.queueRevocation(ctx, s, rec, nil) // ev.energy failed this client just now: no call per lease
 	}
@@ -125,6 +126,16 @@ func (b *backend) revokeOrQueue(ctx context.Context, s logical.Storage, rec revo
 		return nil
 	}
 	return b.queueRevocation(ctx, s, rec, err)
+}
+
+// recordClient is the client a new record names: clientID, or for a lease or grant from before
+// v0.3 the client recorded for those; "" while unknown, which the retry resolves again.
+func (b *backend) recordClient(ctx context.Context, s logical.Storage, clientID string) string {
+	named, _, err := b.namedClient(ctx, s, clientID)
+	if err != nil {
+		return clientID
+	}
+	return named
 }
 
 // revokeRecord revokes what rec holds as its client.
@@ -138,6 +149,7 @@ func (b *backend) revokeRecord(ctx context.Context, s logical.Storage, rec *revo
 
 // queueRevocation stores rec for the periodic pass to revoke; cause is why it was not revoked now.
 func (b *backend) queueRevocation(ctx context.Context, s logical.Storage, rec revocation, cause error) error {
+	rec.ClientID = b.recordClient(ctx, s, rec.ClientID)
 	rec.QueuedAt = time.Now().UTC()
 	if cause != nil {
 		b.revocations.failed(rec.ClientID, cause, rec.QueuedAt)
