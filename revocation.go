@@ -237,10 +237,17 @@ func (b *backend) revocationSummary(ctx context.Context, s logical.Storage) (map
 		}
 	}
 	b.revocations.mu.Lock()
+	for id := range b.revocations.clients { // failing with nothing queued: a retired client refused by the revoke path
+		if byClient[id] == nil {
+			byClient[id] = &clientRevocations{}
+		}
+	}
 	clients := map[string]any{}
 	for id, c := range byClient {
-		c.OldestQueuedAt = oldest[id].Format(time.RFC3339)
-		c.OldestAge = int64(now.Sub(oldest[id]).Seconds())
+		if c.Pending > 0 {
+			c.OldestQueuedAt = oldest[id].Format(time.RFC3339)
+			c.OldestAge = int64(now.Sub(oldest[id]).Seconds())
+		}
 		if r := b.revocations.clients[id]; r != nil {
 			c.LastError, c.LastErrorAt = r.lastError, r.failedAt.UTC().Format(time.RFC3339)
 			c.NextAttemptAt = r.nextTry.UTC().Format(time.RFC3339)
