@@ -46,7 +46,7 @@ func TestRecordsFromBeforeV03AreRevokedAsTheClientOfTheFirstStart(t *testing.T) 
 	if err := revokeLease(t, second, s, leased); err != nil {
 		t.Fatal(err)
 	}
-	if err := second.retryRevocations(t.Context(), s, time.Now().Add(time.Minute), true); err != nil {
+	if _, err := second.retryRevocations(t.Context(), s, time.Now().Add(time.Minute), true, false); err != nil {
 		t.Fatal(err)
 	}
 	if sw.Active(tok) || sw.Active(leasedTok) || len(pendingRevocations(t, s)) != 0 {
@@ -61,7 +61,7 @@ func TestRecordsFromBeforeV03WithoutAConfigAtTheFirstStartStayUnknown(t *testing
 	queueLegacyRecord(t, s, "from-v0.2", "some-token")
 	b := startOn(t, s)
 	unitConfig(t, b, s, newTestStandin())
-	if err := b.retryRevocations(t.Context(), s, time.Now().Add(time.Minute), true); err != nil {
+	if _, err := b.retryRevocations(t.Context(), s, time.Now().Add(time.Minute), true, false); err != nil {
 		t.Fatal(err)
 	}
 	summary, err := b.revocationSummary(t.Context(), s)

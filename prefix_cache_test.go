@@ -68,7 +68,7 @@ func TestRevocationQueuedWhileTheQueueLoadsIsRetried(t *testing.T) {
 	if err != nil || summary["pending"] != 1 || b.revocations.count() != 1 {
 		t.Fatalf("revocations shows %v pending (%v) and the metric %d, want the record stored during the load", summary["pending"], err, b.revocations.count())
 	}
-	if err := b.retryRevocations(t.Context(), s, time.Now().Add(time.Minute), false); err != nil {
+	if _, err := b.retryRevocations(t.Context(), s, time.Now().Add(time.Minute), false, false); err != nil {
 		t.Fatal(err)
 	}
 	if sw.Active(tok) || len(pendingRevocations(t, s)) != 0 {

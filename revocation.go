@@ -4,7 +4,9 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -163,11 +165,12 @@ func (b *backend) queueRevocation(ctx context.Context, s logical.Storage, rec re
 }
 
 // retryRevocations revokes the queued records that are due, until ctx ends or deadline passes:
-// those whose client is not backing off, or every one when force is set (an operator asked).
-func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadline time.Time, force bool) error {
+// those whose client is not backing off, or every one when force is set (an operator asked), and
+// with early set those deferred until their leases end too; early counts those it revoked.
+func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadline time.Time, force, early bool) (revokedEarly int, err error) {
 	records, err := b.revocations.all(ctx, s)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	keys := make([]string, 0, len(records))
 	for key := range records {
@@ -183,8 +186,9 @@ func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadl
 		if ctx.Err() != nil || now.After(deadline) {
 			break // the rest waits for the next pass
 		}
+		deferred := now.Before(rec.NotBefore)
 		switch {
-		case now.Before(rec.NotBefore):
+		case deferred && !early:
 			continue
 		case rec.expired(now):
 			errs = append(errs, b.revocations.delete(record, s, key))
@@ -202,8 +206,51 @@ func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadl
 		}
 		b.revocations.succeeded(rec.ClientID)
 		errs = append(errs, b.revocations.delete(record, s, key))
+		if deferred {
+			revokedEarly++
+		}
 	}
-	return errors.Join(errs...)
+	return revokedEarly, errors.Join(errs...)
+}
+
+// dropRevocations deletes, unrevoked, every queued record of clientID, and says what they held.
+func (b *backend) dropRevocations(ctx context.Context, s logical.Storage, clientID string) (warning string, err error) {
+	records, err := b.revocations.all(ctx, s)
+	if err != nil {
+		return "", err
+	}
+	var dropped, refreshTokens int
+	var accessUntil time.Time
+	for key, rec := range records {
+		if rec.ClientID != clientID {
+			continue
+		}
+		if err := b.revocations.delete(ctx, s, key); err != nil {
+			return "", err
+		}
+		dropped++
+		if rec.RefreshToken != "" {
+			refreshTokens++
+		}
+		if rec.AccessToken != "" && rec.ExpiresAt.After(accessUntil) {
+			accessUntil = rec.ExpiresAt
+		}
+	}
+	if dropped == 0 {
+		return "", nil
+	}
+	b.revocations.succeeded(clientID)
+	b.Logger().Warn("dropped queued revocations unrevoked, at an operator's request", "client_id", clientID, "records", dropped)
+	warning = fmt.Sprintf("dropped %d queued revocations of client %q without revoking them:", dropped, clientID)
+	if refreshTokens > 0 {
+		warning += fmt.Sprintf(" %d refresh tokens, which never expire at ev.energy, stay valid until revoked there;", refreshTokens)
+	}
+	if !accessUntil.IsZero() {
+		warning += fmt.Sprintf(" access tokens stay valid until %s at the latest;", accessUntil.UTC().Format(time.RFC3339))
+	} else if refreshTokens < dropped {
+		warning += " access tokens of unknown expiry stay valid until they expire (at most 10 hours);"
+	}
+	return strings.TrimSuffix(warning, ";") + ". Revoke them in the ev.energy application if you can.", nil
 }
 
 // clientRevocations is what the revocations path shows of one client's pending records.
