@@ -36,6 +36,7 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 	)
 }
 
+// retryRevocationsInPass retries the queued records that are due, within the pass's budget.
 func (b *backend) retryRevocationsInPass(ctx context.Context, s logical.Storage) error {
 	_, err := b.retryRevocations(ctx, s, time.Now().Add(passBudget), false, false)
 	return err
