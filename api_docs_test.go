@@ -33,6 +33,7 @@ var apiDocsTypes = map[framework.FieldType]string{
 	framework.TypeLowerCaseString:  "string",
 	framework.TypeCommaStringSlice: "list",
 	framework.TypeDurationSecond:   "duration",
+	framework.TypeBool:             "bool",
 }
 
 // httpMethods are the HTTP methods of Vault's operations; create and update are both POST.

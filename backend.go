@@ -6,6 +6,7 @@ import (
 	"context"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/consts"
@@ -36,6 +37,11 @@ type backend struct {
 	unconfirmed  *prefixCache[unconfirmedGrant] // tokens of self-made links, held for their makers
 	retired      *retiredClients
 	metrics      *metrics
+	legacy       atomic.Pointer[legacyClient] // once read from storage
+
+	// configWrites serializes config writes and deletes, which run on the active node only: each
+	// must retire the client it replaces, which a concurrent one could store meanwhile.
+	configWrites sync.Mutex
 
 	// loadingGrants ends the start-up load of every grant; grantsLoaded is closed when it is over.
 	loadingGrants context.Context
@@ -67,7 +73,7 @@ func newBackend() *backend {
 		BackendType:    logical.TypeLogical,
 		RunningVersion: Version,
 		PathsSpecial: &logical.Paths{
-			SealWrapStorage: []string{configPath, userPrefix, authRequestPrefix, revocationPrefix, unconfirmedGrantPrefix, retiredClientPrefix, framework.WALPrefix},
+			SealWrapStorage: []string{configPath, userPrefix, authRequestPrefix, revocationPrefix, unconfirmedGrantPrefix, retiredClientPrefix, legacyClientPath, framework.WALPrefix},
 			Unauthenticated: []string{"callback"},
 		},
 		Paths: framework.PathAppend(
@@ -84,6 +90,9 @@ func newBackend() *backend {
 			b.revocations.invalidate(key)
 			b.unconfirmed.invalidate(key)
 			b.retired.invalidate(key)
+			if key == legacyClientPath {
+				b.legacy.Store(nil)
+			}
 		},
 		PeriodicFunc: b.periodic,
 		WALRollback:  b.rollbackMintedToken,
@@ -92,12 +101,18 @@ func newBackend() *backend {
 	return b
 }
 
-// initialize loads the revocation queue, and every grant in the background: Vault holds its state
-// lock while it initializes mounts, and with many users the load takes seconds. Meanwhile a read
-// reads its user's grant from storage.
+// initialize loads the revocation queue, records on the active node the client of records from
+// before v0.3, and loads every grant in the background: Vault holds its state lock while it
+// initializes mounts, and with many users the load takes seconds. Meanwhile a read reads its
+// user's grant from storage.
 func (b *backend) initialize(ctx context.Context, req *logical.InitializationRequest) error {
 	if _, err := b.revocations.all(ctx, req.Storage); err != nil {
 		return err
+	}
+	if b.ensureWritable() == nil {
+		if err := b.recordLegacyClient(ctx, req.Storage); err != nil {
+			return err
+		}
 	}
 	b.cache.loadingAll.Lock() // before the start returns, so that a periodic pass finds the load under way
 	go func() {

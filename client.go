@@ -112,7 +112,8 @@ func (c *evenergyClient) token(ctx context.Context, op string, call func(context
 // grantTypes are the grant types of the token-endpoint calls, as metrics label them.
 var grantTypes = map[string]string{opToken: "client_credentials", opExchange: "authorization_code", opRefresh: "refresh_token"}
 
-// revoke revokes an access or refresh token (RFC 7009); ev.energy answers 200 for tokens already invalid.
+// revoke revokes an access or refresh token (RFC 7009); ev.energy answers 200 for tokens already invalid,
+// always with an empty body: any other 200 (a proxy's or a maintenance page) confirms nothing.
 func (c *evenergyClient) revoke(ctx context.Context, token, hint string) error {
 	form := url.Values{"client_id": {c.cfg.ClientID}, "token": {token}}
 	if c.cfg.ClientSecret != "" {
@@ -133,8 +134,11 @@ func (c *evenergyClient) revoke(ctx context.Context, token, hint string) error {
 		}
 		defer resp.Body.Close()
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<16))
+		if resp.StatusCode == http.StatusOK && len(body) == 0 {
+			return nil // ev.energy's confirmation, as oauthlib answers it
+		}
 		if resp.StatusCode == http.StatusOK {
-			return nil
+			return &upstreamError{Op: opRevoke, Status: resp.StatusCode, Fault: faultNotConfirmed}
 		}
 		return answerError(opRevoke, resp, body)
 	})

@@ -202,3 +202,39 @@ func TestConcurrentMintsReuseConnections(t *testing.T) {
 		t.Fatalf("%d waves of %d concurrent mints dialed %d connections, want at most %d", waves, concurrent, n, concurrent)
 	}
 }
+
+// TestRevocationIsConfirmedOnlyByAnEmpty200: ev.energy (oauthlib) confirms a revocation with a 200
+// and an empty body, whatever the content type; a 200 with a body (a proxy's or maintenance page)
+// confirms nothing, so the record stays queued and revocations says why.
+func TestRevocationIsConfirmedOnlyByAnEmpty200(t *testing.T) {
+	var page atomic.Bool
+	server := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		if page.Load() {
+			w.Write([]byte("<html><body>Back soon: down for maintenance</body></html>"))
+		}
+	}))
+	defer server.Close()
+	client := testClient(&config{ClientID: "app", ClientSecret: "s3cret", BaseURL: server.URL, RequestTimeout: time.Second})
+	if err := client.revoke(t.Context(), "tok", ""); err != nil {
+		t.Fatalf("an empty 200 is ev.energy's confirmation: %v", err)
+	}
+	page.Store(true)
+	const why = "ev.energy answered the token revocation with HTTP 200 and a body, which is not its confirmation (an empty body): check base_url"
+	if err := client.revoke(t.Context(), "tok", ""); err == nil || err.Error() != why {
+		t.Fatalf("a 200 with a page: got %v", err)
+	}
+
+	b, s := newUnitBackend(t)
+	unitConfig(t, b, s, server.Config.Handler)
+	if err := b.revokeOrQueue(t.Context(), s, revocation{ClientID: testClientID, AccessToken: "tok", Reason: reasonLeaseEnded}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := request(t, b, s, logical.UpdateOperation, "revocations", nil)
+	if err != nil || resp.Data["pending"] != 1 {
+		t.Fatalf("after a retry answered by a page: %v %v, want the record still queued", resp, err)
+	}
+	if c := resp.Data["clients"].(map[string]any)[testClientID].(*clientRevocations); c.LastError != why {
+		t.Fatalf("revocations shows last_error %q, want %q", c.LastError, why)
+	}
+}

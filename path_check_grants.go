@@ -44,6 +44,8 @@ func (b *backend) pathCheckGrantsWrite(ctx context.Context, req *logical.Request
 	if err := b.ensureWritable(); err != nil {
 		return nil, err
 	}
+	b.configWrites.Lock() // a read, change and write of the config, like a config write
+	defer b.configWrites.Unlock()
 	cfg, err := getConfig(ctx, req.Storage)
 	if err != nil {
 		return nil, err

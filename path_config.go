@@ -119,6 +119,8 @@ func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, _ *f
 }
 
 func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	b.configWrites.Lock()
+	defer b.configWrites.Unlock()
 	previous, err := getJSON[config](ctx, req.Storage, configPath)
 	if err != nil {
 		return nil, err
@@ -185,6 +187,8 @@ func (b *backend) putConfig(ctx context.Context, s logical.Storage, cfg *config)
 }
 
 func (b *backend) pathConfigDelete(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+	b.configWrites.Lock()
+	defer b.configWrites.Unlock()
 	previous, err := getJSON[config](ctx, req.Storage, configPath)
 	if err != nil || previous == nil {
 		return nil, err

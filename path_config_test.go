@@ -1,9 +1,11 @@
 package evenergy
 
 import (
+	"context"
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -132,5 +134,60 @@ func TestConfigNewClientNeedsItsOwnSecret(t *testing.T) {
 	}
 	if cfg, _ := getConfig(t.Context(), s); cfg.ClientID != "public-app" || cfg.ClientSecret != "" {
 		t.Fatalf("config after the switch: client %q, secret kept: %v", cfg.ClientID, cfg.ClientSecret != "")
+	}
+}
+
+// stalledConfigRead answers the config write's read of the previous config and then holds it
+// until release is closed or a generous bound passed, as a write that read the config just before
+// another write replaced it.
+type stalledConfigRead struct {
+	logical.Storage
+	reading chan struct{} // closed once the write has read the previous config
+	release chan struct{}
+}
+
+func (s *stalledConfigRead) Get(ctx context.Context, key string) (*logical.StorageEntry, error) {
+	entry, err := s.Storage.Get(ctx, key)
+	if key == configPath && s.reading != nil {
+		close(s.reading)
+		s.reading = nil
+		select {
+		case <-s.release:
+		case <-time.After(3 * time.Second): // the other write waits for this one: it cannot release it
+		}
+	}
+	return entry, err
+}
+
+// TestConcurrentConfigWritesEachRetireWhatTheyReplace: A->C reads config A; meanwhile A->B is
+// written; A->C then stores C. Both A and B must stay revocable, each with its own secret.
+func TestConcurrentConfigWritesEachRetireWhatTheyReplace(t *testing.T) {
+	b, s := newUnitBackend(t)
+	write := func(s logical.Storage, id, secret string) error {
+		resp, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"client_id": id, "client_secret": secret})
+		if err == nil && resp.IsError() {
+			err = resp.Error()
+		}
+		return err
+	}
+	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": "app-a", "client_secret": "secret-a"}); err != nil {
+		t.Fatal(err)
+	}
+	stalled := &stalledConfigRead{Storage: s, reading: make(chan struct{}), release: make(chan struct{})}
+	toC, reading := make(chan error, 1), stalled.reading
+	go func() { toC <- write(stalled, "app-c", "secret-c") }()
+	<-reading
+	if err := write(s, "app-b", "secret-b"); err != nil {
+		t.Fatal(err)
+	}
+	close(stalled.release)
+	if err := <-toC; err != nil {
+		t.Fatal(err)
+	}
+	for id, secret := range map[string]string{"app-a": "secret-a", "app-b": "secret-b"} {
+		client, err := b.clientFor(t.Context(), s, id)
+		if err != nil || client.cfg.ClientSecret != secret {
+			t.Errorf("%s cannot revoke its tokens after the concurrent config writes: %v", id, err)
+		}
 	}
 }

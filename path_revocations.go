@@ -1,7 +1,9 @@
 package evenergy
 
 import (
+	"cmp"
 	"context"
+	"fmt"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -13,7 +15,18 @@ const retryNowBudget = 30 * time.Second
 
 func pathRevocations(b *backend) *framework.Path {
 	return &framework.Path{
-		Pattern:      "revocations",
+		Pattern: "revocations",
+		Fields: map[string]*framework.FieldSchema{
+			"include_deferred": {
+				Type:        framework.TypeBool,
+				Default:     false,
+				Description: "Also revoke the records deferred until the leases handed out from them end (a user's replaced grant): those leases' tokens die early.",
+			},
+			"drop_client": {
+				Type:        framework.TypeString,
+				Description: `Drop, without revoking, every queued record of this client_id ("" for records whose client is unknown), whose revocation can never succeed; nothing is retried. Their tokens stay valid at ev.energy: a refresh token until revoked there.`,
+			},
+		},
 		DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "revocations"},
 		Operations: map[logical.Operation]framework.OperationHandler{
 			logical.ReadOperation: &framework.PathOperation{
@@ -22,7 +35,7 @@ func pathRevocations(b *backend) *framework.Path {
 			},
 			logical.UpdateOperation: &framework.PathOperation{
 				Callback:     b.pathRevocationsWrite,
-				Summary:      "Retry every queued revocation now.",
+				Summary:      "Retry every queued revocation now, or drop one client's records.",
 				DisplayAttrs: &framework.DisplayAttributes{OperationVerb: "retry"},
 			},
 		},
@@ -31,7 +44,11 @@ func pathRevocations(b *backend) *framework.Path {
 left, a user's replaced or deleted grant), the engine queues the token, sealed in storage with the
 client that minted it, and the active node retries it every periodic pass, backing off per client
 up to 60 seconds, until ev.energy confirms or the token has expired. Read shows the queue by client
-(how many, since when, the last error; never a token). Write retries everything now.`,
+(how many, since when, the last error; never a token), and clients refused by the revoke path.
+Write retries everything now except records deferred until their leases end, which
+include_deferred=true revokes too (ending those leases' tokens early). A write with drop_client
+instead drops that client's records unrevoked, for a client whose credentials are gone: the answer
+warns what they hold and until when.`,
 	}
 }
 
@@ -47,12 +64,29 @@ func (b *backend) pathRevocationsRead(ctx context.Context, req *logical.Request,
 	return &logical.Response{Data: data}, nil
 }
 
-func (b *backend) pathRevocationsWrite(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
+func (b *backend) pathRevocationsWrite(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	if err := b.ensureWritable(); err != nil {
 		return nil, err
 	}
-	if err := b.retryRevocations(ctx, req.Storage, time.Now().Add(retryNowBudget), true); err != nil {
-		return nil, err
+	var warning string
+	if clientID, drop := d.GetOk("drop_client"); drop {
+		dropWarning, err := b.dropRevocations(ctx, req.Storage, clientID.(string))
+		if err != nil {
+			return nil, err
+		}
+		warning = cmp.Or(dropWarning, fmt.Sprintf("no queued revocation of client %q: nothing dropped", clientID))
+	} else {
+		early, err := b.retryRevocations(ctx, req.Storage, time.Now().Add(retryNowBudget), true, d.Get("include_deferred").(bool))
+		if err != nil {
+			return nil, err
+		}
+		if early > 0 {
+			warning = fmt.Sprintf("revoked %d deferred records before their leases ended: readers holding those leases now hold dead tokens", early)
+		}
 	}
-	return b.pathRevocationsRead(ctx, req, nil)
+	resp, err := b.pathRevocationsRead(ctx, req, nil)
+	if err == nil && warning != "" {
+		resp.AddWarning(warning)
+	}
+	return resp, err
 }

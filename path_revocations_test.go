@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/vault/sdk/logical"
+
 	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
 )
 
@@ -90,5 +92,55 @@ func TestAccClientSwitchRevokesWithTheMintingClient(t *testing.T) {
 	}
 	if alive != 0 {
 		t.Fatalf("%d of %s's 5 tokens alive after revoke -prefix under %s", alive, testClientID, otherClientID)
+	}
+}
+
+// TestRevocationsWriteRevokesDeferredRecordsOnRequest: a replaced grant waits for its leases; a
+// forced retry leaves it, include_deferred=true revokes it now and warns that leases end early.
+func TestRevocationsWriteRevokesDeferredRecordsOnRequest(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	old := connectUnitUser(t, b, s, sv, "driver")
+	connectUnitUser(t, b, s, sv, "driver") // the user connects again: the old grant waits for its leases
+	resp, err := request(t, b, s, logical.UpdateOperation, "revocations", nil)
+	if err != nil || resp.Data["pending"] != 1 || !sv.Active(old.RefreshToken) {
+		t.Fatalf("a forced retry without include_deferred: %v %v", resp, err)
+	}
+	resp, err = request(t, b, s, logical.UpdateOperation, "revocations", map[string]any{"include_deferred": true})
+	if err != nil || resp.Data["pending"] != 0 || sv.Active(old.RefreshToken) {
+		t.Fatalf("include_deferred=true left the replaced grant: %v %v (alive: %v)", resp, err, sv.Active(old.RefreshToken))
+	}
+	if len(resp.Warnings) != 1 || !strings.Contains(resp.Warnings[0], "before their leases ended") {
+		t.Fatalf("want a warning that leases end early, got %v", resp.Warnings)
+	}
+}
+
+// TestRevocationsWriteDropsAClientsRecords: records of a client whose credentials are gone can
+// never be revoked; drop_client deletes them, and the warning names the client, what they hold and
+// until when.
+func TestRevocationsWriteDropsAClientsRecords(t *testing.T) {
+	b, s, _ := newSwitchableUnit(t)
+	expiry := time.Now().Add(time.Hour).UTC().Truncate(time.Second)
+	for _, rec := range []revocation{
+		{ClientID: "deleted-app", AccessToken: "a1", RefreshToken: "r1", ExpiresAt: expiry, Reason: reasonDeletedUser},
+		{ClientID: "deleted-app", AccessToken: "a2", ExpiresAt: expiry.Add(-time.Minute), Reason: reasonLeaseEnded},
+		{ClientID: testClientID, AccessToken: "a3", NotBefore: time.Now().Add(time.Hour), Reason: reasonReplacedGrant},
+	} {
+		if err := b.queueRevocation(t.Context(), s, rec, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	resp, err := request(t, b, s, logical.UpdateOperation, "revocations", map[string]any{"drop_client": "deleted-app"})
+	if err != nil || resp.Data["pending"] != 1 || len(pendingRevocations(t, s)) != 1 {
+		t.Fatalf("drop_client=deleted-app: %v %v, want only the other client's record left", resp, err)
+	}
+	if len(resp.Warnings) != 1 || !strings.Contains(resp.Warnings[0], `client "deleted-app"`) ||
+		!strings.Contains(resp.Warnings[0], "1 refresh tokens, which never expire") || !strings.Contains(resp.Warnings[0], expiry.Format(time.RFC3339)) {
+		t.Fatalf("the warning must name the client, its refresh token and until when access tokens live: %v", resp.Warnings)
+	}
+	for _, secret := range []string{"a1", "r1", "a2"} {
+		if strings.Contains(resp.Warnings[0], secret) {
+			t.Fatal("the warning shows a token")
+		}
 	}
 }

@@ -1,8 +1,10 @@
 package evenergy
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -35,7 +37,10 @@ func pathRevoke(b *backend) *framework.Path {
 		HelpDescription: `Revokes an access or refresh token at ev.energy (its /o/revoke_token/ endpoint) now, for an
 incident or a token that leaked outside Vault. ev.energy answers every client alike but revokes a
 token only for the client that holds it, so the request is sent as the configured client and then
-as each retired client whose credentials the engine still keeps; revoked_as lists them.`,
+as each retired client whose credentials the engine still keeps (no config is needed while retired
+clients are kept). revoked_as lists the clients that sent it, clients says per client "sent" or why
+ev.energy refused it, with a warning for each refusal; the write fails only when no client could
+send it. A retired client that ev.energy refuses shows in revocations.`,
 	}
 }
 
@@ -48,29 +53,41 @@ func (b *backend) pathRevokeWrite(ctx context.Context, req *logical.Request, d *
 	if hint != "" && hint != "access_token" && hint != "refresh_token" {
 		return logical.ErrorResponse("token_type_hint must be access_token or refresh_token"), nil
 	}
-	cfg, client, err := b.config(ctx, req.Storage)
-	if err != nil {
-		return nil, err
-	}
 	retired, err := b.retiredClientIDs(ctx, req.Storage)
 	if err != nil {
 		return nil, err
 	}
+	clientIDs := retired
+	cfg, _, configErr := b.config(ctx, req.Storage)
+	if configErr == nil {
+		clientIDs = append([]string{cfg.ClientID}, retired...)
+	} else if len(retired) == 0 {
+		return nil, configErr
+	}
 	// ev.energy answers 200 to every client, and revokes a token only for the client that holds it
 	// (RFC 7009), so the configured client and then each retired one sends it.
-	if err := client.revoke(ctx, token, hint); err != nil {
-		return nil, err
-	}
-	sentAs := []string{cfg.ClientID}
-	for _, id := range retired {
-		retiredClient, err := b.clientFor(ctx, req.Storage, id)
+	resp := &logical.Response{}
+	sentAs, outcomes := []string{}, map[string]string{}
+	var firstErr error
+	for _, id := range clientIDs {
+		client, err := b.clientFor(ctx, req.Storage, id)
 		if err == nil {
-			err = retiredClient.revoke(ctx, token, hint)
+			err = client.revoke(ctx, token, hint)
 		}
 		if err != nil {
-			return nil, fmt.Errorf("revoked as the configured client %s, but not as the retired client %s: %w", cfg.ClientID, id, err)
+			b.revocations.failed(id, err, time.Now())
+			firstErr = cmp.Or(firstErr, err)
+			outcomes[id] = err.Error()
+			resp.AddWarning(fmt.Sprintf("not sent as client %s: %v", id, err))
+			continue
 		}
+		b.revocations.succeeded(id)
 		sentAs = append(sentAs, id)
+		outcomes[id] = "sent"
 	}
-	return &logical.Response{Data: map[string]any{"revoked_as": sentAs}}, nil
+	if len(sentAs) == 0 {
+		return nil, firstErr
+	}
+	resp.Data = map[string]any{"revoked_as": sentAs, "clients": outcomes}
+	return resp, nil
 }

@@ -31,10 +31,16 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 	return errors.Join(
 		b.forgetExpiredAuthorizations(ctx, req.Storage),
 		b.revokeUnclaimedGrants(ctx, req.Storage),
-		b.retryRevocations(ctx, req.Storage, time.Now().Add(passBudget), false),
+		b.retryRevocationsInPass(ctx, req.Storage),
 		b.refreshDueUsers(ctx, req.Storage),
 		b.forgetSpentClients(ctx, req.Storage, time.Now()),
 	)
+}
+
+// retryRevocationsInPass retries the queued records that are due, within the pass's budget.
+func (b *backend) retryRevocationsInPass(ctx context.Context, s logical.Storage) error {
+	_, err := b.retryRevocations(ctx, s, time.Now().Add(passBudget), false, false)
+	return err
 }
 
 // refreshDueUsers stores the rotated grants storage refused before, then refreshes, a few at a

@@ -17,6 +17,8 @@ type prefixCache[T any] struct {
 	mu      sync.Mutex
 	version uint64        // counts invalidations, so a load that raced one is not kept
 	entries map[string]*T // by key below prefix; nil until loaded
+	loads   int           // loads reading storage now
+	written map[string]*T // the engine's own writes while loads run (nil for a delete), which a load may have listed too early to see
 }
 
 func newPrefixCache[T any](prefix string) *prefixCache[T] {
@@ -26,16 +28,19 @@ func newPrefixCache[T any](prefix string) *prefixCache[T] {
 // all returns a snapshot of every entry, loading them from storage when memory has none.
 func (c *prefixCache[T]) all(ctx context.Context, s logical.Storage) (map[string]*T, error) {
 	c.mu.Lock()
-	entries, version := c.entries, c.version
-	c.mu.Unlock()
-	if entries != nil {
-		return c.snapshot(), nil
+	if c.entries != nil {
+		defer c.mu.Unlock()
+		return maps.Clone(c.entries), nil
 	}
+	version := c.version
+	c.loads++
+	c.mu.Unlock()
+	defer c.loadEnded()
 	keys, err := s.List(ctx, c.prefix)
 	if err != nil {
 		return nil, err
 	}
-	entries = make(map[string]*T, len(keys))
+	entries := make(map[string]*T, len(keys))
 	for _, key := range keys {
 		v, err := getJSON[T](ctx, s, c.prefix+key)
 		if err != nil {
@@ -46,17 +51,47 @@ func (c *prefixCache[T]) all(ctx context.Context, s logical.Storage) (map[string
 		}
 	}
 	c.mu.Lock()
-	if c.version == version && c.entries == nil {
+	defer c.mu.Unlock()
+	if c.entries != nil { // another load was kept meanwhile, with every write since
+		return maps.Clone(c.entries), nil
+	}
+	for key, v := range c.written {
+		if v == nil {
+			delete(entries, key)
+		} else {
+			entries[key] = v
+		}
+	}
+	if c.version == version {
 		c.entries = entries
 	}
-	c.mu.Unlock()
 	return maps.Clone(entries), nil
 }
 
-func (c *prefixCache[T]) snapshot() map[string]*T {
+// loadEnded forgets the writes noted for the loads once none is running.
+func (c *prefixCache[T]) loadEnded() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return maps.Clone(c.entries)
+	if c.loads--; c.loads == 0 {
+		c.written = nil
+	}
+}
+
+// wrote keeps v, nil once deleted, as the entry at key in memory and in every load running; call it with mu held.
+func (c *prefixCache[T]) wrote(key string, v *T) {
+	if c.entries != nil {
+		if v == nil {
+			delete(c.entries, key)
+		} else {
+			c.entries[key] = v
+		}
+	}
+	if c.loads > 0 {
+		if c.written == nil {
+			c.written = map[string]*T{}
+		}
+		c.written[key] = v
+	}
 }
 
 // put stores v under key and then keeps it in memory.
@@ -67,9 +102,7 @@ func (c *prefixCache[T]) put(ctx context.Context, s logical.Storage, key string,
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.entries != nil {
-		c.entries[key] = v
-	}
+	c.wrote(key, v)
 	return nil
 }
 
@@ -81,7 +114,7 @@ func (c *prefixCache[T]) delete(ctx context.Context, s logical.Storage, key stri
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	delete(c.entries, key)
+	c.wrote(key, nil)
 	return nil
 }
 
@@ -94,6 +127,7 @@ func (c *prefixCache[T]) invalidate(storageKey string) {
 	defer c.mu.Unlock()
 	c.version++
 	c.entries = nil
+	c.written = nil // no load running now is kept, and a later one lists storage after these writes
 }
 
 // count is how many entries memory holds, without loading them.

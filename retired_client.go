@@ -101,8 +101,16 @@ func (b *backend) forgetRetiredClient(clientID string) {
 }
 
 // clientFor returns the ev.energy client that revokes the tokens of clientID: the configured one,
-// or a retired one; "" is the configured client (leases and grants from before clients were recorded).
+// or a retired one; "" is the client recorded for records from before v0.3.
 func (b *backend) clientFor(ctx context.Context, s logical.Storage, clientID string) (*evenergyClient, error) {
+	clientID, recorded, err := b.namedClient(ctx, s, clientID)
+	if err != nil {
+		return nil, err
+	}
+	if clientID == "" && recorded {
+		return nil, &unknownClientError{}
+	}
+	// Before this version's first start, "" is the configured client, which that start records.
 	cfg, client, err := b.config(ctx, s)
 	if err == nil && (clientID == "" || clientID == cfg.ClientID) {
 		return client, nil
@@ -139,6 +147,9 @@ func (b *backend) clientFor(ctx context.Context, s logical.Storage, clientID str
 type unknownClientError struct{ clientID string }
 
 func (e *unknownClientError) Error() string {
+	if e.clientID == "" {
+		return "this record is from before v0.3, which did not record its ev.energy client, and no config existed when this version first started: its client is unknown, so its tokens cannot be revoked"
+	}
 	return fmt.Sprintf("no credentials of ev.energy client %s are kept: configure it again to revoke its tokens", e.clientID)
 }
 
@@ -183,6 +194,13 @@ func (b *backend) forgetSpentClients(ctx context.Context, s logical.Storage, now
 	}
 	for _, u := range held {
 		inUse[u.ClientID] = true
+	}
+	if inUse[""] { // grants and records from before their client was recorded
+		legacy, _, err := b.namedClient(ctx, s, "")
+		if err != nil {
+			return err
+		}
+		inUse[legacy] = true
 	}
 	for key, rc := range retired {
 		if now.Before(rc.TokensUntil) || inUse[rc.Config.ClientID] {

@@ -1,6 +1,7 @@
 package evenergy
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -97,5 +98,55 @@ func TestDeletedConfigKeepsItsClientForRevocation(t *testing.T) {
 	}
 	if err := revokeLease(t, b, s, secret); err != nil || sw.Active(tok) {
 		t.Fatalf("a lease minted before the config was deleted: %v (alive: %v)", err, sw.Active(tok))
+	}
+}
+
+// TestRevokePathWorksWithRetiredClientsAlone: with the config deleted, the retired client sends
+// the revocation of its own token.
+func TestRevokePathWorksWithRetiredClientsAlone(t *testing.T) {
+	b, s, sw := newSwitchableUnit(t)
+	_, tok := leasedToken(t, b, s, "token")
+	if _, err := request(t, b, s, logical.DeleteOperation, "config", nil); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := request(t, b, s, logical.UpdateOperation, "revoke", map[string]any{"token": tok})
+	if err != nil || resp.IsError() || sw.Active(tok) {
+		t.Fatalf("revoke with a retired client and no config: %v %v (token alive: %v)", err, resp, sw.Active(tok))
+	}
+	if sent := resp.Data["revoked_as"].([]string); len(sent) != 1 || sent[0] != testClientID {
+		t.Fatalf("revoked_as = %v, want the retired client", sent)
+	}
+}
+
+// TestRevokePathAnswersPerClient: a retired client whose credentials ev.energy refuses (its
+// application deleted there) does not fail the revocation the configured client sent; the answer
+// says what happened per client, and revocations shows the refused client.
+func TestRevokePathAnswersPerClient(t *testing.T) {
+	b, s, sw := newSwitchableUnit(t)
+	switchClient(t, b, s, sw.Server)
+	_, tok := leasedToken(t, b, s, "token")
+	sw.AddClient(standin.Client{ID: testClientID, Secret: "a-new-secret", Scopes: testScopes}) // the retired client's secret no longer works
+	resp, err := request(t, b, s, logical.UpdateOperation, "revoke", map[string]any{"token": tok})
+	if err != nil || resp.IsError() || sw.Active(tok) {
+		t.Fatalf("revoke: %v %v (token alive: %v)", err, resp, sw.Active(tok))
+	}
+	const refused = "ev.energy refused the token revocation: invalid_client"
+	outcomes := resp.Data["clients"].(map[string]string)
+	if outcomes[otherClientID] != "sent" || !strings.HasPrefix(outcomes[testClientID], refused) || len(resp.Warnings) != 1 || !strings.Contains(resp.Warnings[0], testClientID) {
+		t.Fatalf("want %s sent and %s refused, with a warning naming it: %v %v", otherClientID, testClientID, outcomes, resp.Warnings)
+	}
+	queue, err := request(t, b, s, logical.ReadOperation, "revocations", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, _ := queue.Data["clients"].(map[string]any)[testClientID].(*clientRevocations); c == nil || !strings.HasPrefix(c.LastError, refused) {
+		t.Fatalf("revocations does not show the refused retired client: %v", queue.Data)
+	}
+
+	// When no client can send it, the write fails as before.
+	sw.AddClient(standin.Client{ID: otherClientID, Secret: "another-new-secret", Scopes: testScopes})
+	resp, _ = request(t, b, s, logical.UpdateOperation, "revoke", map[string]any{"token": tok})
+	if !resp.IsError() || !strings.Contains(resp.Error().Error(), refused) {
+		t.Fatalf("no client could send it: want the 400 %q, got %v", refused, resp)
 	}
 }

@@ -4,7 +4,9 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -118,6 +120,7 @@ func (q *revocations) waiting(clientID string, now time.Time) bool {
 // revokeOrQueue revokes rec's tokens now, as the client that minted them; when ev.energy does not
 // confirm, the record is queued for the periodic pass. Only a record that cannot be written fails.
 func (b *backend) revokeOrQueue(ctx context.Context, s logical.Storage, rec revocation) error {
+	rec.ClientID = b.recordClient(ctx, s, rec.ClientID)
 	if b.revocations.waiting(rec.ClientID, time.Now()) {
 		return b.queueRevocation(ctx, s, rec, nil) // ev.energy failed this client just now: no call per lease
 	}
@@ -126,6 +129,16 @@ func (b *backend) revokeOrQueue(ctx context.Context, s logical.Storage, rec revo
 		return nil
 	}
 	return b.queueRevocation(ctx, s, rec, err)
+}
+
+// recordClient is the client a new record names: clientID, or for a lease or grant from before
+// v0.3 the client recorded for those; "" while unknown, which the retry resolves again.
+func (b *backend) recordClient(ctx context.Context, s logical.Storage, clientID string) string {
+	named, _, err := b.namedClient(ctx, s, clientID)
+	if err != nil {
+		return clientID
+	}
+	return named
 }
 
 // revokeRecord revokes what rec holds as its client.
@@ -139,6 +152,7 @@ func (b *backend) revokeRecord(ctx context.Context, s logical.Storage, rec *revo
 
 // queueRevocation stores rec for the periodic pass to revoke; cause is why it was not revoked now.
 func (b *backend) queueRevocation(ctx context.Context, s logical.Storage, rec revocation, cause error) error {
+	rec.ClientID = b.recordClient(ctx, s, rec.ClientID)
 	rec.QueuedAt = time.Now().UTC()
 	if cause != nil {
 		b.revocations.failed(rec.ClientID, cause, rec.QueuedAt)
@@ -152,11 +166,12 @@ func (b *backend) queueRevocation(ctx context.Context, s logical.Storage, rec re
 }
 
 // retryRevocations revokes the queued records that are due, until ctx ends or deadline passes:
-// those whose client is not backing off, or every one when force is set (an operator asked).
-func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadline time.Time, force bool) error {
+// those whose client is not backing off, or every one when force is set (an operator asked), and
+// with early set those deferred until their leases end too; early counts those it revoked.
+func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadline time.Time, force, early bool) (revokedEarly int, err error) {
 	records, err := b.revocations.all(ctx, s)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	keys := make([]string, 0, len(records))
 	for key := range records {
@@ -164,18 +179,20 @@ func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadl
 	}
 	sort.Slice(keys, func(i, j int) bool { return records[keys[i]].QueuedAt.Before(records[keys[j]].QueuedAt) })
 	var errs []error
-	failedNow := map[string]bool{} // clients whose ev.energy call failed in this pass: the rest of theirs waits
+	failedNow := map[string]bool{}       // clients whose ev.energy call failed in this pass: the rest of theirs waits
+	record := context.WithoutCancel(ctx) // what ev.energy answered is stored even when an operator's retry is interrupted
 	for _, key := range keys {
 		now := time.Now()
 		rec := *records[key]
 		if ctx.Err() != nil || now.After(deadline) {
 			break // the rest waits for the next pass
 		}
+		deferred := now.Before(rec.NotBefore)
 		switch {
-		case now.Before(rec.NotBefore):
+		case deferred && !early:
 			continue
 		case rec.expired(now):
-			errs = append(errs, b.revocations.delete(ctx, s, key))
+			errs = append(errs, b.revocations.delete(record, s, key))
 			continue
 		case failedNow[rec.ClientID] || (!force && b.revocations.waiting(rec.ClientID, now)):
 			continue
@@ -184,14 +201,57 @@ func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadl
 			failedNow[rec.ClientID] = true
 			b.revocations.failed(rec.ClientID, err, now)
 			if rec != *records[key] { // part of it was revoked: keep only the rest
-				errs = append(errs, b.revocations.put(ctx, s, key, &rec))
+				errs = append(errs, b.revocations.put(record, s, key, &rec))
 			}
 			continue
 		}
 		b.revocations.succeeded(rec.ClientID)
-		errs = append(errs, b.revocations.delete(ctx, s, key))
+		errs = append(errs, b.revocations.delete(record, s, key))
+		if deferred {
+			revokedEarly++
+		}
 	}
-	return errors.Join(errs...)
+	return revokedEarly, errors.Join(errs...)
+}
+
+// dropRevocations deletes, unrevoked, every queued record of clientID, and says what they held.
+func (b *backend) dropRevocations(ctx context.Context, s logical.Storage, clientID string) (warning string, err error) {
+	records, err := b.revocations.all(ctx, s)
+	if err != nil {
+		return "", err
+	}
+	var dropped, refreshTokens int
+	var accessUntil time.Time
+	for key, rec := range records {
+		if rec.ClientID != clientID {
+			continue
+		}
+		if err := b.revocations.delete(ctx, s, key); err != nil {
+			return "", err
+		}
+		dropped++
+		if rec.RefreshToken != "" {
+			refreshTokens++
+		}
+		if rec.AccessToken != "" && rec.ExpiresAt.After(accessUntil) {
+			accessUntil = rec.ExpiresAt
+		}
+	}
+	if dropped == 0 {
+		return "", nil
+	}
+	b.revocations.succeeded(clientID)
+	b.Logger().Warn("dropped queued revocations unrevoked, at an operator's request", "client_id", clientID, "records", dropped)
+	warning = fmt.Sprintf("dropped %d queued revocations of client %q without revoking them:", dropped, clientID)
+	if refreshTokens > 0 {
+		warning += fmt.Sprintf(" %d refresh tokens, which never expire at ev.energy, stay valid until revoked there;", refreshTokens)
+	}
+	if !accessUntil.IsZero() {
+		warning += fmt.Sprintf(" access tokens stay valid until %s at the latest;", accessUntil.UTC().Format(time.RFC3339))
+	} else if refreshTokens < dropped {
+		warning += " access tokens of unknown expiry stay valid until they expire (at most 10 hours);"
+	}
+	return strings.TrimSuffix(warning, ";") + ". Revoke them in the ev.energy application if you can.", nil
 }
 
 // clientRevocations is what the revocations path shows of one client's pending records.
@@ -225,10 +285,17 @@ func (b *backend) revocationSummary(ctx context.Context, s logical.Storage) (map
 		}
 	}
 	b.revocations.mu.Lock()
+	for id := range b.revocations.clients { // failing with nothing queued: a retired client refused by the revoke path
+		if byClient[id] == nil {
+			byClient[id] = &clientRevocations{}
+		}
+	}
 	clients := map[string]any{}
 	for id, c := range byClient {
-		c.OldestQueuedAt = oldest[id].Format(time.RFC3339)
-		c.OldestAge = int64(now.Sub(oldest[id]).Seconds())
+		if c.Pending > 0 {
+			c.OldestQueuedAt = oldest[id].Format(time.RFC3339)
+			c.OldestAge = int64(now.Sub(oldest[id]).Seconds())
+		}
 		if r := b.revocations.clients[id]; r != nil {
 			c.LastError, c.LastErrorAt = r.lastError, r.failedAt.UTC().Format(time.RFC3339)
 			c.NextAttemptAt = r.nextTry.UTC().Format(time.RFC3339)

@@ -278,3 +278,42 @@ func TestQueueAndRetiredClientsFollowInvalidation(t *testing.T) {
 		t.Fatalf("the other node sees retired clients %v (%v)", ids, err)
 	}
 }
+
+// cancellingDelete cancels the request's context as the first queued record is deleted, as an
+// operator whose retry is interrupted right after ev.energy confirmed one revocation.
+type cancellingDelete struct {
+	logical.Storage
+	cancel context.CancelFunc
+}
+
+func (s cancellingDelete) Delete(ctx context.Context, key string) error {
+	if strings.HasPrefix(key, revocationPrefix) {
+		s.cancel()
+	}
+	return s.Storage.Delete(ctx, key)
+}
+
+// TestInterruptedRetryForgetsNothing: a forced retry whose request ends midway still deletes the
+// record ev.energy confirmed, and memory keeps counting the rest.
+func TestInterruptedRetryForgetsNothing(t *testing.T) {
+	b, s, sw := newSwitchableUnit(t)
+	var tokens []string
+	for range 2 {
+		_, tok := leasedToken(t, b, s, "token")
+		tokens = append(tokens, tok)
+		if err := b.queueRevocation(t.Context(), s, revocation{ClientID: testClientID, AccessToken: tok, Reason: reasonLeaseEnded}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := b.revocations.all(t.Context(), s); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	_, _ = b.HandleRequest(ctx, &logical.Request{Operation: logical.UpdateOperation, Path: "revocations", Storage: cancellingDelete{s, cancel}}) // its caller is gone
+	if sw.Active(tokens[0]) || !sw.Active(tokens[1]) {
+		t.Fatal("want the first record revoked and the retry stopped before the second")
+	}
+	if stored, counted := len(pendingRevocations(t, s)), b.revocations.count(); stored != 1 || counted != 1 {
+		t.Fatalf("after the interrupted retry storage holds %d records and the metric counts %d, want 1 and 1", stored, counted)
+	}
+}

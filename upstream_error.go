@@ -27,10 +27,11 @@ var endpoints = map[string]string{opToken: "token", opExchange: "token", opRefre
 
 // Why a call got no usable answer from ev.energy.
 const (
-	faultTimeout = "timeout"
-	faultRefused = "connection refused"
-	faultBroken  = "connection failed"
-	faultGarbage = "not an OAuth answer"
+	faultTimeout      = "timeout"
+	faultRefused      = "connection refused"
+	faultBroken       = "connection failed"
+	faultGarbage      = "not an OAuth answer"
+	faultNotConfirmed = "not a revocation confirmation" // a 200 with a body, where ev.energy confirms with an empty one
 )
 
 // upstreamError is a failed call to ev.energy. As a logical.HTTPCodedError it reaches the Vault
@@ -67,6 +68,8 @@ func (e *upstreamError) Error() string {
 		return fmt.Sprintf("ev.energy failed the %s with HTTP %d", e.Op, e.Status)
 	case e.OAuthCode != "":
 		return fmt.Sprintf("ev.energy refused the %s: %s", e.Op, oauth)
+	case e.Fault == faultNotConfirmed:
+		return fmt.Sprintf("ev.energy answered the %s with HTTP 200 and a body, which is not its confirmation (an empty body): check base_url", e.Op)
 	case e.Status != 0:
 		return fmt.Sprintf("ev.energy answered the %s with HTTP %d and no OAuth error: check base_url", e.Op, e.Status)
 	case e.Fault == faultTimeout:
