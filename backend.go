@@ -35,6 +35,14 @@ type backend struct {
 	revocations *revocations
 	retired     *retiredClients
 	metrics     *metrics
+	budget      *callBudget // spaces the calls to ev.energy of refreshes and revocations
+
+	// refreshing is held by the background refresh of due grants while it runs (see refreshDueUsers),
+	// which ends with background, when the mount stops on this node.
+	refreshing     sync.Mutex
+	background     context.Context
+	stopBackground context.CancelFunc
+	cleaned        sync.Once
 
 	// loadingGrants ends the start-up load of every grant; grantsLoaded is closed when it is over.
 	loadingGrants context.Context
@@ -57,9 +65,11 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 }
 
 func newBackend() *backend {
-	b := &backend{locks: locksutil.CreateLocks(), cache: newCache(), revocations: newRevocations(), retired: newRetiredClients(), grantsLoaded: make(chan struct{})}
+	b := &backend{locks: locksutil.CreateLocks(), cache: newCache(), revocations: newRevocations(), retired: newRetiredClients(),
+		budget: newCallBudget(), grantsLoaded: make(chan struct{})}
 	b.loadingGrants, b.stopLoading = context.WithCancel(context.Background())
-	b.metrics = newMetrics(b.grantsByStatus, b.revocations.count)
+	b.background, b.stopBackground = context.WithCancel(context.Background())
+	b.metrics = newMetrics(b.grantsByStatus, b.revocations.count, b.budget.waitingByCall)
 	b.Backend = &framework.Backend{
 		Help:           strings.TrimSpace(backendHelp),
 		BackendType:    logical.TypeLogical,
@@ -76,7 +86,7 @@ func newBackend() *backend {
 		),
 		Secrets:        []*framework.Secret{secretAccessToken(b), secretUserToken()},
 		InitializeFunc: b.initialize,
-		Clean:          func(context.Context) { b.stopLoading() },
+		Clean:          b.clean,
 		Invalidate: func(_ context.Context, key string) {
 			b.cache.invalidate(key)
 			b.revocations.invalidate(key)
@@ -87,6 +97,18 @@ func newBackend() *backend {
 	}
 	respondToCodedErrors(b.Paths)
 	return b
+}
+
+// clean stops the work of the mount on this node as Vault unmounts it or steps down: the start-up
+// load and the background refresh end, waiting calls get no turn, and the calls already sent finish
+// (within request_timeout) and store what they rotated while this node may still write.
+func (b *backend) clean(context.Context) {
+	b.cleaned.Do(func() {
+		b.stopLoading()
+		b.stopBackground()
+		b.budget.close()
+		b.refreshing.Lock() // held for good: no background refresh starts again
+	})
 }
 
 // initialize loads the revocation queue, and every grant in the background: Vault holds its state

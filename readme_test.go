@@ -30,6 +30,7 @@ var readmeTypes = map[framework.FieldType]string{
 	framework.TypeLowerCaseString:  "string",
 	framework.TypeCommaStringSlice: "list",
 	framework.TypeDurationSecond:   "duration",
+	framework.TypeInt:              "integer",
 }
 
 // httpMethods are the HTTP methods of Vault's operations; create and update are both POST.
