@@ -27,7 +27,7 @@ const (
 // whose token expired meanwhile would otherwise send its own retries. A call that a reader waits
 // for goes first; the background pass's calls take the turns left.
 type callBudget struct {
-	now   func() time.Time                      // the budget's clock; tests set their own,
+	now   func() time.Time                     // the budget's clock; tests set their own,
 	after func(time.Duration) <-chan time.Time // with its timers
 
 	mu      sync.Mutex

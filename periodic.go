@@ -12,18 +12,19 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
-// refreshWorkers bounds how many refreshes one periodic pass sends to ev.energy at once.
+// refreshWorkers bounds how many refreshes the background refresh sends to ev.energy at once.
 const refreshWorkers = 16
 
-// passBudget is how long a periodic pass goes on starting calls to ev.energy, for refreshes and
-// for revocations each. Vault holds its state lock through the pass, so a step-down or a seal waits
-// for it: the calls already sent finish (within request_timeout), and the rest wait for the next pass.
+// passBudget is how long a periodic pass goes on starting revocations, and waits for the
+// background refresh's first round. Vault holds its state lock through the pass, so a step-down or
+// a seal waits for it: the calls already sent finish (within request_timeout), and the rest wait
+// for the next pass.
 const passBudget = 2 * time.Second
 
 // periodic runs every minute on the active node only: it forgets expired pending authorizations,
-// retries queued revocations, refreshes every user token due for a refresh and forgets retired
-// clients of which nothing is left. What is due is known from memory, so a pass
-// with nothing to do reads no storage.
+// retries queued revocations, starts the background refresh of the user tokens due for a refresh
+// and forgets retired clients of which nothing is left. What is due is known from memory, so a
+// pass with nothing to do reads no storage.
 func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 	if b.ensureWritable() != nil {
 		return nil

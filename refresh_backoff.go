@@ -26,7 +26,7 @@ type refreshes struct {
 	now    func() time.Time // the clock of due dates, backoff and leases; tests set their own
 	random func() float64   // uniform in [0, 1), spreads the backoff; tests set their own
 	mu     sync.Mutex
-	users map[string]*grantRefresh // users with a refresh in flight or failures; others have none
+	users  map[string]*grantRefresh // users with a refresh in flight or failures; others have none
 }
 
 // grantRefresh is the refresh call in flight for one user's grant, if any, and the failures before it.
