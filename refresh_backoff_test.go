@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -240,6 +241,39 @@ func TestSteadyReaderDuringFailureBacksOff(t *testing.T) {
 	}
 	if resp, _ := request(t, b, s, logical.ReadOperation, "users/driver", nil); resp.Data["last_error"] != "" {
 		t.Fatalf("last_error after a successful refresh: %v", resp.Data["last_error"])
+	}
+}
+
+// TestSteadyReaderOfAGrantWithHoursLeftBacksOff: one reader every 0.5 s for 40 s of a token with
+// 5 hours left, inside a 5-hour refresh window, while ev.energy answers 500: the attempts come
+// further apart each time (1, 2, 4, 8, 16 s), and every read gets the still-valid token.
+func TestSteadyReaderOfAGrantWithHoursLeftBacksOff(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"refresh_window": "5h"}); err != nil {
+		t.Fatal(err)
+	}
+	g := connectUnitUser(t, b, s, sv, "driver") // a 10-hour token
+	clock := useFakeClock(b, g.ExpiresAt.Add(-5*time.Hour))
+	b.cache.refreshes.random = func() float64 { return 0.5 } // no spread
+	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
+	calls := sv.TokenRequests()
+	var attempts []time.Duration // when each call went, from the first read
+	start := clock.Now()
+	for range 80 {
+		tok, _, err := readUserToken(t, b, s, "driver")
+		if err != nil || tok != g.AccessToken {
+			t.Fatalf("at %v: current token %v, error %v", clock.Now().Sub(start), tok == g.AccessToken, err)
+		}
+		if n := sv.TokenRequests(); n > calls {
+			calls = n
+			attempts = append(attempts, clock.Now().Sub(start))
+		}
+		clock.Advance(500 * time.Millisecond)
+	}
+	want := []time.Duration{0, time.Second, 3 * time.Second, 7 * time.Second, 15 * time.Second, 31 * time.Second}
+	if !slices.Equal(attempts, want) {
+		t.Fatalf("refresh calls at %v, want at %v", attempts, want)
 	}
 }
 
