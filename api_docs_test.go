@@ -34,6 +34,7 @@ var apiDocsTypes = map[framework.FieldType]string{
 	framework.TypeCommaStringSlice: "list",
 	framework.TypeDurationSecond:   "duration",
 	framework.TypeBool:             "bool",
+	framework.TypeInt:              "integer",
 }
 
 // httpMethods are the HTTP methods of Vault's operations; create and update are both POST.

@@ -42,6 +42,14 @@ type backend struct {
 	// configWrites serializes config writes and deletes, which run on the active node only: each
 	// must retire the client it replaces, which a concurrent one could store meanwhile.
 	configWrites sync.Mutex
+	budget       *callBudget // spaces the calls to ev.energy of refreshes and revocations
+
+	// refreshing is held by the background refresh of due grants while it runs (see refreshDueUsers),
+	// which ends with background, when the mount stops on this node.
+	refreshing     sync.Mutex
+	background     context.Context
+	stopBackground context.CancelFunc
+	cleaned        sync.Once
 
 	// loadingGrants ends the start-up load of every grant; grantsLoaded is closed when it is over.
 	loadingGrants context.Context
@@ -65,9 +73,10 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 
 func newBackend() *backend {
 	b := &backend{cache: newCache(), revocations: newRevocations(), unconfirmed: newPrefixCache[unconfirmedGrant](unconfirmedGrantPrefix),
-		retired: newRetiredClients(), grantsLoaded: make(chan struct{})}
+		retired: newRetiredClients(), budget: newCallBudget(), grantsLoaded: make(chan struct{})}
 	b.loadingGrants, b.stopLoading = context.WithCancel(context.Background())
-	b.metrics = newMetrics(b.grantsByStatus, b.revocations.count)
+	b.background, b.stopBackground = context.WithCancel(context.Background())
+	b.metrics = newMetrics(b.grantsByStatus, b.revocations.count, b.budget.waitingByCall)
 	b.Backend = &framework.Backend{
 		Help:           strings.TrimSpace(backendHelp),
 		BackendType:    logical.TypeLogical,
@@ -84,7 +93,7 @@ func newBackend() *backend {
 		),
 		Secrets:        []*framework.Secret{secretAccessToken(b), secretUserToken()},
 		InitializeFunc: b.initialize,
-		Clean:          func(context.Context) { b.stopLoading() },
+		Clean:          b.clean,
 		Invalidate: func(_ context.Context, key string) {
 			b.cache.invalidate(key)
 			b.revocations.invalidate(key)
@@ -99,6 +108,18 @@ func newBackend() *backend {
 	}
 	respondToCodedErrors(b.Paths)
 	return b
+}
+
+// clean stops the work of the mount on this node as Vault unmounts it or steps down: the start-up
+// load and the background refresh end, waiting calls get no turn, and the calls already sent finish
+// (within request_timeout) and store what they rotated while this node may still write.
+func (b *backend) clean(context.Context) {
+	b.cleaned.Do(func() {
+		b.stopLoading()
+		b.stopBackground()
+		b.budget.close()
+		b.refreshing.Lock() // held for good: no background refresh starts again
+	})
 }
 
 // initialize loads the revocation queue, records on the active node the client of records from

@@ -274,6 +274,7 @@ func newUnitBackend(t testing.TB) (*backend, logical.Storage) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { b.Cleanup(context.Background()) }) // the background refresh ends with the test
 	return b.(*backend), config.StorageView
 }
 

@@ -80,6 +80,7 @@ func newCountedBackend(t testing.TB, storage logical.Storage) (*backend, *counti
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { b.Cleanup(context.Background()) }) // the background refresh ends with the test
 	return b.(*backend), counted, sys
 }
 

@@ -183,8 +183,9 @@ func (b *backend) disown(ctx context.Context, s logical.Storage, rec revocation)
 // currentGrant returns the user's grant, refreshed first when its access token is due, and how long
 // a reader may keep the token (its lease). A fresh grant comes from memory without a lock. A due one
 // is refreshed by one call at a time, which every reader arriving meanwhile waits for; after a
-// failure, readers get the still-valid token until the next attempt may go.
-func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string) (*grant, time.Duration, error) {
+// failure, readers get the still-valid token until the next attempt may go. The call waits for its
+// turn under the call budget: a reader's (reader set) before the background pass's.
+func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string, reader bool) (*grant, time.Duration, error) {
 	now := b.cache.refreshes.now()
 	g, err := b.grant(ctx, s, user)
 	if err == nil {
@@ -204,11 +205,19 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 	if held != nil {
 		return g.heldLease(held, now)
 	}
+	if reader {
+		b.budget.hurry(f.turn)
+	}
 	if start {
 		// The flight is every waiting reader's, and once sent the refresh must reach storage (the
 		// old token is dead then): it goes on if its starter goes away.
 		detached := context.WithoutCancel(ctx)
-		b.cache.refreshes.fly(user, f, func() (*grant, error) { return b.refresh(detached, s, cfg, client, user) })
+		b.cache.refreshes.fly(user, f, func() (*grant, error) {
+			if err := b.awaitTurn(detached, cfg, 1, f.turn); err != nil {
+				return g, err // no call went: the token still serves until the next attempt
+			}
+			return b.refresh(detached, s, cfg, client, user)
+		})
 	}
 	select {
 	case <-f.done:

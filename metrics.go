@@ -28,7 +28,7 @@ const (
 	refreshRevoked = "revoked" // ev.energy no longer accepts the grant
 )
 
-func newMetrics(grantsByStatus func() map[string]int, pendingRevocations func() int) *metrics {
+func newMetrics(grantsByStatus func() map[string]int, pendingRevocations func() int, waitingForBudget func() map[string]int) *metrics {
 	m := &metrics{
 		registry: prometheus.NewRegistry(),
 		minted: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -61,8 +61,12 @@ func newMetrics(grantsByStatus func() map[string]int, pendingRevocations func() 
 		Name: "evenergy_revocations_pending",
 		Help: "Tokens queued for revocation at ev.energy that ev.energy has not confirmed yet.",
 	}, func() float64 { return float64(pendingRevocations()) })
+	waiting := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "evenergy_calls_waiting_for_budget",
+		Help: "Calls to ev.energy waiting for their turn under the config's call_budget, by call: refresh or revocation.",
+	}, []string{"call"})
 	m.registry.MustRegister(m.minted, m.revoked, m.failures, m.refreshes, m.latency,
-		gaugeFunc{grants, grantsByStatus}, pending)
+		gaugeFunc{grants, grantsByStatus}, pending, gaugeFunc{waiting, waitingForBudget})
 	return m
 }
 

@@ -11,10 +11,6 @@ import (
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
-// checkRefreshesPerMinute is about how many refreshes the periodic pass makes a minute: 16 at a
-// time for its 2-second budget, once a minute.
-const checkRefreshesPerMinute = 600
-
 func pathCheckGrants(b *backend) *framework.Path {
 	return &framework.Path{
 		Pattern:      "check-grants",
@@ -32,7 +28,7 @@ func pathCheckGrants(b *backend) *framework.Path {
 		},
 		HelpSynopsis: "Check every user's grant at ev.energy now, as after a restore.",
 		HelpDescription: `Write makes every active grant refreshed before now due at once: the periodic pass refreshes them
-within its budget and backoff, about 600 a minute, and readers refresh theirs. A refresh ends the
+at the pace of call_budget and within each grant's backoff, and readers refresh theirs. A refresh ends the
 access token readers hold. Grants ev.energy refuses turn revoked (see LIST users). Read shows
 how many grants are still to be checked.`,
 	}
@@ -54,7 +50,7 @@ func (b *backend) pathCheckGrantsWrite(ctx context.Context, req *logical.Request
 	if err := b.putConfig(ctx, req.Storage, cfg); err != nil {
 		return nil, err
 	}
-	left := "each 600 grants take about a minute"
+	left := fmt.Sprintf("each %d grants take about a minute", refreshesPerMinute(cfg))
 	data, err := b.checkProgress(ctx, req.Storage, cfg)
 	switch {
 	case errors.Is(err, errGrantsLoading): // right after a reload: the check runs once they are loaded
@@ -65,8 +61,8 @@ func (b *backend) pathCheckGrantsWrite(ctx context.Context, req *logical.Request
 		left = fmt.Sprintf("the %d grants to check take about %d minutes", data["pending"], data["minutes_left_about"])
 	}
 	resp := &logical.Response{Data: data}
-	resp.AddWarning(fmt.Sprintf("each check refreshes a grant, which ends the access token its readers hold; the periodic pass makes about %d refreshes a minute, so %s: read %scheck-grants for progress",
-		checkRefreshesPerMinute, left, req.MountPoint))
+	resp.AddWarning(fmt.Sprintf("each check refreshes a grant, which ends the access token its readers hold; the background refresh makes about %d refreshes a minute (call_budget), so %s: read %scheck-grants for progress",
+		refreshesPerMinute(cfg), left, req.MountPoint))
 	return resp, nil
 }
 
@@ -109,6 +105,9 @@ func (b *backend) checkProgress(ctx context.Context, s logical.Storage, cfg *con
 		"started_at":          cfg.CheckGrantsBefore.Format(time.RFC3339),
 		"pending":             pending,
 		"revoked_since_start": revoked,
-		"minutes_left_about":  (pending + checkRefreshesPerMinute - 1) / checkRefreshesPerMinute,
+		"minutes_left_about":  (pending + refreshesPerMinute(cfg) - 1) / refreshesPerMinute(cfg),
 	}, nil
 }
+
+// refreshesPerMinute is about how many refreshes the background refresh makes a minute: call_budget's pace.
+func refreshesPerMinute(cfg *config) int { return cfg.callsPerSecond() * 60 }

@@ -27,6 +27,16 @@ type config struct {
 	RefreshWindow  time.Duration `json:"refresh_window"`
 	// CheckGrantsBefore makes the active grants last refreshed before it due (check-grants).
 	CheckGrantsBefore time.Time `json:"check_grants_before,omitzero"`
+	CallBudget        int       `json:"call_budget"` // 0, as in configs stored before it existed: defaultCallBudget
+}
+
+// callsPerSecond is the call_budget in force: how many calls a second refreshes and revocations
+// make to ev.energy on one node.
+func (c *config) callsPerSecond() int {
+	if c.CallBudget <= 0 {
+		return defaultCallBudget
+	}
+	return c.CallBudget
 }
 
 func pathConfig(b *backend) *framework.Path {
@@ -67,6 +77,12 @@ func pathConfig(b *backend) *framework.Path {
 				Type:        framework.TypeDurationSecond,
 				Description: "A user's access token is refreshed once less than this remains of it; a window at least as long as a token's life counts as half of it.",
 				Default:     int(defaultRefreshWindow.Seconds()),
+			},
+			"call_budget": {
+				Type: framework.TypeInt,
+				Description: "Calls a second this mount may make to ev.energy on each node for users' token refreshes and revocations, " +
+					"shared by every grant: refreshes that readers wait for go first, the background pass uses what is left. 0 means the default, 20.",
+				Default: 0,
 			},
 		},
 		ExistenceCheck: b.configExists,
@@ -115,6 +131,7 @@ func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, _ *f
 		"scopes":          cfg.Scopes,
 		"request_timeout": int64(cfg.RequestTimeout.Seconds()),
 		"refresh_window":  int64(cfg.RefreshWindow.Seconds()),
+		"call_budget":     cfg.callsPerSecond(),
 	}}, nil
 }
 
@@ -154,6 +171,9 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	if v, ok := fieldOnWrite(req, d, "refresh_window"); ok {
 		cfg.RefreshWindow = time.Duration(v.(int)) * time.Second
 	}
+	if v, ok := fieldOnWrite(req, d, "call_budget"); ok {
+		cfg.CallBudget = v.(int)
+	}
 
 	if cfg.ClientID == "" {
 		return logical.ErrorResponse("client_id is required"), nil
@@ -166,6 +186,9 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	}
 	if cfg.RefreshWindow <= 0 {
 		return logical.ErrorResponse("refresh_window must be a positive duration, e.g. 10m"), nil
+	}
+	if cfg.CallBudget < 0 || cfg.CallBudget > maxCallBudget {
+		return logical.ErrorResponse("call_budget must be a number of calls a second from 1 to %d, or 0 for the default (%d)", maxCallBudget, defaultCallBudget), nil
 	}
 
 	if previous != nil && previous.ClientID != cfg.ClientID {

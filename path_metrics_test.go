@@ -56,6 +56,8 @@ func TestAccMetricsCountAKnownSequence(t *testing.T) {
 		`evenergy_upstream_request_duration_seconds_count{endpoint="token"}`:        8,
 		`evenergy_upstream_request_duration_seconds_count{endpoint="revoke_token"}`: 2,
 		`evenergy_revocations_pending{}`:                                            0,
+		`evenergy_calls_waiting_for_budget{call="refresh"}`:                         0,
+		`evenergy_calls_waiting_for_budget{call="revocation"}`:                      0,
 	}
 	for series, value := range want {
 		if got[series] != value {

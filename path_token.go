@@ -143,7 +143,7 @@ func (b *backend) revokeAccessToken(ctx context.Context, req *logical.Request, _
 	if b.System().Tainted() {
 		// The mount is being disabled (or moved), which wipes its storage and so any queued record:
 		// only ev.energy's confirmation ends this lease, and an error keeps it for Vault to retry.
-		if err := b.revokeRecord(ctx, req.Storage, &rec); err != nil {
+		if err := b.revokeRecord(ctx, req.Storage, &rec, urgentRevocation()); err != nil {
 			return nil, fmt.Errorf("the mount's storage is going away, so this revocation cannot be queued: %w", err)
 		}
 		return nil, nil

@@ -155,7 +155,7 @@ func (b *backend) pathUserDelete(ctx context.Context, req *logical.Request, d *f
 	if g.Status == grantActive {
 		// The operator asked for it: revoked now, and queued when ev.energy does not confirm.
 		rec := revocation{ClientID: g.ClientID, AccessToken: g.AccessToken, RefreshToken: g.RefreshToken, ExpiresAt: g.ExpiresAt, Reason: reasonDeletedUser}
-		switch err := b.revokeRecord(ctx, req.Storage, &rec); {
+		switch err := b.revokeRecord(ctx, req.Storage, &rec, urgentRevocation()); {
 		case err == nil:
 			resp.AddWarning(fmt.Sprintf("the grant is revoked at ev.energy; leases already handed out for its access token run until %s at the latest, and `vault lease revoke -prefix %s%s%s/token` ends them now",
 				g.ExpiresAt.Format(time.RFC3339), req.MountPoint, userPrefix, user))
@@ -199,7 +199,7 @@ func (b *backend) pathUserTokenRead(ctx context.Context, req *logical.Request, d
 	if err != nil {
 		return nil, err
 	}
-	g, lease, err := b.currentGrant(ctx, req.Storage, cfg, client, d.Get("user").(string))
+	g, lease, err := b.currentGrant(ctx, req.Storage, cfg, client, d.Get("user").(string), true)
 	if err != nil {
 		return nil, err
 	}

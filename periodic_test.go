@@ -47,6 +47,20 @@ func seedGrants(tb testing.TB, b *backend, s logical.Storage, sv *standin.Server
 	}
 }
 
+// awaitIssued waits until the stand-in has issued n access tokens in all.
+func awaitIssued(tb testing.TB, sv *standin.Server, n int) {
+	tb.Helper()
+	for deadline := time.Now().Add(10 * time.Minute); ; time.Sleep(10 * time.Millisecond) {
+		issued, _ := sv.Counts()
+		if issued >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("%d tokens issued after 10 minutes, want %d", issued, n)
+		}
+	}
+}
+
 // BenchmarkPeriodicPassNothingDue is one periodic pass over 10,000 grants of which none is due;
 // the floor is a bare walk over as many cached grants, and the budget is 50 ms a pass.
 func BenchmarkPeriodicPassNothingDue(b *testing.B) {
@@ -76,34 +90,34 @@ func BenchmarkPeriodicPassNothingDue(b *testing.B) {
 	b.ReportMetric(float64(pass)/float64(50*time.Millisecond), "x-budget")
 }
 
-// BenchmarkPeriodicPassThousandDue runs one periodic pass over 1,000 due grants at a stand-in that
-// answers each refresh after 50 ms. A pass starts refreshes for passBudget only, so it refreshes
-// part of them; the floor is what its workers can send in that time.
+// BenchmarkPeriodicPassThousandDue has a periodic pass start the background refresh of 1,000 due
+// grants at a stand-in that answers each refresh after 50 ms, with a call_budget that does not hold
+// it back, until all are refreshed; the floor is what its workers can send in that time.
 func BenchmarkPeriodicPassThousandDue(b *testing.B) {
-	const latency = 50 * time.Millisecond
-	var total time.Duration
-	refreshed := 0
+	const due, latency = 1000, 50 * time.Millisecond
 	for b.Loop() {
 		b.StopTimer()
 		be, s := newUnitBackend(b)
 		sv := newUnitStandin(b, be, s)
-		seedGrants(b, be, s, sv, 1000, time.Now().Add(time.Minute))
+		if _, err := request(b, be, s, logical.UpdateOperation, "config", map[string]any{"call_budget": maxCallBudget}); err != nil {
+			b.Fatal(err)
+		}
+		seedGrants(b, be, s, sv, due, time.Now().Add(time.Minute))
 		sv.SetLatency(latency)
-		issued := len(sv.Tokens())
+		issued, _ := sv.Counts()
 		b.StartTimer()
-		start := time.Now()
 		if err := be.periodic(context.Background(), &logical.Request{Storage: s}); err != nil {
 			b.Fatal(err)
 		}
-		total += time.Since(start)
-		refreshed += (len(sv.Tokens()) - issued) / 2
+		awaitIssued(b, sv, issued+due)
+		b.StopTimer()
+		be.Cleanup(context.Background())
+		b.StartTimer()
 	}
-	pass := total / time.Duration(b.N)
-	perPass := float64(refreshed) / float64(b.N)
-	floor := float64(refreshWorkers * passBudget / latency)
-	b.ReportMetric(pass.Seconds(), "s/pass")
-	b.ReportMetric(perPass, "refreshes/pass")
-	b.ReportMetric(perPass/floor, "x-floor")
+	all := b.Elapsed() / time.Duration(b.N)
+	floor := due * latency / refreshWorkers
+	b.ReportMetric(all.Seconds(), "s-all-refreshed")
+	b.ReportMetric(float64(all)/float64(floor), "x-floor")
 }
 
 // timeEach is the mean time of n runs of f.
@@ -145,10 +159,11 @@ func TestPeriodicLeavesRefreshesToActiveReaders(t *testing.T) {
 	}
 }
 
-// TestPeriodicPassStopsStartingRefreshes: with 64 grants due and ev.energy answering each refresh
-// after 2 s, a pass sends one wave of refreshes (no worker starts a second one after passBudget),
-// stores what they return and leaves the rest to the next pass, which refreshes none twice.
-func TestPeriodicPassStopsStartingRefreshes(t *testing.T) {
+// TestPeriodicPassReturnsWhileTheRefreshGoesOn: with 64 grants due and ev.energy answering each
+// refresh after 2 s, the pass returns after passBudget (Vault holds its state lock through it)
+// while the background refresh goes on outside it; a pass meanwhile starts no second one, and
+// every grant is refreshed once.
+func TestPeriodicPassReturnsWhileTheRefreshGoesOn(t *testing.T) {
 	const due, latency = 64, 2 * time.Second
 	b, s := newUnitBackend(t)
 	sv := newUnitStandin(t, b, s)
@@ -160,23 +175,16 @@ func TestPeriodicPassStopsStartingRefreshes(t *testing.T) {
 		t.Fatal(err)
 	}
 	took := time.Since(start)
-	started := sv.TokenRequests()
-	t.Logf("the pass started %d refreshes and returned after %v", started, took.Round(time.Millisecond))
-	if started < 1 || started > refreshWorkers {
-		t.Fatalf("the pass started %d refreshes, want one wave of at most %d", started, refreshWorkers)
+	t.Logf("the pass returned after %v, with %d refreshes stored", took.Round(time.Millisecond), storedRefreshes(t, s, due))
+	if took > passBudget+time.Second {
+		t.Fatalf("the pass took %v, past its budget", took)
 	}
-	if took > passBudget+latency+5*time.Second {
-		t.Fatalf("the pass took %v, far past its budget plus one refresh", took)
-	}
-	if n := storedRefreshes(t, s, due); n != started {
-		t.Fatalf("%d refreshes sent, %d stored", started, n)
-	}
-
 	if err := b.periodic(t.Context(), &logical.Request{Storage: s}); err != nil {
 		t.Fatal(err)
 	}
-	if n := storedRefreshes(t, s, due); n <= started || n > 2*refreshWorkers || sv.RepeatedRefreshTokens() != 0 {
-		t.Fatalf("after the next pass %d grants are refreshed (%d refresh tokens sent twice)", n, sv.RepeatedRefreshTokens())
+	eventually(t, time.Minute, "every due grant to be refreshed in the background", func() bool { return storedRefreshes(t, s, due) == due })
+	if n := sv.RepeatedRefreshTokens(); n != 0 {
+		t.Fatalf("%d refresh tokens were sent twice", n)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -15,10 +16,17 @@ import (
 	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
 )
 
-// fakeClock is the engine's clock in a test: it moves only when the test moves it.
+// fakeClock is the engine's clock in a test: it moves only when the test moves it, and its timers
+// fire as it passes them.
 type fakeClock struct {
-	mu  sync.Mutex
-	now time.Time
+	mu     sync.Mutex
+	now    time.Time
+	timers []fakeTimer
+}
+
+type fakeTimer struct {
+	at    time.Time
+	fires chan time.Time
 }
 
 func (c *fakeClock) Now() time.Time {
@@ -31,12 +39,37 @@ func (c *fakeClock) Advance(d time.Duration) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.now = c.now.Add(d)
+	c.fire()
 }
 
 func (c *fakeClock) Set(now time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.now = now
+	c.fire()
+}
+
+// After is time.After on this clock.
+func (c *fakeClock) After(d time.Duration) <-chan time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	t := fakeTimer{at: c.now.Add(d), fires: make(chan time.Time, 1)}
+	c.timers = append(c.timers, t)
+	c.fire()
+	return t.fires
+}
+
+// fire fires the timers the clock has reached; call it with mu held.
+func (c *fakeClock) fire() {
+	pending := c.timers[:0]
+	for _, t := range c.timers {
+		if t.at.After(c.now) {
+			pending = append(pending, t)
+			continue
+		}
+		t.fires <- c.now
+	}
+	c.timers = pending
 }
 
 // useFakeClock makes the backend's due dates, backoff and leases follow a clock standing at at.
@@ -68,16 +101,59 @@ func readUserToken(t testing.TB, b *backend, s logical.Storage, user string) (st
 	return resp.Data["access_token"].(string), resp.Secret.TTL, nil
 }
 
-func TestBackoffSteps(t *testing.T) {
-	want := []time.Duration{1, 2, 4, 8, 16, 32, 60, 60, 60}
-	for i, w := range want {
-		if got := backoff(i+1, errors.New("HTTP 500")); got != w*time.Second {
-			t.Errorf("after %d failures: %v, want %v", i+1, got, w*time.Second)
+// TestBackoff: a token with hours left backs off as before, 1 s doubling to 60 s; nearer its end
+// the wait is at most a quarter of what is left, and 3 s once readers are refused; Retry-After is
+// honoured up to 60 s and never past the token's expiry; random spreads every wait by ±20%.
+func TestBackoff(t *testing.T) {
+	const mid = 0.5 // no spread
+	cases := []struct {
+		name       string
+		failures   int
+		left       time.Duration
+		retryAfter time.Duration
+		random     float64
+		want       time.Duration
+	}{
+		{"hours left: 1st failure", 1, 5 * time.Hour, 0, mid, time.Second},
+		{"hours left: 2nd", 2, 5 * time.Hour, 0, mid, 2 * time.Second},
+		{"hours left: 5th", 5, 5 * time.Hour, 0, mid, 16 * time.Second},
+		{"hours left: 7th, capped", 7, 5 * time.Hour, 0, mid, time.Minute},
+		{"hours left: 30th, capped", 30, 5 * time.Hour, 0, mid, time.Minute},
+		{"2 min left: a quarter of it", 7, 2 * time.Minute, 0, mid, 30 * time.Second},
+		{"40 s left: a quarter of it", 5, 40 * time.Second, 0, mid, 10 * time.Second},
+		{"40 s left, 1st failure: 1 s", 1, 40 * time.Second, 0, mid, time.Second},
+		{"10 s left: 3 s", 7, 10 * time.Second, 0, mid, refusedBackoff},
+		{"refused (1 s left): 3 s", 7, time.Second, 0, mid, refusedBackoff},
+		{"expired: 3 s", 20, -time.Hour, 0, mid, refusedBackoff},
+		{"spread down 20%", 7, 5 * time.Hour, 0, 0, 48 * time.Second},
+		{"spread up 20%", 7, 5 * time.Hour, 0, 0.999999, 72 * time.Second},
+		{"expired, spread down", 3, -time.Second, 0, 0, 2400 * time.Millisecond},
+		{"expired, spread up", 3, -time.Second, 0, 0.999999, 3600 * time.Millisecond},
+		{"Retry-After 90 s, hours left: 60 s", 1, 5 * time.Hour, 90 * time.Second, mid, time.Minute},
+		{"Retry-After 6 h: 60 s", 1, 5 * time.Hour, 6 * time.Hour, mid, time.Minute},
+		{"Retry-After 30 s, hours left", 1, 5 * time.Hour, 30 * time.Second, 0, 30 * time.Second},
+		{"Retry-After 30 s, 10 s left: at its expiry", 1, 10 * time.Second, 30 * time.Second, mid, 10 * time.Second},
+		{"Retry-After 30 s, expired: 3 s", 4, -time.Second, 30 * time.Second, mid, refusedBackoff},
+		{"Retry-After shorter than the backoff", 6, 5 * time.Hour, 5 * time.Second, mid, 32 * time.Second},
+	}
+	for _, c := range cases {
+		if got := backoff(c.failures, c.left, c.retryAfter, c.random); got.Round(time.Millisecond) != c.want {
+			t.Errorf("%s: backoff(%d, %v, %v, %v) = %v, want %v", c.name, c.failures, c.left, c.retryAfter, c.random, got, c.want)
 		}
 	}
-	rateLimited := &upstreamError{Op: opRefresh, Status: http.StatusTooManyRequests, RetryAfter: 90 * time.Second}
-	if got := backoff(1, rateLimited); got != 90*time.Second {
-		t.Errorf("after a 429 with Retry-After 90: %v", got)
+}
+
+// TestBackoffSpreadsGrantsThatFailedTogether: 1,000 grants whose tokens expired and whose refresh
+// failed at the same moment retry across at least a second, not all at once.
+func TestBackoffSpreadsGrantsThatFailedTogether(t *testing.T) {
+	r := newRefreshes()
+	earliest, latest := time.Duration(1<<62), time.Duration(0)
+	for range 1000 {
+		wait := backoff(5, -time.Second, 0, r.random())
+		earliest, latest = min(earliest, wait), max(latest, wait)
+	}
+	if latest-earliest < time.Second || earliest < 2*time.Second || latest > 4*time.Second {
+		t.Fatalf("1,000 expired grants retry between %v and %v, want 2-4 s spread over at least a second", earliest, latest)
 	}
 }
 
@@ -165,6 +241,39 @@ func TestSteadyReaderDuringFailureBacksOff(t *testing.T) {
 	}
 	if resp, _ := request(t, b, s, logical.ReadOperation, "users/driver", nil); resp.Data["last_error"] != "" {
 		t.Fatalf("last_error after a successful refresh: %v", resp.Data["last_error"])
+	}
+}
+
+// TestSteadyReaderOfAGrantWithHoursLeftBacksOff: one reader every 0.5 s for 40 s of a token with
+// 5 hours left, inside a 5-hour refresh window, while ev.energy answers 500: the attempts come
+// further apart each time (1, 2, 4, 8, 16 s), and every read gets the still-valid token.
+func TestSteadyReaderOfAGrantWithHoursLeftBacksOff(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"refresh_window": "5h"}); err != nil {
+		t.Fatal(err)
+	}
+	g := connectUnitUser(t, b, s, sv, "driver") // a 10-hour token
+	clock := useFakeClock(b, g.ExpiresAt.Add(-5*time.Hour))
+	b.cache.refreshes.random = func() float64 { return 0.5 } // no spread
+	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
+	calls := sv.TokenRequests()
+	var attempts []time.Duration // when each call went, from the first read
+	start := clock.Now()
+	for range 80 {
+		tok, _, err := readUserToken(t, b, s, "driver")
+		if err != nil || tok != g.AccessToken {
+			t.Fatalf("at %v: current token %v, error %v", clock.Now().Sub(start), tok == g.AccessToken, err)
+		}
+		if n := sv.TokenRequests(); n > calls {
+			calls = n
+			attempts = append(attempts, clock.Now().Sub(start))
+		}
+		clock.Advance(500 * time.Millisecond)
+	}
+	want := []time.Duration{0, time.Second, 3 * time.Second, 7 * time.Second, 15 * time.Second, 31 * time.Second}
+	if !slices.Equal(attempts, want) {
+		t.Fatalf("refresh calls at %v, want at %v", attempts, want)
 	}
 }
 

@@ -124,11 +124,14 @@ func (b *backend) revokeOrQueue(ctx context.Context, s logical.Storage, rec revo
 	if b.revocations.waiting(rec.ClientID, time.Now()) {
 		return b.queueRevocation(ctx, s, rec, nil) // ev.energy failed this client just now: no call per lease
 	}
-	err := b.revokeRecord(ctx, s, &rec)
-	if err == nil {
+	switch err := b.revokeRecord(ctx, s, &rec, urgentRevocation()); {
+	case err == nil:
 		return nil
+	case errors.Is(err, errNoTurn) || errors.Is(err, errBudgetClosed):
+		return b.queueRevocation(ctx, s, rec, nil) // no call went: nothing failed at ev.energy
+	default:
+		return b.queueRevocation(ctx, s, rec, err)
 	}
-	return b.queueRevocation(ctx, s, rec, err)
 }
 
 // recordClient is the client a new record names: clientID, or for a lease or grant from before
@@ -141,13 +144,31 @@ func (b *backend) recordClient(ctx context.Context, s logical.Storage, clientID 
 	return named
 }
 
-// revokeRecord revokes what rec holds as its client.
-func (b *backend) revokeRecord(ctx context.Context, s logical.Storage, rec *revocation) error {
+// revokeRecord revokes what rec holds as its client, in its turn under the call budget.
+func (b *backend) revokeRecord(ctx context.Context, s logical.Storage, rec *revocation, turn *budgetTurn) error {
 	client, err := b.clientFor(ctx, s, rec.ClientID)
 	if err != nil {
 		return err
 	}
+	if err := b.awaitTurn(ctx, client.cfg, rec.calls(), turn); err != nil {
+		return err
+	}
 	return rec.revokeWith(ctx, client)
+}
+
+// urgentRevocation is the turn of a revocation that someone waits for: it goes before the
+// background pass's calls.
+func urgentRevocation() *budgetTurn { return &budgetTurn{call: callRevocation, urgent: true} }
+
+// calls is how many calls to ev.energy revoking the record takes: one per token it holds.
+func (r *revocation) calls() int {
+	n := 0
+	for _, token := range []string{r.RefreshToken, r.AccessToken} {
+		if token != "" {
+			n++
+		}
+	}
+	return max(n, 1)
 }
 
 // queueRevocation stores rec for the periodic pass to revoke; cause is why it was not revoked now.
@@ -197,7 +218,11 @@ func (b *backend) retryRevocations(ctx context.Context, s logical.Storage, deadl
 		case failedNow[rec.ClientID] || (!force && b.revocations.waiting(rec.ClientID, now)):
 			continue
 		}
-		if err := b.revokeRecord(ctx, s, &rec); err != nil {
+		// An operator's retry (force) goes before the background pass's calls.
+		if err := b.revokeRecord(ctx, s, &rec, &budgetTurn{call: callRevocation, by: deadline, urgent: force}); err != nil {
+			if errors.Is(err, errNoTurn) || errors.Is(err, errBudgetClosed) || ctx.Err() != nil {
+				break // no turn under the call budget before the pass ended: the rest waits for the next pass
+			}
 			failedNow[rec.ClientID] = true
 			b.revocations.failed(rec.ClientID, err, now)
 			if rec != *records[key] { // part of it was revoked: keep only the rest

@@ -3,6 +3,7 @@ package standin
 import (
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"strings"
 	"time"
@@ -26,6 +27,8 @@ type Fault struct {
 	Kind       FaultKind
 	RetryAfter time.Duration // for FaultRateLimited; sent rounded up to whole seconds
 	Count      int           // how many token requests get the fault; 0 (or less) = every request until SetFault(Fault{})
+	Share      float64       // the share of token requests that get the fault, drawn at random from Seed; 0 = every one
+	Seed       uint64
 }
 
 // SetFault makes token requests (/o/token and /o/token/) fail as f says; requests held by FaultHang
@@ -38,6 +41,7 @@ func (s *Server) SetFault(f Fault) {
 	}
 	s.fault = f
 	clear(s.hungRefreshes)
+	s.draws = rand.New(rand.NewPCG(f.Seed, f.Seed))
 	close(s.release)
 	s.release = make(chan struct{})
 }
@@ -105,6 +109,9 @@ func (s *Server) RepeatedRefreshTokens() int {
 // Fault.Count, and the channel SetFault closes to release a held request; call it with s.mu held.
 func (s *Server) takeFault() (Fault, <-chan struct{}) {
 	f := s.fault
+	if f.Share > 0 && s.draws.Float64() >= f.Share {
+		return Fault{}, s.release // spared by the draw
+	}
 	if f.Kind != FaultNone && f.Count > 0 {
 		s.fault.Count--
 		if s.fault.Count == 0 {

@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	mathrand "math/rand/v2"
 	"net/http"
 	"net/url"
 	"regexp"
@@ -53,6 +54,7 @@ type Server struct {
 	tokenLifetime time.Duration
 	offset        time.Duration     // added to the real clock by Advance
 	fault         Fault             // what SetFault put on the token endpoint; Count is what is left of it
+	draws         *mathrand.Rand    // decides which requests a Fault with a Share gets, from its Seed
 	release       chan struct{}     // closed by SetFault to release the requests FaultHang and HangRefreshToken hold
 	held          int               // requests FaultHang and HangRefreshToken hold
 	hungRefreshes map[string]bool   // refresh tokens whose refresh requests HangRefreshToken holds

@@ -729,6 +729,38 @@ func wantThrottled(t *testing.T, resp *http.Response, body []byte, err error, re
 	}
 }
 
+// TestFaultShare: a fault with a Share fails that share of token requests, the same ones for the
+// same Seed.
+func TestFaultShare(t *testing.T) {
+	s, ts := newStandin(t)
+	client := newClient(t, 10*time.Second)
+	statuses := func() []int {
+		s.SetFault(Fault{Kind: FaultServerError, Share: 0.8, Seed: 19})
+		var out []int
+		for range 200 {
+			resp, _, err := send(t, client, ts, clientCredentials(), "vault", "vault-secret")
+			if err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, resp.StatusCode)
+		}
+		return out
+	}
+	first := statuses()
+	failed := 0
+	for _, status := range first {
+		if status == http.StatusInternalServerError {
+			failed++
+		}
+	}
+	if failed < 140 || failed > 180 {
+		t.Errorf("%d of 200 requests failed, want about 160", failed)
+	}
+	if again := statuses(); !slices.Equal(first, again) {
+		t.Error("the same Seed failed other requests")
+	}
+}
+
 func TestFaultCount(t *testing.T) {
 	s, ts := newStandin(t)
 	client := newClient(t, 10*time.Second)
