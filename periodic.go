@@ -37,7 +37,7 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 }
 
 // refreshDueUsers stores the rotated grants storage refused before, then refreshes, a few at a
-// time, the grants whose access token is inside the refresh window, until passBudget or ctx ends.
+// time, the grants whose refresh point has come, until passBudget or ctx ends.
 func (b *backend) refreshDueUsers(ctx context.Context, s logical.Storage) error {
 	// By the clock, not a context's timer: a late timer would let a worker start a second wave.
 	deadline := time.Now().Add(passBudget)
@@ -65,7 +65,7 @@ func (b *backend) refreshDueUsers(ctx context.Context, s logical.Storage) error 
 				}
 				// The pass waits for the refresh it sent, or joined, to be stored: the next pass must
 				// not find it half done.
-				_, _, err := b.currentGrant(ctx, s, cfg, client, user)
+				err := b.refreshIfDue(ctx, s, cfg, client, user)
 				switch {
 				case err == nil:
 				// Revoked grants and those of another client wait for their user, not for the next pass.
@@ -116,8 +116,8 @@ func (b *backend) storeUnsavedGrant(ctx context.Context, s logical.Storage, user
 	return b.putGrant(ctx, s, user, g)
 }
 
-// dueUsers lists, from memory, the users whose active grant of this client entered the refresh
-// window unattended (an active reader has refreshed it already), the earliest first.
+// dueUsers lists, from memory, the users whose active grant of this client reached its refresh
+// point, the earliest first.
 func (b *backend) dueUsers(cfg *config, now time.Time) []string {
 	b.cache.mu.Lock()
 	defer b.cache.mu.Unlock()
