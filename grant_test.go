@@ -573,6 +573,9 @@ func TestNodeTakingOverDuringBackoffKeepsTheNextAttempt(t *testing.T) {
 	if err != nil || tok != g.AccessToken || !clock.Now().Add(lease).Equal(retryAt) || sv.TokenRequests() != calls {
 		t.Fatalf("on the node taking over, 20 s later: a lease of %v, %d refreshes, error %v; want the current token until the next attempt", lease, sv.TokenRequests()-calls, err)
 	}
+	if resp, err := request(t, next, s, logical.ReadOperation, "users/driver", nil); err != nil || resp.Data["refresh_at"] != retryAt.UTC().Format(time.RFC3339) {
+		t.Fatalf("users/driver shows refresh_at %v, want the next attempt %v: %v", resp.Data["refresh_at"], retryAt.UTC().Format(time.RFC3339), err)
+	}
 	clock.Set(retryAt)
 	runPeriodic(t, next, s)
 	if sv.TokenRequests() != calls+1 {

@@ -58,9 +58,10 @@ status, never a token. Delete revokes the grant at ev.energy and forgets it.`,
 			Callbacks:    map[logical.Operation]framework.OperationFunc{logical.ReadOperation: b.pathUserTokenRead},
 			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "user-token"},
 			HelpSynopsis: "Get an ev.energy user's current access token.",
-			HelpDescription: `Returns the user's access token, refreshed first when less than the config's refresh_window
-remains of it. ev.energy allows one live access token per grant, so every reader gets the same
-one; its lease ends before the next refresh replaces it, and ending the lease revokes nothing.`,
+			HelpDescription: `Returns the user's access token, refreshed first once its refresh point (users/<user>'s
+refresh_at) has come: where the config's refresh_window began when the token was issued, or the
+next attempt after a failed refresh. ev.energy allows one live access token per grant, so every
+reader gets the same one; its lease ends by the refresh point, and ending the lease revokes nothing.`,
 		},
 	}
 }
@@ -119,6 +120,7 @@ func (b *backend) pathUserRead(ctx context.Context, req *logical.Request, d *fra
 		"status":                  status,
 		"last_refreshed_at":       g.LastRefreshedAt.Format(time.RFC3339),
 		"refresh_window":          int64(g.refreshWindow(cfg).Seconds()),
+		"refresh_at":              g.refreshAt(cfg).UTC().Format(time.RFC3339),
 		"last_error":              cmp.Or(b.cache.refreshes.lastFailure(user, g.RefreshToken), g.LastError),
 	}}, nil
 }
