@@ -274,7 +274,9 @@ func TestAccRaftFailover(t *testing.T) {
 	imported := e.userTokens(user, "access")
 	stale := imported[len(imported)-1].Value
 
-	// 2. Reading on the leader refreshes it; the rotated token lives an hour.
+	// 2. Reading on the leader refreshes it; the rotated token lives an hour, and its refresh point,
+	// fixed as it is issued, comes 150 s later: after the failover, which takes well under that.
+	e.write(t, "config", map[string]any{"refresh_window": "3450s"})
 	rotated := e.standinToken(t, e.read(t, "users/"+user+"/token"))
 	if rotated == stale || e.standin.Active(stale) {
 		t.Fatal("the due token was not rotated on the leader")
@@ -311,9 +313,14 @@ func TestAccRaftFailover(t *testing.T) {
 		t.Fatalf("%d access tokens issued after the failover, want none", n-before)
 	}
 
-	// 5b. Due again: concurrent readers through both survivors share exactly one refresh.
+	// 5b. Due again at its stored refresh point: concurrent readers through both survivors share
+	// exactly one refresh (or get the one the new active node's periodic pass made).
 	e.standin.SetTokenLifetime(10 * time.Hour)
-	e.write(t, "config", map[string]any{"refresh_window": "3599s"}) // a second short of the rotated token's hour
+	refreshAt, err := time.Parse(time.RFC3339, e.read(t, "users/"+user).Data["refresh_at"].(string))
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 3*time.Minute, "the rotated token's refresh point", func() bool { return time.Now().After(refreshAt) })
 	var tokens []string
 	var mu sync.Mutex
 	var wg sync.WaitGroup
@@ -368,8 +375,9 @@ const stepDownBound = 15 * time.Second
 // grant stays active and hands out a token afterwards.
 func stepDownDuringPass(t *testing.T, c *raftCluster, e *accEnv, leader *raftNode) {
 	const users, latency = 200, 3 * time.Second
-	// Imported under a window capped at half their 10-minute life: no pass refreshes them yet.
-	e.write(t, "config", map[string]any{"refresh_window": "1h"})
+	// Imported with 10-minute tokens whose refresh point comes a minute after each import: no pass
+	// refreshes them while they are imported.
+	e.write(t, "config", map[string]any{"refresh_window": "540s"})
 	e.standin.SetTokenLifetime(10 * time.Minute)
 	names := make(chan string)
 	var wg sync.WaitGroup
@@ -395,11 +403,10 @@ func stepDownDuringPass(t *testing.T, c *raftCluster, e *accEnv, leader *raftNod
 		t.FailNow()
 	}
 
-	// Now every imported token is due, and ev.energy takes 3 s per refresh: wait for a pass to begin.
+	// Soon every imported token is due, and ev.energy takes 3 s per refresh: wait for a pass to begin.
 	// (A pass that refreshed all 200, 16 at a time, would hold Vault's state lock for over 35 s.)
 	e.standin.SetTokenLifetime(time.Hour)
 	e.standin.SetLatency(latency)
-	e.write(t, "config", map[string]any{"refresh_window": "599s"})
 	before := e.standin.TokenRequests()
 	eventually(t, 2*clusterDeadline, "a periodic pass to send refreshes", func() bool { return e.standin.TokenRequests() > before })
 

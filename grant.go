@@ -22,16 +22,22 @@ const (
 // grant is what Vault keeps of one ev.energy user's authorization; its tokens never leave except
 // the access token through users/<user>/token.
 type grant struct {
-	ClientID        string     `json:"client_id"` // the ev.energy client the user authorized; empty in grants stored before v0.2
-	RefreshToken    string     `json:"refresh_token"`
-	AccessToken     string     `json:"access_token"`
-	TokenType       string     `json:"token_type"`
-	Scope           string     `json:"scope"`
-	ExpiresAt       time.Time  `json:"expires_at"`
-	Status          string     `json:"status"`
-	LastRefreshedAt time.Time  `json:"last_refreshed_at"`
-	LastError       string     `json:"last_error"`
-	RevokedAt       *time.Time `json:"revoked_at,omitempty"` // when ev.energy was found to refuse the refresh token; a pointer costs a cached grant 16 bytes, a time.Time 32
+	ClientID     string    `json:"client_id"` // the ev.energy client the user authorized; empty in grants stored before v0.2
+	RefreshToken string    `json:"refresh_token"`
+	AccessToken  string    `json:"access_token"`
+	TokenType    string    `json:"token_type"`
+	Scope        string    `json:"scope"`
+	ExpiresAt    time.Time `json:"expires_at"`
+	// RefreshAt is the refresh point, fixed when the token is issued or a refresh fails: no refresh
+	// starts before it, and every lease handed out for the access token ends by it. Zero in grants
+	// stored before v0.4 (see refreshAt).
+	RefreshAt       time.Time `json:"refresh_at"`
+	Status          string    `json:"status"`
+	LastRefreshedAt time.Time `json:"last_refreshed_at"`
+	LastError       string    `json:"last_error"`
+	// RevokedAt is when ev.energy was found to refuse the refresh token; a pointer costs a cached
+	// grant 16 bytes, a time.Time 32.
+	RevokedAt *time.Time `json:"revoked_at,omitempty"`
 }
 
 // getGrant reads the user's stored grant (nil when there is none), its repeated strings shared.
@@ -47,14 +53,16 @@ func getGrant(ctx context.Context, s logical.Storage, user string) (*grant, erro
 // grants repeat (client_id, token_type, scope, status) were 80 of the 345 bytes a cached grant held.
 func intern(s string) string { return unique.Make(s).Value() }
 
-// refreshed is a copy of g holding the tokens of a refresh or a code exchange.
-func (g grant) refreshed(tok *oauth2.Token) *grant {
+// refreshed is a copy of g holding the tokens of a refresh or a code exchange, to be refreshed
+// where cfg's refresh window opens for them.
+func (g grant) refreshed(tok *oauth2.Token, cfg *config) *grant {
 	// The expiry as storage holds it, without a monotonic reading: every cached grant comes due by one clock.
 	g.AccessToken, g.TokenType, g.Scope, g.ExpiresAt = tok.AccessToken, intern(tok.Type()), intern(tokenScope(tok)), tok.Expiry.Round(0)
 	if tok.RefreshToken != "" {
 		g.RefreshToken = tok.RefreshToken
 	}
 	g.Status, g.LastRefreshedAt, g.LastError = grantActive, time.Now().UTC(), ""
+	g.RefreshAt = g.windowOpens(cfg)
 	return &g
 }
 
@@ -64,10 +72,9 @@ func (g *grant) ofOtherClient(cfg *config) bool {
 	return g.ClientID != "" && g.ClientID != cfg.ClientID
 }
 
-// readAhead is how long before the refresh window a read refreshes. No lease is then shorter than
-// it, so Vault Agent's reads come at least a second apart (it drops a read answered in the same
-// second as the one before), and the periodic pass, which waits for the window itself, never
-// rotates a token between the reads of an active reader.
+// readAhead is the shortest lease a read hands out: a read within it of the refresh point waits for
+// the point and the refresh instead, so Vault Agent's reads come at least a second apart (it drops
+// a read answered in the same second as the one before).
 const readAhead = 2 * time.Second
 
 // refreshWindow is the config's refresh_window for this grant's token, capped at half the token's
@@ -84,33 +91,29 @@ func (g *grant) refreshWindow(cfg *config) time.Duration {
 	return window
 }
 
-// windowOpens is when the token enters the refresh window: at once for a grant that a check
-// (check-grants) started after its last refresh has yet to refresh.
+// windowOpens is when the token enters cfg's refresh window.
 func (g *grant) windowOpens(cfg *config) time.Time {
-	opens := g.ExpiresAt.Add(-g.refreshWindow(cfg))
-	if g.LastRefreshedAt.Before(cfg.CheckGrantsBefore) && cfg.CheckGrantsBefore.Before(opens) {
+	return g.ExpiresAt.Add(-g.refreshWindow(cfg))
+}
+
+// refreshAt is the grant's refresh point. A grant stored before grants recorded it takes it from
+// the config in force when it is read, as the leases of earlier versions ended there. A check
+// (check-grants) started after the grant's last refresh brings it forward to the check's start: the
+// operator asked for it, and was warned that it ends the token readers hold.
+func (g *grant) refreshAt(cfg *config) time.Time {
+	at := g.RefreshAt
+	if at.IsZero() {
+		at = g.windowOpens(cfg)
+	}
+	if g.LastRefreshedAt.Before(cfg.CheckGrantsBefore) && cfg.CheckGrantsBefore.Before(at) {
 		return cfg.CheckGrantsBefore
 	}
-	return opens
+	return at
 }
 
-// due reports whether a read refreshes the access token first.
+// due reports whether a refresh of the grant may start.
 func (g *grant) due(cfg *config, now time.Time) bool {
-	return !now.Before(g.windowOpens(cfg).Add(-readAhead))
-}
-
-// unattended reports whether the token entered the refresh window with no reader refreshing it.
-func (g *grant) unattended(cfg *config, now time.Time) bool {
-	return !now.Before(g.windowOpens(cfg))
-}
-
-// leasesEndBy is when the last lease handed out for g's access token ends: reads lease it until
-// the refresh window, or, once inside the window, until its expiry at the latest.
-func (g *grant) leasesEndBy(cfg *config, now time.Time) time.Time {
-	if end := g.windowOpens(cfg); now.Before(end) {
-		return end
-	}
-	return g.ExpiresAt
+	return !now.Before(g.refreshAt(cfg))
 }
 
 // usable returns why the user's grant cannot give a token now, or nil.
@@ -155,7 +158,7 @@ func (b *backend) storeGrant(ctx context.Context, s logical.Storage, cfg *config
 	defer b.lockUser(user)()
 	old, err := b.grant(ctx, s, user)
 	if err == nil {
-		err = b.putGrant(ctx, s, user, grant{ClientID: cfg.ClientID}.refreshed(tok))
+		err = b.putGrant(ctx, s, user, grant{ClientID: cfg.ClientID}.refreshed(tok, cfg))
 	}
 	if err != nil {
 		// Vault could not keep the tokens, so ev.energy must not keep them either.
@@ -164,7 +167,7 @@ func (b *backend) storeGrant(ctx context.Context, s logical.Storage, cfg *config
 	}
 	if old != nil && old.Status == grantActive {
 		replaced := revocation{ClientID: old.ClientID, AccessToken: old.AccessToken, RefreshToken: old.RefreshToken,
-			ExpiresAt: old.ExpiresAt, NotBefore: old.leasesEndBy(cfg, time.Now()), Reason: reasonReplacedGrant}
+			ExpiresAt: old.ExpiresAt, NotBefore: old.refreshAt(cfg), Reason: reasonReplacedGrant}
 		if err := b.queueRevocation(ctx, s, replaced, nil); err != nil {
 			b.disown(ctx, s, replaced) // better end the readers' leases early than leave the grant alive
 		}
@@ -180,30 +183,92 @@ func (b *backend) disown(ctx context.Context, s logical.Storage, rec revocation)
 	}
 }
 
-// currentGrant returns the user's grant, refreshed first when its access token is due, and how long
-// a reader may keep the token (its lease). A fresh grant comes from memory without a lock. A due one
-// is refreshed by one call at a time, which every reader arriving meanwhile waits for; after a
-// failure, readers get the still-valid token until the next attempt may go. The call waits for its
-// turn under the call budget: a reader's (reader set) before the background pass's.
-func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string, reader bool) (*grant, time.Duration, error) {
-	now := b.cache.refreshes.now()
+// usableGrant returns the user's grant, or why it cannot give a token.
+func (b *backend) usableGrant(ctx context.Context, s logical.Storage, cfg *config, user string) (*grant, error) {
 	g, err := b.grant(ctx, s, user)
 	if err == nil {
 		err = g.usable(cfg, user)
 	}
 	if err != nil {
-		return nil, 0, err
+		return nil, err
 	}
-	if !g.due(cfg, now) {
-		return g, g.lease(cfg, now), nil
+	return g, nil
+}
+
+// currentGrant returns the user's grant and how long a reader may keep its token (its lease): until
+// the grant's refresh point, so that no refresh kills the token while the lease lives. A grant well
+// before its point comes from memory without a lock. A read within readAhead of the point waits for
+// it and then for the refresh, sent by one call at a time, which every reader arriving meanwhile
+// waits for; after a passing failure the grant's next attempt is its new point, and readers get the
+// still-valid token until then. The refresh takes its turn under the call budget before the
+// background's.
+func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string) (*grant, time.Duration, error) {
+	for {
+		now := b.cache.refreshes.now()
+		g, err := b.usableGrant(ctx, s, cfg, user)
+		if err != nil {
+			return nil, 0, err
+		}
+		at := g.refreshAt(cfg)
+		if g.ExpiresAt.Before(at) {
+			// A refresh failed after the token expired, and the next attempt is not due yet.
+			return nil, 0, b.cache.refreshes.failure(user, g, at)
+		}
+		if now.Before(at.Add(-readAhead)) {
+			return g, at.Sub(now).Truncate(time.Second), nil
+		}
+		// Only a node that can write may refresh, or the rotated refresh token would be lost.
+		if err := b.ensureWritable(); err != nil {
+			return nil, 0, err
+		}
+		if now.Before(at) {
+			if err := b.cache.refreshes.waitUntil(ctx, at); err != nil {
+				return nil, 0, err
+			}
+		}
+		next, err := b.joinRefresh(ctx, s, cfg, client, user, g, true)
+		now = b.cache.refreshes.now()
+		switch {
+		case next == nil:
+			return nil, 0, err
+		case err == nil && next.AccessToken != g.AccessToken:
+			// A fresh token is answered at once; only one living under 2*readAhead could have its point
+			// that close, and Vault reads a TTL of 0 as the mount's default.
+			return next, max(next.refreshAt(cfg).Sub(now).Truncate(time.Second), time.Second), nil
+		case err != nil && (next.ExpiresAt.Sub(now) < readAhead || !next.refreshAt(cfg).After(at)):
+			return nil, 0, err // the token is about to expire, or no next attempt could be stored: nothing to promise
+		}
+		// Not refreshed: the grant's point lies ahead, so the next round leases until it or waits for it.
 	}
-	// Only a node that can write may refresh, or the rotated refresh token would be lost.
-	if err := b.ensureWritable(); err != nil {
-		return nil, 0, err
+}
+
+// refreshIfDue refreshes the user's grant if its refresh point has come, for the periodic pass,
+// which neither waits for a point nor tries again. A passing failure is no error while the token
+// still serves: the grant's next attempt is stored with it.
+func (b *backend) refreshIfDue(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string) error {
+	g, err := b.usableGrant(ctx, s, cfg, user)
+	if err != nil || !g.due(cfg, b.cache.refreshes.now()) {
+		return err
 	}
-	f, start, held := b.cache.refreshes.join(user, g.RefreshToken, now)
+	next, err := b.joinRefresh(ctx, s, cfg, client, user, g, false)
+	if next != nil && next.ExpiresAt.Sub(b.cache.refreshes.now()) >= readAhead {
+		return nil
+	}
+	return err
+}
+
+// joinRefresh sends the refresh of the user's grant g, whose point has come, or joins the one in
+// flight, and returns its outcome as refresh does; while the last failure holds attempts back, the
+// current grant, whose point is that failure's next attempt if storage took it, and the failure.
+// A reader's refresh (reader set) takes its turn under the call budget before the background's.
+func (b *backend) joinRefresh(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string, g *grant, reader bool) (*grant, error) {
+	f, start, held := b.cache.refreshes.join(user, g.RefreshToken, b.cache.refreshes.now())
 	if held != nil {
-		return g.heldLease(held, now)
+		current, err := b.usableGrant(ctx, s, cfg, user)
+		if err != nil {
+			return nil, err
+		}
+		return current, held.err
 	}
 	if reader {
 		b.budget.hurry(f.turn)
@@ -214,44 +279,28 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 		detached := context.WithoutCancel(ctx)
 		b.cache.refreshes.fly(user, f, func() (*grant, error) {
 			if err := b.awaitTurn(detached, cfg, 1, f.turn); err != nil {
-				return g, err // no call went: the token still serves until the next attempt
+				return g, err // no call went: the token still serves until its point
 			}
 			return b.refresh(detached, s, cfg, client, user)
 		})
 	}
 	select {
 	case <-f.done:
+		return f.g, f.err
 	case <-ctx.Done():
-		return nil, 0, ctx.Err()
+		return nil, ctx.Err()
 	}
-	now = b.cache.refreshes.now()
-	switch {
-	case f.err != nil:
-		return nil, 0, f.err
-	case f.held != nil:
-		return f.g.heldLease(f.held, now)
-	}
-	return f.g, f.g.lease(cfg, now), nil
-}
-
-// lease is how long a reader may keep the grant's token: until the planned refresh begins, so that
-// Vault Agent re-reads in time, and at least readAhead.
-func (g *grant) lease(cfg *config, now time.Time) time.Duration {
-	return max(g.windowOpens(cfg).Sub(now), readAhead).Truncate(time.Second)
 }
 
 // refresh refreshes the user's grant, under the user's lock, if it is still due; its ctx is not the
-// caller's (see currentGrant). It returns the refreshed grant; or after a passing failure the
-// unchanged grant, whose token still serves, and the failure; or no grant and the error that
-// leaves no token to give. The only storage write is the rotated grant, or the grant's new status
-// when ev.energy no longer accepts it.
+// caller's (see joinRefresh). It returns the refreshed grant; or after a passing failure the grant
+// whose token still serves, its next attempt stored as its refresh point if storage took it, and
+// the failure; or no grant and the error that leaves no token to give. It writes to storage once:
+// the rotated grant, the next attempt, or the grant's new status when ev.energy no longer accepts it.
 func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string) (*grant, error) {
 	defer b.lockUser(user)()
 	// Again under the lock: a new authorization or a delete may have replaced the grant meanwhile.
-	g, err := b.grant(ctx, s, user)
-	if err == nil {
-		err = g.usable(cfg, user)
-	}
+	g, err := b.usableGrant(ctx, s, cfg, user)
 	if err != nil {
 		return nil, err
 	}
@@ -263,7 +312,7 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 	b.metrics.refreshes.WithLabelValues(outcome).Inc()
 	switch outcome {
 	case refreshOK:
-		next := g.refreshed(tok)
+		next := g.refreshed(tok, cfg)
 		next.ClientID = cmp.Or(next.ClientID, cfg.ClientID) // a grant stored before grants recorded their client adopts it
 		b.putRotatedGrant(ctx, s, user, next)
 		return next, nil
@@ -277,8 +326,16 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 		}
 		return nil, &revokedGrantError{user: user, lastError: revoked.LastError}
 	}
-	b.Logger().Warn("could not refresh an ev.energy user token; readers get the current one until the next attempt", "user", user, "error", err)
-	return g, err
+	// The next attempt becomes the grant's refresh point, in storage so that every node, and a node
+	// taking over, ends the leases it hands out by then and sends no attempt before.
+	held := *g
+	held.RefreshAt = b.cache.refreshes.failed(user, g, err)
+	if stored := b.putGrant(ctx, s, user, &held); stored != nil {
+		b.Logger().Warn("could not refresh an ev.energy user token nor store when to try again; readers get the failure until then", "user", user, "error", err, "storage_error", stored)
+		return g, err
+	}
+	b.Logger().Warn("could not refresh an ev.energy user token; readers get the current one until the next attempt", "user", user, "error", err, "next_attempt", held.RefreshAt)
+	return &held, err
 }
 
 // refreshOutcome says what a refresh's error means for the grant: ev.energy's invalid_grant ends it.

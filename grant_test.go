@@ -2,12 +2,16 @@ package evenergy
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
+	"net/http/httptest"
 	"runtime"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -189,7 +193,7 @@ func TestRefreshWindowCappedAtHalfTheTokenLife(t *testing.T) {
 // TestRefreshedGrantComesDueByTheWallClock: a refreshed grant's expiry holds no monotonic reading,
 // as the stored one does not, so the refresh schedule (by wall clock) and unattended agree.
 func TestRefreshedGrantComesDueByTheWallClock(t *testing.T) {
-	g := grant{}.refreshed(&oauth2.Token{AccessToken: "access", Expiry: time.Now().Add(time.Hour)})
+	g := grant{}.refreshed(&oauth2.Token{AccessToken: "access", Expiry: time.Now().Add(time.Hour)}, &config{})
 	if g.ExpiresAt != g.ExpiresAt.Round(0) {
 		t.Fatalf("the refreshed grant's expiry %v holds a monotonic reading", g.ExpiresAt)
 	}
@@ -215,7 +219,7 @@ func TestGrantsShareTheirRepeatedStrings(t *testing.T) {
 		read = append(read, g)
 	}
 	tok := (&oauth2.Token{AccessToken: "access", TokenType: "bearer"}).WithExtra(map[string]any{"scope": strings.Clone("vehicle:read")})
-	refreshed := grant{ClientID: testClientID}.refreshed(tok)
+	refreshed := grant{ClientID: testClientID}.refreshed(tok, &config{})
 	for field, copies := range map[string][]string{
 		"client_id":  {read[0].ClientID, read[1].ClientID},
 		"token_type": {read[0].TokenType, read[1].TokenType, refreshed.TokenType},
@@ -227,6 +231,357 @@ func TestGrantsShareTheirRepeatedStrings(t *testing.T) {
 				t.Errorf("the grants hold copies of their %s %q", field, c)
 			}
 		}
+	}
+}
+
+// ledgerServer is an ev.energy token endpoint on the test's fake clock that keeps the ledger of
+// the leases handed out for its access tokens: a refresh kills the access token of the refresh
+// token it rotates (as django-oauth-toolkit does), and a kill before a lease of that token has
+// ended, or a lease past the token's expiry or of a dead token, is a broken promise.
+type ledgerServer struct {
+	mu        sync.Mutex
+	clock     *fakeClock
+	life      time.Duration
+	issued    int
+	access    map[string]string    // live refresh token: its access token
+	expiry    map[string]time.Time // live access token: when it expires on the fake clock
+	leaseEnds map[string]time.Time // access token: the latest end of a lease handed out for it
+	fault     func() (status int, retryAfter string)
+	broken    []string
+	refreshes int
+}
+
+func newLedgerServer(clock *fakeClock, life time.Duration) *ledgerServer {
+	return &ledgerServer{clock: clock, life: life, access: map[string]string{}, expiry: map[string]time.Time{}, leaseEnds: map[string]time.Time{},
+		fault: func() (int, string) { return 0, "" }}
+}
+
+// issue makes a new pair of tokens; call it with mu held.
+func (l *ledgerServer) issue() map[string]any {
+	l.issued++
+	access, refresh := fmt.Sprintf("access-%d", l.issued), fmt.Sprintf("refresh-%d", l.issued)
+	l.access[refresh] = access
+	expiresAt := l.clock.Now().Add(l.life)
+	l.expiry[access] = expiresAt
+	// x/oauth2 adds expires_in to the wall clock; a second less keeps the engine's expiry before ours.
+	expiresIn := int64(expiresAt.Sub(time.Now())/time.Second) - 1
+	return map[string]any{"access_token": access, "refresh_token": refresh, "token_type": "Bearer", "expires_in": expiresIn, "scope": "vehicle:read"}
+}
+
+// grant issues a pair out of band, as a user's authorization elsewhere would, and returns its refresh token.
+func (l *ledgerServer) grant() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.issue()["refresh_token"].(string)
+}
+
+// kill ends an access token; call it with mu held.
+func (l *ledgerServer) kill(access, by string) {
+	now := l.clock.Now()
+	if end, leased := l.leaseEnds[access]; leased && end.After(now) {
+		l.broken = append(l.broken, fmt.Sprintf("%s at %s killed %s, whose lease runs until %s", by, now.Format(time.TimeOnly+".000"), access, end.Format(time.TimeOnly+".000")))
+	}
+	delete(l.expiry, access)
+}
+
+// leased records a lease handed out for an access token at the clock's time.
+func (l *ledgerServer) leased(access string, ttl time.Duration) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.clock.Now()
+	expiry, live := l.expiry[access]
+	end := now.Add(ttl)
+	switch {
+	case ttl <= 0:
+		l.broken = append(l.broken, fmt.Sprintf("a lease of %v for %s", ttl, access))
+	case !live:
+		l.broken = append(l.broken, fmt.Sprintf("a lease at %s for %s, which is dead", now.Format(time.TimeOnly+".000"), access))
+	case end.After(expiry):
+		l.broken = append(l.broken, fmt.Sprintf("a lease of %s until %s, past its expiry %s", access, end.Format(time.TimeOnly), expiry.Format(time.TimeOnly)))
+	}
+	if end.After(l.leaseEnds[access]) {
+		l.leaseEnds[access] = end
+	}
+}
+
+func (l *ledgerServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if err := r.ParseForm(); err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	answer := func(status int, body any) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
+		_ = json.NewEncoder(w).Encode(body)
+	}
+	switch r.URL.Path {
+	case "/o/revoke_token/":
+		token := r.Form.Get("token")
+		if access, ok := l.access[token]; ok {
+			delete(l.access, token)
+			token = access
+		}
+		l.kill(token, "a revocation")
+		w.WriteHeader(http.StatusOK)
+		return
+	case "/o/token":
+	default:
+		http.NotFound(w, r)
+		return
+	}
+	if status, retryAfter := l.fault(); status != 0 {
+		if retryAfter != "" {
+			w.Header().Set("Retry-After", retryAfter)
+		}
+		answer(status, map[string]string{"detail": "failing on purpose"})
+		return
+	}
+	access, live := l.access[r.Form.Get("refresh_token")]
+	if r.Form.Get("grant_type") != "refresh_token" || !live {
+		answer(http.StatusBadRequest, map[string]string{"error": "invalid_grant"})
+		return
+	}
+	delete(l.access, r.Form.Get("refresh_token"))
+	l.refreshes++
+	l.kill(access, "a refresh")
+	answer(http.StatusOK, l.issue())
+}
+
+// TestNoRefreshKillsALeasedToken: with a fake clock, random reads of several users' tokens,
+// refresh_window writes, ev.energy failing some refreshes (500, 429 with short, huge and
+// HTTP-date Retry-After), re-authorizations, periodic passes, clock moves (often to just before a
+// promised lease end) and restarts on the same storage: no refresh or revocation kills an access
+// token before every lease handed out for it has ended, and no lease outlives its token.
+func TestNoRefreshKillsALeasedToken(t *testing.T) {
+	const steps, life = 4000, time.Hour
+	rng := rand.New(rand.NewPCG(18, 18))
+	faults := rand.New(rand.NewPCG(18, 19)) // used by the server, under its lock
+	b, s := newUnitBackend(t)
+	clock := useFakeClock(b, time.Now())
+	ledger := newLedgerServer(clock, life)
+	outage := false
+	ledger.fault = func() (int, string) {
+		if !outage || faults.IntN(4) == 0 {
+			return 0, ""
+		}
+		switch faults.IntN(5) {
+		case 0:
+			return http.StatusTooManyRequests, "21600"
+		case 1:
+			return http.StatusTooManyRequests, time.Now().Add(6 * time.Hour).UTC().Format(http.TimeFormat)
+		case 2:
+			return http.StatusTooManyRequests, fmt.Sprint(1 + faults.IntN(90))
+		default:
+			return http.StatusInternalServerError, ""
+		}
+	}
+	server := httptest.NewServer(ledger)
+	t.Cleanup(server.Close)
+	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": testClientID, "client_secret": testClientSecret,
+		"base_url": server.URL, "request_timeout": "1s", "refresh_window": "10m"}); err != nil {
+		t.Fatal(err)
+	}
+	users := []string{"u0", "u1", "u2"}
+	for _, user := range users {
+		if _, err := request(t, b, s, logical.UpdateOperation, "users/"+user, map[string]any{"refresh_token": ledger.grant()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// latest is the end of the latest lease handed out for each user's token: where a refresh
+	// that breaks a promise would come.
+	latest := map[string]time.Time{}
+	reads, failed, restarts, reauthorized := 0, 0, 0, 0
+	for step := range steps {
+		user := users[rng.IntN(len(users))]
+		switch op := rng.IntN(20); {
+		case op < 8: // a reader
+			resp, err := request(t, b, s, logical.ReadOperation, "users/"+user+"/token", nil)
+			reads++
+			if err != nil || resp.IsError() {
+				failed++
+				continue
+			}
+			ledger.leased(resp.Data["access_token"].(string), resp.Secret.TTL)
+			latest[user] = clock.Now().Add(resp.Secret.TTL)
+		case op < 11: // the clock stands just before the end of the latest lease, or just after it
+			if at := latest[user].Add(time.Duration(rng.Int64N(int64(4*time.Second))) - 3*time.Second); at.After(clock.Now()) {
+				clock.Set(at)
+			}
+		case op < 13:
+			clock.Advance(time.Duration(rng.Int64N(int64(20 * time.Minute))))
+		case op == 13:
+			window := []string{"1m", "5m", "10m", "25m", "59m"}[rng.IntN(5)]
+			if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"refresh_window": window}); err != nil {
+				t.Fatal(err)
+			}
+		case op == 14:
+			_ = b.periodic(t.Context(), &logical.Request{Storage: s}) // failures are expected during an outage
+		case op == 15:
+			outage = !outage
+		case op == 16: // the user connects again
+			if _, err := request(t, b, s, logical.UpdateOperation, "users/"+user, map[string]any{"refresh_token": ledger.grant()}); err == nil {
+				reauthorized++
+			}
+		case op == 17 && rng.IntN(4) == 0: // a restart, or another node taking over, on the same storage
+			config := logical.TestBackendConfig()
+			config.StorageView = s
+			next, err := Factory(t.Context(), config)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b = next.(*backend)
+			clock.drive(b)
+			if err := b.Initialize(t.Context(), &logical.InitializationRequest{Storage: s}); err != nil {
+				t.Fatal(err)
+			}
+			<-b.grantsLoaded
+			restarts++
+		}
+		ledger.mu.Lock()
+		broken := ledger.broken
+		ledger.mu.Unlock()
+		if len(broken) > 0 {
+			t.Fatalf("step %d: %s", step, strings.Join(broken, "; "))
+		}
+	}
+	t.Logf("%d reads (%d failed), %d refreshes, %d re-authorizations, %d restarts", reads, failed, ledger.refreshes, reauthorized, restarts)
+	if ledger.refreshes < steps/100 || reads-failed < steps/4 {
+		t.Fatalf("the run exercised too little: %d refreshes, %d leases", ledger.refreshes, reads-failed)
+	}
+	for _, rec := range pendingRevocations(t, s) {
+		if end := ledger.leaseEnds[rec.AccessToken]; rec.Reason == reasonReplacedGrant && rec.NotBefore.Before(end) {
+			t.Fatalf("a replaced grant is queued for revocation at %v, before the end of its lease %v", rec.NotBefore, end)
+		}
+	}
+}
+
+// TestReadNearTheRefreshPointWaitsForIt: a reader 3 s before the grant's refresh point gets a lease
+// ending there; a reader 1 s before it waits for the point, and the refresh reaches ev.energy then,
+// not while the first reader's lease lives, and gives it the fresh token.
+func TestReadNearTheRefreshPointWaitsForIt(t *testing.T) {
+	b, s := newUnitBackend(t)
+	clock := useFakeClock(b, time.Now())
+	sv, attempts := clockedCalls(t, b, s, clock)
+	g := connectUnitUser(t, b, s, sv, "driver")
+	at := storedRefreshAt(t, s, "driver")
+	clock.Set(at.Add(-3 * time.Second))
+	if tok, lease, err := readUserToken(t, b, s, "driver"); err != nil || tok != g.AccessToken || lease != 3*time.Second {
+		t.Fatalf("3 s before the refresh point: lease %v, current token %v, error %v", lease, tok == g.AccessToken, err)
+	}
+	clock.Set(at.Add(-time.Second))
+	before := len(attempts())
+	tok, _, err := readUserToken(t, b, s, "driver")
+	if err != nil || tok == g.AccessToken || !sv.Active(tok) {
+		t.Fatalf("1 s before the refresh point: fresh token %v, error %v", tok != g.AccessToken, err)
+	}
+	if sent := attempts()[before:]; len(sent) != 1 || sent[0].Before(at) {
+		t.Fatalf("%d refreshes, the first %v before the refresh point; want one at it", len(sent), at.Sub(sent[0]))
+	}
+}
+
+// TestReadWaitingForTheRefreshPointEndsWithItsCaller: on the wall clock, a read within readAhead of
+// the refresh point whose caller has gone answers at once with the caller's error, and sends nothing.
+func TestReadWaitingForTheRefreshPointEndsWithItsCaller(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	g := connectUnitUser(t, b, s, sv, "driver")
+	g.RefreshAt = time.Now().Add(time.Minute) // a minute's wait, were it not for the caller
+	if err := b.putGrant(t.Context(), s, "driver", g); err != nil {
+		t.Fatal(err)
+	}
+	b.cache.refreshes.now = func() time.Time { return time.Now().Add(time.Minute - time.Second) }
+	calls := sv.TokenRequests()
+	ctx, leave := context.WithCancel(t.Context())
+	leave()
+	start := time.Now()
+	_, err := b.HandleRequest(ctx, &logical.Request{Operation: logical.ReadOperation, Path: "users/driver/token", Storage: s})
+	if !errors.Is(err, context.Canceled) || time.Since(start) > 5*time.Second || sv.TokenRequests() != calls {
+		t.Fatalf("a read whose caller left: %v after %v, %d refreshes", err, time.Since(start), sv.TokenRequests()-calls)
+	}
+}
+
+// TestRefreshWindowWriteMovesNoPromisedPoint: a refresh_window write applies to tokens issued after
+// it: the current token's lease still ends at its refresh point, no read or pass refreshes it
+// before, and its successor gets the new window.
+func TestRefreshWindowWriteMovesNoPromisedPoint(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	g := connectUnitUser(t, b, s, sv, "driver")
+	clock := useFakeClock(b, time.Now())
+	_, lease, err := readUserToken(t, b, s, "driver")
+	if err != nil {
+		t.Fatal(err)
+	}
+	promised := clock.Now().Add(lease)
+	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"refresh_window": "9h"}); err != nil {
+		t.Fatal(err)
+	}
+	calls := sv.TokenRequests()
+	clock.Set(promised.Add(-readAhead - time.Second))
+	runPeriodic(t, b, s)
+	tok, lease, err := readUserToken(t, b, s, "driver")
+	if err != nil || tok != g.AccessToken || clock.Now().Add(lease).After(promised) || sv.TokenRequests() != calls {
+		t.Fatalf("after a 9-hour window was written: %d refreshes, a lease of %v, error %v", sv.TokenRequests()-calls, lease, err)
+	}
+	clock.Set(promised)
+	if tok, lease, err := readUserToken(t, b, s, "driver"); err != nil || tok == g.AccessToken || lease > time.Hour+time.Minute {
+		t.Fatalf("at the refresh point: a lease of %v for a fresh token (%v) under the 9-hour window of 10-hour tokens: %v", lease, tok != g.AccessToken, err)
+	}
+}
+
+// TestReplacedGrantIsRevokedAtItsStoredRefreshPoint: a user who connects again after a
+// refresh_window write has the old grant queued for revocation at its stored refresh point, where
+// its leases end, not where the new window would put it.
+func TestReplacedGrantIsRevokedAtItsStoredRefreshPoint(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	connectUnitUser(t, b, s, sv, "driver")
+	at := storedRefreshAt(t, s, "driver")
+	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"refresh_window": "5h"}); err != nil {
+		t.Fatal(err)
+	}
+	connectUnitUser(t, b, s, sv, "driver")
+	queued := pendingRevocations(t, s)
+	if len(queued) != 1 || queued[0].Reason != reasonReplacedGrant || !queued[0].NotBefore.Equal(at) {
+		t.Fatalf("want the replaced grant queued until its refresh point %v, got %+v", at, queued)
+	}
+}
+
+// TestNodeTakingOverDuringBackoffKeepsTheNextAttempt: a failed refresh's next attempt is stored, so
+// a node that takes over (a new backend on the same storage) hands out no lease past it, and
+// neither its reads nor its pass refresh before it.
+func TestNodeTakingOverDuringBackoffKeepsTheNextAttempt(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	g, clock := connectDueUser(t, b, s, sv, "driver")
+	sv.SetFault(standin.Fault{Kind: standin.FaultRateLimited, RetryAfter: 40 * time.Second, Count: 1})
+	if _, lease, err := readUserToken(t, b, s, "driver"); err != nil || lease != 40*time.Second {
+		t.Fatalf("during backoff: a lease of %v, error %v; want 40 s", lease, err)
+	}
+	retryAt := clock.Now().Add(40 * time.Second)
+
+	next, _, _ := newCountedBackend(t, s)
+	clock.drive(next)
+	if err := next.Initialize(t.Context(), &logical.InitializationRequest{Storage: s}); err != nil {
+		t.Fatal(err)
+	}
+	<-next.grantsLoaded
+	calls := sv.TokenRequests()
+	clock.Advance(20 * time.Second)
+	runPeriodic(t, next, s)
+	tok, lease, err := readUserToken(t, next, s, "driver")
+	if err != nil || tok != g.AccessToken || !clock.Now().Add(lease).Equal(retryAt) || sv.TokenRequests() != calls {
+		t.Fatalf("on the node taking over, 20 s later: a lease of %v, %d refreshes, error %v; want the current token until the next attempt", lease, sv.TokenRequests()-calls, err)
+	}
+	if resp, err := request(t, next, s, logical.ReadOperation, "users/driver", nil); err != nil || resp.Data["refresh_at"] != retryAt.UTC().Format(time.RFC3339) {
+		t.Fatalf("users/driver shows refresh_at %v, want the next attempt %v: %v", resp.Data["refresh_at"], retryAt.UTC().Format(time.RFC3339), err)
+	}
+	clock.Set(retryAt)
+	runPeriodic(t, next, s)
+	if sv.TokenRequests() != calls+1 {
+		t.Fatalf("at the next attempt the node's pass sent %d refreshes, want 1", sv.TokenRequests()-calls)
 	}
 }
 

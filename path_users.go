@@ -61,9 +61,10 @@ revokes the grant at ev.energy and forgets it.`,
 			Callbacks:    map[logical.Operation]framework.OperationFunc{logical.ReadOperation: b.pathUserTokenRead},
 			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "user-token"},
 			HelpSynopsis: "Get an ev.energy user's current access token.",
-			HelpDescription: `Returns the user's access token, refreshed first when less than the config's refresh_window
-remains of it. ev.energy allows one live access token per grant, so every reader gets the same
-one; its lease ends before the next refresh replaces it, and ending the lease revokes nothing.`,
+			HelpDescription: `Returns the user's access token, refreshed first once its refresh point (users/<user>'s
+refresh_at) has come: where the config's refresh_window began when the token was issued, or the
+next attempt after a failed refresh. ev.energy allows one live access token per grant, so every
+reader gets the same one; its lease ends by the refresh point, and ending the lease revokes nothing.`,
 		},
 	}
 }
@@ -123,6 +124,7 @@ func (b *backend) pathUserRead(ctx context.Context, req *logical.Request, d *fra
 	data["client_id"], data["scope"] = g.ClientID, g.Scope
 	data["access_token_expires_at"] = g.ExpiresAt.Format(time.RFC3339)
 	data["refresh_window"] = int64(g.refreshWindow(cfg).Seconds())
+	data["refresh_at"] = g.refreshAt(cfg).UTC().Format(time.RFC3339)
 	data["last_error"] = cmp.Or(b.cache.refreshes.lastFailure(user, g.RefreshToken), g.LastError)
 	return &logical.Response{Data: data}, nil
 }
@@ -199,7 +201,7 @@ func (b *backend) pathUserTokenRead(ctx context.Context, req *logical.Request, d
 	if err != nil {
 		return nil, err
 	}
-	g, lease, err := b.currentGrant(ctx, req.Storage, cfg, client, d.Get("user").(string), true)
+	g, lease, err := b.currentGrant(ctx, req.Storage, cfg, client, d.Get("user").(string))
 	if err != nil {
 		return nil, err
 	}

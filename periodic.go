@@ -50,7 +50,7 @@ func (b *backend) retryRevocationsInPass(ctx context.Context, s logical.Storage)
 const refreshPause = time.Second
 
 // refreshDueUsers stores the rotated grants storage refused before, and starts the background
-// refresh of the grants whose access token is inside the refresh window, unless it is running.
+// refresh of the grants whose refresh point has come, unless it is running.
 // The pass waits for its first round, up to passBudget or until ctx ends: Vault holds its state
 // lock through the pass, while the refresh goes on at the pace of the call budget.
 func (b *backend) refreshDueUsers(ctx context.Context, s logical.Storage) error {
@@ -125,7 +125,7 @@ func (b *backend) refreshRound(ctx context.Context, s logical.Storage, cfg *conf
 			for user := range due {
 				// The round waits for the refresh it sent, or joined, to be stored: the next round
 				// must not find it half done.
-				_, _, err := b.currentGrant(ctx, s, cfg, client, user, false)
+				err := b.refreshIfDue(ctx, s, cfg, client, user)
 				switch {
 				case err == nil:
 				// Revoked grants and those of another client wait for their user, not for the next round.
@@ -181,8 +181,8 @@ func (b *backend) storeUnsavedGrant(ctx context.Context, s logical.Storage, user
 	return b.putGrant(ctx, s, user, g)
 }
 
-// dueUsers lists, from memory, the users whose active grant of this client entered the refresh
-// window unattended (an active reader has refreshed it already), the earliest first.
+// dueUsers lists, from memory, the users whose active grant of this client reached its refresh
+// point, the earliest first.
 func (b *backend) dueUsers(cfg *config, now time.Time) []string {
 	b.cache.mu.Lock()
 	defer b.cache.mu.Unlock()

@@ -129,9 +129,9 @@ func timeEach(n int, f func()) time.Duration {
 	return time.Since(start) / time.Duration(n)
 }
 
-// TestPeriodicLeavesRefreshesToActiveReaders: a read refreshes a token readAhead before the window,
-// the periodic pass only once the window has begun, so it never rotates a token between the reads
-// of a Vault Agent, whose leases end at the window.
+// TestPeriodicLeavesRefreshesToActiveReaders: neither the periodic pass nor a read refreshes a token
+// before its refresh point, where the leases end; a read within readAhead of the point waits for it
+// and refreshes (a grant stored before grants recorded their point takes it from refresh_window).
 func TestPeriodicLeavesRefreshesToActiveReaders(t *testing.T) {
 	b, s := newUnitBackend(t)
 	sv := newUnitStandin(t, b, s)
@@ -151,7 +151,7 @@ func TestPeriodicLeavesRefreshesToActiveReaders(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(sv.Tokens()) != issued+2 {
-		t.Fatal("a read inside readAhead of the window did not refresh the token")
+		t.Fatal("a read inside readAhead of the refresh point did not refresh the token")
 	}
 	resp, err := request(t, b, s, logical.ReadOperation, "users/u0/token", nil)
 	if err != nil || resp.Secret.TTL < readAhead {

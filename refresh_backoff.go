@@ -1,10 +1,15 @@
 package evenergy
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
+	"net/http"
 	"sync"
 	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
 )
 
 // A failed refresh holds the next attempt back 1 s, doubling with each failure in a row up to a
@@ -20,13 +25,15 @@ const (
 
 // refreshes is what this node alone knows of its users' refreshes, in memory only: the refresh call
 // in flight per grant, whose outcome every reader arriving meanwhile waits for instead of sending
-// its own, and the failures of a grant's refresh token, which hold the next attempt back. A failure
-// writes nothing to storage.
+// its own, and the failures in a row of a grant's refresh token, which set the next attempt. The
+// grant stores that attempt as its refresh point; the failure holds attempts back here too, in
+// case storage refused it.
 type refreshes struct {
-	now    func() time.Time // the clock of due dates, backoff, leases and unconfirmed grants; tests set their own
-	random func() float64   // uniform in [0, 1), spreads the backoff; tests set their own
-	mu     sync.Mutex
-	users  map[string]*grantRefresh // users with a refresh in flight or failures; others have none
+	now       func() time.Time                             // the clock of refresh points, backoff and leases; tests set their own
+	waitUntil func(ctx context.Context, t time.Time) error // waits until now reaches t, or ctx ends; tests set their own
+	random    func() float64                               // uniform in [0, 1), spreads the backoff; tests set their own
+	mu        sync.Mutex
+	users     map[string]*grantRefresh // users with a refresh in flight or failures; others have none
 }
 
 // grantRefresh is the refresh call in flight for one user's grant, if any, and the failures before it.
@@ -43,19 +50,30 @@ type heldBack struct {
 	err     error
 }
 
-// flight is one refresh call, and its turn under the call budget. Its outcome, set before done
-// is closed: the refreshed grant; or after a passing failure the unchanged grant and held; or err
-// alone, with no token to give.
+// flight is one refresh call, and its turn under the call budget. Its outcome, set before done is
+// closed, is refresh's: the refreshed grant; or after a passing failure the grant and the failure;
+// or err alone, with no token to give.
 type flight struct {
 	done chan struct{}
 	turn *budgetTurn
 	g    *grant
-	held *heldBack
 	err  error
 }
 
 func newRefreshes() *refreshes {
-	return &refreshes{now: time.Now, random: rand.Float64, users: map[string]*grantRefresh{}}
+	return &refreshes{now: time.Now, waitUntil: sleepUntil, random: rand.Float64, users: map[string]*grantRefresh{}}
+}
+
+// sleepUntil waits until the wall clock reaches t, or ctx ends.
+func sleepUntil(ctx context.Context, t time.Time) error {
+	timer := time.NewTimer(time.Until(t))
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // join returns the refresh in flight for the user's grant, whose refresh token is token; or a new
@@ -79,26 +97,38 @@ func (r *refreshes) join(user, token string, now time.Time) (f *flight, start bo
 }
 
 // fly runs refresh as the flight f and hands its outcome to every reader waiting for it. refresh
-// returns the refreshed grant; or the unchanged grant and a passing failure, which holds the next
-// attempt back; or no grant and the error that leaves no token to give.
+// returns the refreshed grant; or the grant and a passing failure, which it noted with failed; or
+// no grant and the error that leaves no token to give.
 func (r *refreshes) fly(user string, f *flight, refresh func() (*grant, error)) {
 	defer close(f.done)
-	g, err := refresh()
+	f.g, f.err = refresh()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if g == nil || err == nil {
-		f.g, f.err = g, err
+	if f.g == nil || f.err == nil {
 		delete(r.users, user) // refreshed, or nothing more to try: no failures to remember
 		return
 	}
+	r.users[user].flight = nil
+}
+
+// failed notes a passing failure of the refresh of the user's grant g, in flight, and returns when
+// the next attempt may go: after backoff, never more than maxBackoff away, nor past the token's
+// expiry while it lives.
+func (r *refreshes) failed(user string, g *grant, err error) time.Time {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	u := r.users[user]
 	if u.token != g.RefreshToken {
 		u.token, u.failures = g.RefreshToken, 0
 	}
 	u.failures++
 	now := r.now()
-	u.held = &heldBack{retryAt: now.Add(backoff(u.failures, g.ExpiresAt.Sub(now), retryAfterOf(err), r.random())), err: err}
-	u.flight, f.g, f.held = nil, g, u.held
+	retryAt := now.Add(backoff(u.failures, g.ExpiresAt.Sub(now), retryAfterOf(err), r.random()))
+	if now.Before(g.ExpiresAt) && g.ExpiresAt.Before(retryAt) {
+		retryAt = g.ExpiresAt
+	}
+	u.held = &heldBack{retryAt: retryAt, err: err}
+	return retryAt
 }
 
 // backoff is how long a refresh waits after its nth failure in a row, with left of its token's
@@ -106,7 +136,8 @@ func (r *refreshes) fly(user string, f *flight, refresh func() (*grant, error)) 
 func backoff(failures int, left, retryAfter time.Duration, random float64) time.Duration {
 	wait := min(firstBackoff<<min(failures-1, 6), maxBackoff, max(left/4, refusedBackoff))
 	wait = time.Duration(float64(wait) * (1 - backoffJitter + 2*backoffJitter*random))
-	// Retry-After is honoured up to maxBackoff, and never past the token's expiry.
+	// Retry-After is honoured up to maxBackoff, and never past the token's expiry: one of hours (a
+	// proxy's) must not leave readers with an expired token while ev.energy answers again.
 	return max(wait, min(retryAfter, maxBackoff, left))
 }
 
@@ -122,22 +153,28 @@ func retryAfterOf(err error) time.Duration {
 // lastFailure says why the last refresh of the grant whose refresh token is token failed; "" when
 // it has not failed since it was last refreshed (on this node).
 func (r *refreshes) lastFailure(user, token string) string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if u := r.users[user]; u != nil && u.token == token && u.held != nil {
-		return u.held.err.Error()
+	if err := r.heldBy(user, token); err != nil {
+		return err.Error()
 	}
 	return ""
 }
 
-// heldLease is how long a reader may keep g's still-valid token while a failed refresh holds the
-// next attempt back: until that attempt (rounded up to a second), at least readAhead, never past
-// the token's expiry. With less than readAhead of the token left, the reader gets the failure.
-func (g *grant) heldLease(held *heldBack, now time.Time) (*grant, time.Duration, error) {
-	left := g.ExpiresAt.Sub(now).Truncate(time.Second)
-	if left < readAhead {
-		return nil, 0, held.err
+// heldBy is the last failure of the refresh of the grant whose refresh token is token, if it
+// failed since it was last refreshed (on this node).
+func (r *refreshes) heldBy(user, token string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if u := r.users[user]; u != nil && u.token == token && u.held != nil {
+		return u.held.err
 	}
-	untilRetry := (held.retryAt.Sub(now) + time.Second - 1).Truncate(time.Second)
-	return g, min(max(untilRetry, readAhead), left), nil
+	return nil
+}
+
+// failure is why the user's grant g, whose token expired before its next refresh attempt at
+// retryAt, has no token to give: the refresh's last failure, if this node saw it.
+func (r *refreshes) failure(user string, g *grant, retryAt time.Time) error {
+	if err := r.heldBy(user, g.RefreshToken); err != nil {
+		return err
+	}
+	return logical.CodedError(http.StatusBadGateway, fmt.Sprintf("the access token of user %s expired and ev.energy did not refresh it: the next attempt is at %s", user, retryAt.UTC().Format(time.RFC3339)))
 }

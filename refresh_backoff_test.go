@@ -42,6 +42,19 @@ func (c *fakeClock) Advance(d time.Duration) {
 	c.fire()
 }
 
+// WaitUntil moves the clock to t at once, as if the wait had passed, unless ctx has ended.
+func (c *fakeClock) WaitUntil(ctx context.Context, t time.Time) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.now.Before(t) {
+		c.now = t
+	}
+	return nil
+}
+
 func (c *fakeClock) Set(now time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -72,11 +85,17 @@ func (c *fakeClock) fire() {
 	c.timers = pending
 }
 
-// useFakeClock makes the backend's due dates, backoff and leases follow a clock standing at at.
+// useFakeClock makes the backend's refresh points, backoff and leases follow a clock standing at at,
+// which a read waiting for a refresh point moves there.
 func useFakeClock(b *backend, at time.Time) *fakeClock {
 	c := &fakeClock{now: at}
-	b.cache.refreshes.now = c.Now
+	c.drive(b)
 	return c
+}
+
+// drive makes the backend's refresh points, backoff and leases follow c.
+func (c *fakeClock) drive(b *backend) {
+	b.cache.refreshes.now, b.cache.refreshes.waitUntil = c.Now, c.WaitUntil
 }
 
 // connectDueUser connects a user whose 5-minute token is due for a refresh on the clock it returns,
@@ -157,13 +176,48 @@ func TestBackoffSpreadsGrantsThatFailedTogether(t *testing.T) {
 	}
 }
 
+// storedRefreshAt is the refresh point of the user's stored grant.
+func storedRefreshAt(t testing.TB, s logical.Storage, user string) time.Time {
+	t.Helper()
+	g, err := getJSON[grant](t.Context(), s, userPrefix+user)
+	if err != nil || g == nil {
+		t.Fatalf("no stored grant of %s: %v", user, err)
+	}
+	return g.RefreshAt
+}
+
+// clockedCalls serves sv and notes the fake clock's time of each token request.
+func clockedCalls(t *testing.T, b *backend, s logical.Storage, clock *fakeClock) (*standin.Server, func() []time.Time) {
+	t.Helper()
+	sv := newTestStandin()
+	var (
+		mu    sync.Mutex
+		calls []time.Time
+	)
+	unitConfig(t, b, s, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/o/token" {
+			mu.Lock()
+			calls = append(calls, clock.Now())
+			mu.Unlock()
+		}
+		sv.ServeHTTP(w, r)
+	}))
+	return sv, func() []time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(calls)
+	}
+}
+
 // TestConcurrentReadersDuringFailureSendOneRefresh: 20 readers of a due token while ev.energy
-// answers 500 cause one refresh call; every reader gets the still-valid token under a 2-second
-// lease (the next attempt is 1 s away), and nothing is written to storage.
+// answers 500 send one call per attempt, at the refresh point and then 1 s and 2 s after each
+// failure (the readers wait for each attempt, on the fake clock), and each failure stores its next
+// attempt with one write, none per read. Every reader then gets the still-valid token under a lease
+// ending exactly at the next attempt, 4 s away.
 func TestConcurrentReadersDuringFailureSendOneRefresh(t *testing.T) {
 	b, s, _ := newCountedBackend(t, &logical.InmemStorage{})
 	sv := newUnitStandin(t, b, s)
-	g, _ := connectDueUser(t, b, s, sv, "driver") // the clock stands still
+	g, clock := connectDueUser(t, b, s, sv, "driver")
 	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
 	sv.SetLatency(100 * time.Millisecond)
 	calls := sv.TokenRequests()
@@ -173,17 +227,20 @@ func TestConcurrentReadersDuringFailureSendOneRefresh(t *testing.T) {
 	for range 20 {
 		wg.Go(func() {
 			tok, lease, err := readUserToken(t, b, s, "driver")
-			if err != nil || tok != g.AccessToken || lease != readAhead {
-				t.Errorf("a reader got a %v lease, the current token %v, error %v; want the current token for 2 s", lease, tok == g.AccessToken, err)
+			if err != nil || tok != g.AccessToken || lease != 4*time.Second {
+				t.Errorf("a reader got a %v lease, the current token %v, error %v; want the current token for 4 s", lease, tok == g.AccessToken, err)
 			}
 		})
 	}
 	wg.Wait()
-	if n := sv.TokenRequests() - calls; n != 1 {
-		t.Fatalf("20 readers caused %d refresh calls, want 1", n)
+	if n := sv.TokenRequests() - calls; n != 3 {
+		t.Fatalf("20 readers caused %d refresh calls, want 3", n)
 	}
-	if n := s.calls.Load(); n != 0 {
-		t.Fatalf("failed refreshes made %d storage calls, want none", n)
+	if n := s.calls.Load(); n != 3 {
+		t.Fatalf("3 failed refreshes made %d storage calls, want 3 writes", n)
+	}
+	if at := storedRefreshAt(t, s.Storage, "driver"); !at.Equal(clock.Now().Add(4 * time.Second)) {
+		t.Fatalf("the stored next attempt is %v after the clock, want 4 s", at.Sub(clock.Now()))
 	}
 	resp, err := request(t, b, s, logical.ReadOperation, "users/driver", nil)
 	if err != nil || resp.Data["status"] != grantActive || !strings.Contains(resp.Data["last_error"].(string), "HTTP 500") {
@@ -192,14 +249,18 @@ func TestConcurrentReadersDuringFailureSendOneRefresh(t *testing.T) {
 }
 
 // TestSteadyReaderDuringFailureBacksOff: one reader every 0.5 s for 20 s while ev.energy answers 500
-// sends a refresh only when the backoff (1, 2, 4, 8, 16 s) allows; once ev.energy is back, the first
-// read at the next attempt gets a fresh token, stored with one write.
+// sends a refresh only when the backoff (1, 2, 4, 8, 16 s) allows, each lease ends by the stored
+// next attempt, and each failed attempt writes once; once ev.energy is back, the first read at the
+// next attempt gets a fresh token, stored with one write.
 func TestSteadyReaderDuringFailureBacksOff(t *testing.T) {
 	b, s, _ := newCountedBackend(t, &logical.InmemStorage{})
-	sv := newUnitStandin(t, b, s)
-	g, clock := connectDueUser(t, b, s, sv, "driver")
+	clock := useFakeClock(b, time.Now())
+	sv, attempts := clockedCalls(t, b, s, clock)
+	g, _ := connectDueUser(t, b, s, sv, "driver")
+	clock.drive(b) // connectDueUser set a clock of its own
+	clock.Set(time.Now().Add(3 * time.Minute))
 	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
-	calls := sv.TokenRequests()
+	before := len(attempts())
 	s.calls.Store(0)
 
 	for range 40 {
@@ -207,31 +268,41 @@ func TestSteadyReaderDuringFailureBacksOff(t *testing.T) {
 		if err != nil || tok != g.AccessToken || lease < readAhead || lease > maxBackoff {
 			t.Fatalf("at %v: lease %v, current token %v, error %v", clock.Now().Sub(g.ExpiresAt), lease, tok == g.AccessToken, err)
 		}
+		if end, at := clock.Now().Add(lease), storedRefreshAt(t, s.Storage, "driver"); end.After(at) {
+			t.Fatalf("a lease ends %v after the next attempt", end.Sub(at))
+		}
 		clock.Advance(500 * time.Millisecond)
 	}
-	n := sv.TokenRequests() - calls
-	if n > 6 || n < 2 {
-		t.Fatalf("a reader every 0.5 s for 20 s caused %d refresh calls, want 2 to 6", n)
+	sent := attempts()[before:]
+	for i := 1; i < len(sent); i++ {
+		if gap, wait := sent[i].Sub(sent[i-1]), backoff(i, g.ExpiresAt.Sub(sent[i-1]), 0, 0); gap < wait {
+			t.Fatalf("attempt %d came %v after the one before, want at least %v", i+1, gap, wait)
+		}
 	}
-	if n := s.calls.Load(); n != 0 {
-		t.Fatalf("failed refreshes made %d storage calls, want none", n)
+	if n := len(sent); n > 7 || n < 4 {
+		t.Fatalf("a reader every 0.5 s for 20 s caused %d refresh calls, want 4 to 7", n)
 	}
-	t.Logf("%d refresh calls in 40 reads over 20 s", n)
+	if n := s.calls.Load(); n != int64(len(sent)) {
+		t.Fatalf("%d failed refreshes made %d storage writes, want one each", len(sent), n)
+	}
+	t.Logf("%d refresh calls in 40 reads over %v", len(sent), sent[len(sent)-1].Sub(sent[0]))
 
 	// ev.energy is back: reads before the next attempt get the current token, the first one at it a fresh one.
 	sv.SetFault(standin.Fault{})
-	b.cache.refreshes.mu.Lock()
-	retryAt := b.cache.refreshes.users["driver"].held.retryAt
-	b.cache.refreshes.mu.Unlock()
+	retryAt := storedRefreshAt(t, s.Storage, "driver")
 	step := retryAt.Sub(clock.Now())
-	for ; clock.Now().Before(retryAt); clock.Advance(500 * time.Millisecond) {
+	for ; clock.Now().Before(retryAt.Add(-readAhead)); clock.Advance(500 * time.Millisecond) {
 		if tok, _, err := readUserToken(t, b, s, "driver"); err != nil || tok != g.AccessToken {
 			t.Fatalf("before the next attempt: %v", err)
 		}
 	}
+	s.calls.Store(0)
 	tok, lease, err := readUserToken(t, b, s, "driver")
 	if err != nil || tok == g.AccessToken || !sv.Active(tok) || lease < 9*time.Hour {
 		t.Fatalf("at the next attempt, %v after ev.energy came back, no fresh token (lease %v): %v", step, lease, err)
+	}
+	if sent := attempts(); sent[len(sent)-1].Before(retryAt) {
+		t.Fatalf("the refresh went %v before the next attempt", retryAt.Sub(sent[len(sent)-1]))
 	}
 	if stored, _ := getJSON[grant](t.Context(), s.Storage, userPrefix+"driver"); stored.AccessToken != tok {
 		t.Fatal("the refreshed grant was not stored")
@@ -278,7 +349,8 @@ func TestSteadyReaderOfAGrantWithHoursLeftBacksOff(t *testing.T) {
 }
 
 // TestHeldLeaseNeverOutlivesTheToken: a Retry-After longer than what is left of the token gives a
-// lease ending with the token, and with less than 2 s of it left a read answers the failure.
+// lease ending with the token, and the next attempt at its expiry; when that fails too, the read
+// answers the failure.
 func TestHeldLeaseNeverOutlivesTheToken(t *testing.T) {
 	b, s := newUnitBackend(t)
 	sv := newUnitStandin(t, b, s)
@@ -299,8 +371,42 @@ func TestHeldLeaseNeverOutlivesTheToken(t *testing.T) {
 	if !errors.As(err, &coded) || coded.Code() != http.StatusTooManyRequests || !strings.Contains(err.Error(), "retry after 1m0s") {
 		t.Fatalf("with 1.5 s of the token left: %v; want the refresh's 429", err)
 	}
-	if n := sv.TokenRequests() - calls; n != 1 {
-		t.Fatalf("%d refresh calls within ev.energy's Retry-After, want 1", n)
+	if n := sv.TokenRequests() - calls; n != 2 || !clock.Now().Equal(g.ExpiresAt) {
+		t.Fatalf("%d refresh calls, the last %v before the token's expiry; want 2, the second at the expiry", n, g.ExpiresAt.Sub(clock.Now()))
+	}
+}
+
+// TestRetryAfterOnARefreshIsCapped: one 429 to a refresh with Retry-After of 6 hours, as seconds or
+// as an HTTP date, holds the next attempt back a minute (maxBackoff), not 6 hours: the read gets
+// the current token until then, and a read at that minute gets a fresh one.
+func TestRetryAfterOnARefreshIsCapped(t *testing.T) {
+	for name, retryAfter := range map[string]func() string{
+		"seconds":   func() string { return "21600" },
+		"HTTP date": func() string { return time.Now().Add(6 * time.Hour).UTC().Format(http.TimeFormat) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			b, s := newUnitBackend(t)
+			sv := newTestStandin()
+			var limited atomic.Bool
+			unitConfig(t, b, s, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.URL.Path == "/o/token" && limited.CompareAndSwap(true, false) {
+					w.Header().Set("Retry-After", retryAfter())
+					http.Error(w, `{"detail": "Request was throttled."}`, http.StatusTooManyRequests)
+					return
+				}
+				sv.ServeHTTP(w, r)
+			}))
+			g, clock := connectDueUser(t, b, s, sv, "driver")
+			limited.Store(true)
+			tok, lease, err := readUserToken(t, b, s, "driver")
+			if err != nil || tok != g.AccessToken || lease != maxBackoff {
+				t.Fatalf("after the 429: lease %v, current token %v, error %v; want the current token for a minute", lease, tok == g.AccessToken, err)
+			}
+			clock.Advance(maxBackoff - readAhead)
+			if tok, _, err := readUserToken(t, b, s, "driver"); err != nil || tok == g.AccessToken || !sv.Active(tok) {
+				t.Fatalf("a minute after the 429, no fresh token: %v", err)
+			}
+		})
 	}
 }
 
@@ -328,6 +434,7 @@ func TestNoReaderWaitsBehindAnothersRefresh(t *testing.T) {
 	// The clock runs 10 h ahead, so every token ev.energy issues (for 10 h) is due when read.
 	ahead := 10*time.Hour - 5*time.Minute
 	b.cache.refreshes.now = func() time.Time { return time.Now().Add(ahead) }
+	b.cache.refreshes.waitUntil = func(ctx context.Context, t time.Time) error { return sleepUntil(ctx, t.Add(-ahead)) }
 	sv.SetLatency(latency)
 
 	var (

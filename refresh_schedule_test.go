@@ -10,7 +10,7 @@ import (
 
 // TestRefreshScheduleListsEveryDueGrant: while grants are cached, replaced, deleted, invalidated,
 // cached again as they were, the config changes and the clock moves (at times to a nanosecond of a
-// window's opening), every pass lists exactly the users a walk over every cached grant finds unattended.
+// refresh point), every pass lists exactly the users a walk over every cached grant finds due.
 func TestRefreshScheduleListsEveryDueGrant(t *testing.T) {
 	rng := rand.New(rand.NewPCG(13, 13))
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
@@ -43,15 +43,15 @@ func TestRefreshScheduleListsEveryDueGrant(t *testing.T) {
 			cfg = &next
 		case 6:
 			now = now.Add(time.Duration(rng.Int64N(int64(20 * time.Minute))))
-		case 7: // the clock stands at a window's opening, or a nanosecond before it
+		case 7: // the clock stands at a refresh point, or a nanosecond before it
 			c.mu.RLock()
-			if g := c.grants[user]; g != nil && g.windowOpens(cfg).After(now) {
-				now = g.windowOpens(cfg).Add(-time.Duration(rng.IntN(2)))
+			if g := c.grants[user]; g != nil && g.refreshAt(cfg).After(now) {
+				now = g.refreshAt(cfg).Add(-time.Duration(rng.IntN(2)))
 			}
 			c.mu.RUnlock()
 		case 8:
 			c.mu.Lock()
-			got, want := c.schedule.due(c.grants, cfg, now), unattendedUsers(c, cfg, now)
+			got, want := c.schedule.due(c.grants, cfg, now), walkDueUsers(c, cfg, now)
 			c.mu.Unlock()
 			slices.Sort(got)
 			if !slices.Equal(got, want) {
@@ -64,7 +64,8 @@ func TestRefreshScheduleListsEveryDueGrant(t *testing.T) {
 }
 
 // randomGrant is an active or revoked grant, of client a, client b or none recorded, whose token
-// of 10 hours, 1 minute or unknown life expires within the next 11 hours or expired an hour ago.
+// of 10 hours, 1 minute or unknown life expires within the next 11 hours or expired an hour ago,
+// with a refresh point up to an hour before its expiry or, as grants stored before v0.4, none.
 func randomGrant(rng *rand.Rand, now time.Time) *grant {
 	g := &grant{ClientID: []string{"a", "a", "a", "b", ""}[rng.IntN(5)], Status: grantActive,
 		ExpiresAt: now.Add(time.Duration(rng.Int64N(int64(12*time.Hour))) - time.Hour)}
@@ -74,14 +75,17 @@ func randomGrant(rng *rand.Rand, now time.Time) *grant {
 	if life := []time.Duration{tokenLifetime, time.Minute, 0}[rng.IntN(3)]; life > 0 {
 		g.LastRefreshedAt = g.ExpiresAt.Add(-life)
 	}
+	if rng.IntN(2) == 0 {
+		g.RefreshAt = g.ExpiresAt.Add(-time.Duration(rng.Int64N(int64(time.Hour))))
+	}
 	return g
 }
 
-// unattendedUsers walks every cached grant for the users a periodic pass refreshes, sorted.
-func unattendedUsers(c *cache, cfg *config, now time.Time) []string {
+// walkDueUsers walks every cached grant for the users a periodic pass refreshes, sorted.
+func walkDueUsers(c *cache, cfg *config, now time.Time) []string {
 	var users []string
 	for user, g := range c.grants {
-		if g.usable(cfg, user) == nil && g.unattended(cfg, now) {
+		if g.usable(cfg, user) == nil && g.due(cfg, now) {
 			users = append(users, user)
 		}
 	}

@@ -32,6 +32,10 @@ func scaleBackend(tb testing.TB, due int) (*backend, *countingStorage, *standin.
 	be, s, _ := newCountedBackend(tb, &logical.InmemStorage{})
 	sv := newUnitStandin(tb, be, s)
 	ctx := context.Background()
+	cfg, _, err := be.config(ctx, s)
+	if err != nil {
+		tb.Fatal(err)
+	}
 	for i := range scaleUsers {
 		user := scaleUser(i)
 		tok := &oauth2.Token{
@@ -47,8 +51,9 @@ func scaleBackend(tb testing.TB, due int) (*backend, *countingStorage, *standin.
 			}
 			tok.RefreshToken, tok.Expiry = refresh, time.Now().Add(time.Minute)
 		}
-		g := grant{ClientID: testClientID}.refreshed(tok.WithExtra(map[string]any{"scope": strings.Join(testScopes, " ")}))
+		g := grant{ClientID: testClientID}.refreshed(tok.WithExtra(map[string]any{"scope": strings.Join(testScopes, " ")}), cfg)
 		g.LastRefreshedAt = g.ExpiresAt.Add(-tokenLifetime) // a 10-hour token near its end, not a 1-minute one
+		g.RefreshAt = g.windowOpens(cfg)
 		if err := putJSON(ctx, s, userPrefix+user, g); err != nil {
 			tb.Fatal(err)
 		}
