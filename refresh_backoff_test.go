@@ -218,6 +218,7 @@ func TestConcurrentReadersDuringFailureSendOneRefresh(t *testing.T) {
 	b, s, _ := newCountedBackend(t, &logical.InmemStorage{})
 	sv := newUnitStandin(t, b, s)
 	g, clock := connectDueUser(t, b, s, sv, "driver")
+	b.cache.refreshes.random = func() float64 { return 0.5 } // no spread
 	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
 	sv.SetLatency(100 * time.Millisecond)
 	calls := sv.TokenRequests()
@@ -320,27 +321,27 @@ func TestSteadyReaderDuringFailureBacksOff(t *testing.T) {
 // further apart each time (1, 2, 4, 8, 16 s), and every read gets the still-valid token.
 func TestSteadyReaderOfAGrantWithHoursLeftBacksOff(t *testing.T) {
 	b, s := newUnitBackend(t)
-	sv := newUnitStandin(t, b, s)
+	clock := useFakeClock(b, time.Now())
+	sv, calls := clockedCalls(t, b, s, clock)
 	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"refresh_window": "5h"}); err != nil {
 		t.Fatal(err)
 	}
 	g := connectUnitUser(t, b, s, sv, "driver") // a 10-hour token
-	clock := useFakeClock(b, g.ExpiresAt.Add(-5*time.Hour))
+	clock.Set(g.ExpiresAt.Add(-5 * time.Hour))
 	b.cache.refreshes.random = func() float64 { return 0.5 } // no spread
 	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
-	calls := sv.TokenRequests()
-	var attempts []time.Duration // when each call went, from the first read
+	before := len(calls())
 	start := clock.Now()
 	for range 80 {
 		tok, _, err := readUserToken(t, b, s, "driver")
 		if err != nil || tok != g.AccessToken {
 			t.Fatalf("at %v: current token %v, error %v", clock.Now().Sub(start), tok == g.AccessToken, err)
 		}
-		if n := sv.TokenRequests(); n > calls {
-			calls = n
-			attempts = append(attempts, clock.Now().Sub(start))
-		}
 		clock.Advance(500 * time.Millisecond)
+	}
+	var attempts []time.Duration // when each call went, from the first read
+	for _, at := range calls()[before:] {
+		attempts = append(attempts, at.Sub(start))
 	}
 	want := []time.Duration{0, time.Second, 3 * time.Second, 7 * time.Second, 15 * time.Second, 31 * time.Second}
 	if !slices.Equal(attempts, want) {
