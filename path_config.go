@@ -75,7 +75,7 @@ func pathConfig(b *backend) *framework.Path {
 			},
 			"refresh_window": {
 				Type:        framework.TypeDurationSecond,
-				Description: "A user's access token is refreshed once less than this remains of it; a window at least as long as a token's life counts as half of it.",
+				Description: "A user's access token is refreshed once less than this remains of it, fixed when the token is issued (a write applies to tokens issued after it); a window at least as long as a token's life counts as half of it.",
 				Default:     int(defaultRefreshWindow.Seconds()),
 			},
 			"call_budget": {
