@@ -210,7 +210,7 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 			return nil, 0, err
 		}
 		at := g.refreshAt(cfg)
-		if g.ExpiresAt.Before(at) {
+		if g.ExpiresAt.Before(at) && now.Before(at) {
 			// A refresh failed after the token expired, and the next attempt is not due yet.
 			return nil, 0, b.cache.refreshes.failure(user, g, at)
 		}

@@ -499,3 +499,37 @@ func TestRefreshOutlivesTheReaderWhoStartedIt(t *testing.T) {
 		t.Fatal("the refresh of a reader who went away was not stored")
 	}
 }
+
+// TestExpiredTokenIsRefreshedByAReadOnceItsNextAttemptComes: a token that expired while its refreshes
+// failed has its next attempt stored past its expiry; once that attempt is due, a read sends it (no
+// need to wait for the background refresh) and, with ev.energy back, gets a fresh token.
+func TestExpiredTokenIsRefreshedByAReadOnceItsNextAttemptComes(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	sv.SetTokenLifetime(30 * time.Second)
+	g := connectUnitUser(t, b, s, sv, "driver")
+	sv.SetTokenLifetime(10 * time.Hour)
+	clock := useFakeClock(b, g.ExpiresAt.Add(time.Second)) // expired, and due
+	b.cache.refreshes.random = func() float64 { return 0.5 } // no spread
+	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
+	if _, _, err := readUserToken(t, b, s, "driver"); err == nil {
+		t.Fatal("an expired token whose refresh failed gave a token")
+	}
+	at := storedRefreshAt(t, s, "driver")
+	if !at.After(g.ExpiresAt) {
+		t.Fatalf("the next attempt %v is not past the expiry %v", at, g.ExpiresAt)
+	}
+	if _, _, err := readUserToken(t, b, s, "driver"); err == nil {
+		t.Fatal("a read before the next attempt gave a token")
+	}
+	sv.SetFault(standin.Fault{})
+	clock.Set(at)
+	calls := sv.TokenRequests()
+	tok, lease, err := readUserToken(t, b, s, "driver")
+	if err != nil || tok == g.AccessToken || !sv.Active(tok) || lease < readAhead {
+		t.Fatalf("a read at the next attempt: error %v, a fresh live token %v, lease %v", err, err == nil && tok != g.AccessToken && sv.Active(tok), lease)
+	}
+	if n := sv.TokenRequests() - calls; n != 1 {
+		t.Fatalf("the read sent %d refreshes, want 1", n)
+	}
+}
