@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/vault/api"
 	"github.com/hashicorp/vault/sdk/helper/consts"
 	"github.com/hashicorp/vault/sdk/logical"
 
@@ -50,37 +51,26 @@ func readShared(t *testing.T, b *backend, s logical.Storage, name string) string
 	return resp.Data["access_token"].(string)
 }
 
-func TestSharedRoleMintsOnceForConcurrentColdReaders(t *testing.T) {
-	b, s, _ := newCountedBackend(t, &logical.InmemStorage{})
-	sv := newUnitStandin(t, b, s)
-	writeSharedRole(t, b, s, "fleet")
-	clock := useFakeClock(b, time.Now())
-	before := sv.TokenRequests()
-
+// readSharedConcurrently runs 1,000 reads, 20 from each of 50 readers at once; read(reader) returns
+// the token a read got, or what is wrong with it. It fails the test on any problem, and returns how
+// many reads got each token.
+func readSharedConcurrently(t *testing.T, read func(reader int) (token, problem string)) map[string]int {
+	t.Helper()
 	var (
 		wg     sync.WaitGroup
 		mu     sync.Mutex
 		tokens = map[string]int{}
 		bad    []string
 	)
-	for range 50 {
+	for reader := range 50 {
 		wg.Go(func() {
 			for range 20 {
-				resp, err := request(t, b, s, logical.ReadOperation, "token/fleet", nil)
-				if err != nil || resp.IsError() || resp.Secret == nil {
-					mu.Lock()
-					bad = append(bad, "a read failed")
-					mu.Unlock()
-					continue
-				}
-				st := storedShared(t, s, "fleet")
+				token, problem := read(reader)
 				mu.Lock()
-				tokens[resp.Data["access_token"].(string)]++
-				if resp.Secret.Renewable {
-					bad = append(bad, "a renewable lease")
-				}
-				if end := clock.Now().Add(resp.Secret.TTL); st == nil || end.After(st.RefreshAt) || resp.Secret.MaxTTL > resp.Secret.TTL {
-					bad = append(bad, "a lease past the replacement time")
+				if problem != "" {
+					bad = append(bad, problem)
+				} else {
+					tokens[token]++
 				}
 				mu.Unlock()
 			}
@@ -90,6 +80,27 @@ func TestSharedRoleMintsOnceForConcurrentColdReaders(t *testing.T) {
 	if len(bad) > 0 {
 		t.Fatalf("%d bad reads, the first: %s", len(bad), bad[0])
 	}
+	return tokens
+}
+
+func TestSharedRoleMintsOnceForConcurrentColdReaders(t *testing.T) {
+	b, s, _ := newCountedBackend(t, &logical.InmemStorage{})
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	clock := useFakeClock(b, time.Now())
+	before := sv.TokenRequests()
+	tokens := readSharedConcurrently(t, func(int) (string, string) {
+		resp, err := request(t, b, s, logical.ReadOperation, "token/fleet", nil)
+		switch st := storedShared(t, s, "fleet"); {
+		case err != nil || resp.IsError() || resp.Secret == nil:
+			return "", "a read failed"
+		case resp.Secret.Renewable:
+			return "", "a renewable lease"
+		case clock.Now().Add(resp.Secret.TTL).After(st.RefreshAt) || resp.Secret.MaxTTL > resp.Secret.TTL:
+			return "", "a lease past the replacement time"
+		}
+		return resp.Data["access_token"].(string), ""
+	})
 	if n := sv.TokenRequests() - before; n != 1 || len(tokens) != 1 {
 		t.Fatalf("1,000 reads from 50 cold readers sent %d token requests and got %d tokens, want 1 and 1", n, len(tokens))
 	}
@@ -342,44 +353,32 @@ func TestAccSharedRoleSendsOneTokenRequestForAThousandReads(t *testing.T) {
 	e := newAccEnv(t)
 	e.write(t, "roles/fleet", map[string]any{"shared": true})
 	before := e.standin.TokenRequests()
-	var (
-		wg     sync.WaitGroup
-		mu     sync.Mutex
-		tokens = map[string]int{}
-		bad    []string
-	)
+	var clients []*api.Client
 	for range 50 {
 		client, err := e.vault.Clone()
 		if err != nil {
 			t.Fatal(err)
 		}
 		client.SetToken(e.vault.Token())
-		wg.Go(func() {
-			for range 20 {
-				read := time.Now()
-				secret, err := client.Logical().Read(e.path("token/fleet"))
-				mu.Lock()
-				switch {
-				case err != nil || secret == nil:
-					bad = append(bad, fmt.Sprintf("a read failed: %v", err))
-				case secret.Renewable:
-					bad = append(bad, "a renewable lease")
-				default:
-					tokens[secret.Data["access_token"].(string)]++
-					expires, _ := time.Parse(time.RFC3339, secret.Data["expires_at"].(string))
-					// The replacement time is the expiry less the default refresh_window.
-					if end := read.Add(time.Duration(secret.LeaseDuration) * time.Second); end.After(expires.Add(-defaultRefreshWindow + time.Second)) {
-						bad = append(bad, fmt.Sprintf("a lease ending at %v, past the replacement time %v", end, expires.Add(-defaultRefreshWindow)))
-					}
-				}
-				mu.Unlock()
-			}
-		})
+		clients = append(clients, client)
 	}
-	wg.Wait()
-	if len(bad) > 0 {
-		t.Fatalf("%d bad reads, the first: %s", len(bad), bad[0])
-	}
+	tokens := readSharedConcurrently(t, func(reader int) (string, string) {
+		read := time.Now()
+		secret, err := clients[reader].Logical().Read(e.path("token/fleet"))
+		if err != nil || secret == nil {
+			return "", fmt.Sprintf("a read failed: %v", err)
+		}
+		if secret.Renewable {
+			return "", "a renewable lease"
+		}
+		// The replacement time is the expiry less the default refresh_window.
+		replacement, _ := time.Parse(time.RFC3339, secret.Data["expires_at"].(string))
+		replacement = replacement.Add(-defaultRefreshWindow)
+		if end := read.Add(time.Duration(secret.LeaseDuration) * time.Second); end.After(replacement.Add(time.Second)) {
+			return "", fmt.Sprintf("a lease ending at %v, past the replacement time %v", end, replacement)
+		}
+		return secret.Data["access_token"].(string), ""
+	})
 	if n := e.standin.TokenRequests() - before; n != 1 || len(tokens) != 1 {
 		t.Fatalf("1,000 reads from 50 clients sent %d token requests and got %d tokens, want 1 and 1", n, len(tokens))
 	}
