@@ -54,7 +54,8 @@ func (t sharedRole) fits(st *sharedToken) bool {
 }
 
 // renew mints the role's next token, under the role's lock, if the stored one is due or does not
-// fit; it returns refresh's outcomes. The token it replaces is revoked once its leases have ended.
+// fit; it returns refresh's outcomes, a failed first mint as the zero grant and the failure, held
+// back as a failed refresh is. The token it replaces is revoked once its leases have ended.
 func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 	b := t.b
 	defer b.sharedLocks.lock(t.name)()
@@ -68,7 +69,9 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 	tok, err := t.client.clientCredentialsToken(ctx, t.scopes)
 	if err != nil {
 		if !t.fits(old) {
-			return nil, err
+			// No token to give: readers get this failure, with no call, until the next attempt.
+			b.cache.refreshes.failed(t.key(), &grant{}, err)
+			return &grant{}, err
 		}
 		// The next attempt becomes the token's refresh point, as for a user's grant.
 		held := *old

@@ -383,3 +383,25 @@ func TestAccSharedRoleSendsOneTokenRequestForAThousandReads(t *testing.T) {
 		t.Fatalf("1,000 reads from 50 clients sent %d token requests and got %d tokens, want 1 and 1", n, len(tokens))
 	}
 }
+
+func TestFailedFirstMintBacksOff(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	clock := useFakeClock(b, time.Now())
+	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
+	requests := sv.TokenRequests()
+	for range 10 {
+		if _, err := request(t, b, s, logical.ReadOperation, "token/fleet", nil); err == nil {
+			t.Fatal("a read got a token while ev.energy fails every token request")
+		}
+	}
+	if n := sv.TokenRequests() - requests; n != 1 {
+		t.Fatalf("10 reads in the same instant after a failed mint sent %d token requests, want 1", n)
+	}
+	sv.SetFault(standin.Fault{})
+	clock.Advance(refusedBackoff + refusedBackoff/2) // past the longest wait with refused readers, ±20%
+	if tok := readShared(t, b, s, "fleet"); tok == "" || sv.TokenRequests()-requests != 2 {
+		t.Fatalf("the read after the backoff: %d token requests in all, want 2", sv.TokenRequests()-requests)
+	}
+}
