@@ -163,18 +163,41 @@ func TestAccAgentRendersLiveToken(t *testing.T) {
 	e := newAccEnv(t)
 	e.standin.SetTokenLifetime(10 * time.Second)
 	a := startAgent(t, e, "token")
+	if n := a.liveTokens(t, e, 35*time.Second); n < 3 {
+		t.Fatalf("Agent rendered %d tokens in 35 s of 10-second tokens; it should re-read before each one dies", n)
+	}
+}
 
+// TestAccAgentRendersLiveSharedToken runs a real Vault Agent rendering a shared role across at
+// least 3 replacements of 10-second tokens: every lease ends by the replacement, and the replaced
+// token lives on until then, so the file never holds a dead token.
+func TestAccAgentRendersLiveSharedToken(t *testing.T) {
+	t.Parallel()
+	e := newAccEnv(t)
+	e.write(t, "config", map[string]any{"refresh_window": "5s"})
+	e.write(t, "roles/fleet", map[string]any{"shared": true})
+	e.standin.SetTokenLifetime(10 * time.Second)
+	a := startAgent(t, e, "token/fleet")
+	n := a.liveTokens(t, e, 25*time.Second)
+	t.Logf("Agent rendered %d tokens in 25 s, none dead at ev.energy when polled every 50 ms", n)
+	if n < 4 {
+		t.Fatalf("Agent rendered %d tokens in 25 s of a shared role replacing 10-second tokens every 5 s; want at least 3 replacements", n)
+	}
+}
+
+// liveTokens polls the Agent's file every 50 ms for that long, fails the test the moment it holds a
+// token dead at ev.energy, and returns how many tokens it held.
+func (a *agent) liveTokens(t *testing.T, e *accEnv, within time.Duration) int {
+	t.Helper()
 	seen := map[string]bool{}
-	for end := time.Now().Add(35 * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+	for end := time.Now().Add(within); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
 		tok := a.token(t)
 		if !e.standin.Active(tok) {
 			t.Fatalf("the rendered token is dead at ev.energy: Agent did not re-read it in time (%d tokens rendered before)", len(seen))
 		}
 		seen[tok] = true
 	}
-	if len(seen) < 3 {
-		t.Fatalf("Agent rendered %d tokens in 35 s of 10-second tokens; it should re-read before each one dies", len(seen))
-	}
+	return len(seen)
 }
 
 // userRefresh is one refresh of a user's token while the Agent rendered it.

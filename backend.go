@@ -32,7 +32,9 @@ type backend struct {
 	// refresh); pendingLocks on one pending authorization, or on one user's pending ones.
 	userLocks    keyedMutex
 	pendingLocks keyedMutex
+	sharedLocks  keyedMutex // one shared role's token: one mint, rotation or retirement at a time
 	cache        *cache
+	sharedTokens *prefixCache[sharedToken] // the shared roles' tokens, by role
 	revocations  *revocations
 	unconfirmed  *prefixCache[unconfirmedGrant] // tokens of self-made links, held for their makers
 	retired      *retiredClients
@@ -73,7 +75,8 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 
 func newBackend() *backend {
 	b := &backend{cache: newCache(), revocations: newRevocations(), unconfirmed: newPrefixCache[unconfirmedGrant](unconfirmedGrantPrefix),
-		retired: newRetiredClients(), budget: newCallBudget(), grantsLoaded: make(chan struct{})}
+		sharedTokens: newPrefixCache[sharedToken](sharedTokenPrefix),
+		retired:      newRetiredClients(), budget: newCallBudget(), grantsLoaded: make(chan struct{})}
 	b.loadingGrants, b.stopLoading = context.WithCancel(context.Background())
 	b.background, b.stopBackground = context.WithCancel(context.Background())
 	b.metrics = newMetrics(b.grantsByStatus, b.revocations.count, b.budget.waitingByCall)
@@ -82,7 +85,7 @@ func newBackend() *backend {
 		BackendType:    logical.TypeLogical,
 		RunningVersion: Version,
 		PathsSpecial: &logical.Paths{
-			SealWrapStorage: []string{configPath, userPrefix, authRequestPrefix, revocationPrefix, unconfirmedGrantPrefix, retiredClientPrefix, legacyClientPath, framework.WALPrefix},
+			SealWrapStorage: []string{configPath, userPrefix, authRequestPrefix, revocationPrefix, unconfirmedGrantPrefix, retiredClientPrefix, legacyClientPath, sharedTokenPrefix, framework.WALPrefix},
 			Unauthenticated: []string{"callback"},
 		},
 		Paths: framework.PathAppend(
@@ -91,7 +94,7 @@ func newBackend() *backend {
 			pathToken(b),
 			pathUsers(b),
 		),
-		Secrets:        []*framework.Secret{secretAccessToken(b), secretUserToken()},
+		Secrets:        []*framework.Secret{secretAccessToken(b), secretUserToken(), secretSharedToken(b)},
 		InitializeFunc: b.initialize,
 		Clean:          b.clean,
 		Invalidate: func(_ context.Context, key string) {
@@ -99,6 +102,7 @@ func newBackend() *backend {
 			b.revocations.invalidate(key)
 			b.unconfirmed.invalidate(key)
 			b.retired.invalidate(key)
+			b.sharedTokens.invalidate(key)
 			if key == legacyClientPath {
 				b.legacy.Store(nil)
 			}

@@ -288,6 +288,9 @@ func TestAccRaftFailover(t *testing.T) {
 	for range 3 {
 		leased = append(leased, e.standinToken(t, e.read(t, "token/brief")))
 	}
+	// A shared role's token, minted on the leader and stored.
+	e.write(t, "roles/fleet", map[string]any{"shared": true})
+	shared := e.standinToken(t, e.read(t, "token/fleet"))
 
 	// 4. The leader dies as a crashed machine would; the survivors elect another.
 	c.kill(t, leader)
@@ -302,15 +305,19 @@ func TestAccRaftFailover(t *testing.T) {
 	t.Logf("%s active %v after the leader was killed", active.name, time.Since(killed).Round(time.Second))
 	survivors := c.running()
 
-	// 5a. Every survivor hands out the rotated token, which is not due, so nothing is refreshed.
-	before := len(e.userTokens(user, "access"))
+	// 5a. Every survivor hands out the rotated token, which is not due, so nothing is refreshed, and
+	// the stored shared token, so nothing is minted.
+	before, requests := len(e.userTokens(user, "access")), e.standin.TokenRequests()
 	for _, n := range survivors {
 		if got := e.standinToken(t, readEventually(t, n.client, e.path("users/"+user+"/token"))); got != rotated {
 			t.Fatalf("after the failover %s returned another token than the rotated one (stale: %v)", n.name, got == stale)
 		}
+		if got := e.standinToken(t, readEventually(t, n.client, e.path("token/fleet"))); got != shared {
+			t.Fatalf("after the failover %s returned another token than the stored shared one", n.name)
+		}
 	}
-	if n := len(e.userTokens(user, "access")); n != before {
-		t.Fatalf("%d access tokens issued after the failover, want none", n-before)
+	if n := len(e.userTokens(user, "access")); n != before || e.standin.TokenRequests() != requests {
+		t.Fatalf("%d access tokens issued and %d token requests after the failover, want none", n-before, e.standin.TokenRequests()-requests)
 	}
 
 	// 5b. Due again at its stored refresh point: concurrent readers through both survivors share

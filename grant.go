@@ -166,13 +166,18 @@ func (b *backend) storeGrant(ctx context.Context, s logical.Storage, cfg *config
 		return err
 	}
 	if old != nil && old.Status == grantActive {
-		replaced := revocation{ClientID: old.ClientID, AccessToken: old.AccessToken, RefreshToken: old.RefreshToken,
-			ExpiresAt: old.ExpiresAt, NotBefore: old.refreshAt(cfg), Reason: reasonReplacedGrant}
-		if err := b.queueRevocation(ctx, s, replaced, nil); err != nil {
-			b.disown(ctx, s, replaced) // better end the readers' leases early than leave the grant alive
-		}
+		b.revokeAfterLeases(ctx, s, revocation{ClientID: old.ClientID, AccessToken: old.AccessToken, RefreshToken: old.RefreshToken,
+			ExpiresAt: old.ExpiresAt, NotBefore: old.refreshAt(cfg), Reason: reasonReplacedGrant})
 	}
 	return nil
+}
+
+// revokeAfterLeases queues the revocation of replaced tokens until rec.NotBefore, by which the
+// leases handed out for them end.
+func (b *backend) revokeAfterLeases(ctx context.Context, s logical.Storage, rec revocation) {
+	if err := b.queueRevocation(ctx, s, rec, nil); err != nil {
+		b.disown(ctx, s, rec) // better end the readers' leases early than leave the tokens alive
+	}
 }
 
 // disown revokes tokens that nothing in Vault owns, now or through the queue.
@@ -195,24 +200,58 @@ func (b *backend) usableGrant(ctx context.Context, s logical.Storage, cfg *confi
 	return g, nil
 }
 
-// currentGrant returns the user's grant and how long a reader may keep its token (its lease): until
-// the grant's refresh point, so that no refresh kills the token while the lease lives. A grant well
-// before its point comes from memory without a lock. A read within readAhead of the point waits for
-// it and then for the refresh, sent by one call at a time, which every reader arriving meanwhile
-// waits for; after a passing failure the grant's next attempt is its new point, and readers get the
+// heldToken is a token the engine holds and rotates, a user's grant or a shared role's token: one
+// set of rules serves both (a lease until its refresh point, one refresh in flight, backoff).
+type heldToken interface {
+	key() string                                 // its entry in refreshes
+	describe() string                            // whose token it is, for errors
+	current(ctx context.Context) (*grant, error) // the token held now, or why none can be given
+	point(g *grant) time.Time                    // g's refresh point
+	renew(ctx context.Context) (*grant, error)   // refreshes it if still due, with refresh's outcomes
+}
+
+// userToken is a user's grant as a heldToken.
+type userToken struct {
+	b      *backend
+	s      logical.Storage
+	cfg    *config
+	client *evenergyClient
+	user   string
+}
+
+func (t userToken) key() string      { return t.user }
+func (t userToken) describe() string { return "user " + t.user }
+func (t userToken) current(ctx context.Context) (*grant, error) {
+	return t.b.usableGrant(ctx, t.s, t.cfg, t.user)
+}
+func (t userToken) point(g *grant) time.Time { return g.refreshAt(t.cfg) }
+func (t userToken) renew(ctx context.Context) (*grant, error) {
+	return t.b.refresh(ctx, t.s, t.cfg, t.client, t.user)
+}
+
+// currentGrant returns the user's grant and how long a reader may keep its token (see currentToken).
+func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string) (*grant, time.Duration, error) {
+	return b.currentToken(ctx, cfg, userToken{b, s, cfg, client, user})
+}
+
+// currentToken returns the held token and how long a reader may keep it (its lease): until its
+// refresh point, so that no refresh kills the token while the lease lives. A token well before its
+// point comes from memory without a lock. A read within readAhead of the point waits for it and
+// then for the refresh, sent by one call at a time, which every reader arriving meanwhile waits
+// for; after a passing failure the token's next attempt is its new point, and readers get the
 // still-valid token until then. The refresh takes its turn under the call budget before the
 // background's.
-func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string) (*grant, time.Duration, error) {
+func (b *backend) currentToken(ctx context.Context, cfg *config, t heldToken) (*grant, time.Duration, error) {
 	for {
 		now := b.cache.refreshes.now()
-		g, err := b.usableGrant(ctx, s, cfg, user)
+		g, err := t.current(ctx)
 		if err != nil {
 			return nil, 0, err
 		}
-		at := g.refreshAt(cfg)
+		at := t.point(g)
 		if g.ExpiresAt.Before(at) && now.Before(at) {
 			// A refresh failed after the token expired, and the next attempt is not due yet.
-			return nil, 0, b.cache.refreshes.failure(user, g, at)
+			return nil, 0, b.cache.refreshes.failure(t, g, at)
 		}
 		if now.Before(at.Add(-readAhead)) {
 			return g, at.Sub(now).Truncate(time.Second), nil
@@ -226,7 +265,7 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 				return nil, 0, err
 			}
 		}
-		next, err := b.joinRefresh(ctx, s, cfg, client, user, g, true)
+		next, err := b.joinRefresh(ctx, cfg, t, g, true)
 		now = b.cache.refreshes.now()
 		switch {
 		case next == nil:
@@ -234,37 +273,42 @@ func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *conf
 		case err == nil && next.AccessToken != g.AccessToken:
 			// A fresh token is answered at once; only one living under 2*readAhead could have its point
 			// that close, and Vault reads a TTL of 0 as the mount's default.
-			return next, max(next.refreshAt(cfg).Sub(now).Truncate(time.Second), time.Second), nil
-		case err != nil && (next.ExpiresAt.Sub(now) < readAhead || !next.refreshAt(cfg).After(at)):
+			return next, max(t.point(next).Sub(now).Truncate(time.Second), time.Second), nil
+		case err != nil && (next.ExpiresAt.Sub(now) < readAhead || !t.point(next).After(at)):
 			return nil, 0, err // the token is about to expire, or no next attempt could be stored: nothing to promise
 		}
-		// Not refreshed: the grant's point lies ahead, so the next round leases until it or waits for it.
+		// Not refreshed: the token's point lies ahead, so the next round leases until it or waits for it.
 	}
 }
 
-// refreshIfDue refreshes the user's grant if its refresh point has come, for the periodic pass,
-// which neither waits for a point nor tries again. A passing failure is no error while the token
-// still serves: the grant's next attempt is stored with it.
+// refreshIfDue refreshes the user's grant if its refresh point has come (see refreshTokenIfDue).
 func (b *backend) refreshIfDue(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string) error {
-	g, err := b.usableGrant(ctx, s, cfg, user)
-	if err != nil || !g.due(cfg, b.cache.refreshes.now()) {
+	return b.refreshTokenIfDue(ctx, cfg, userToken{b, s, cfg, client, user})
+}
+
+// refreshTokenIfDue refreshes the held token if its refresh point has come, for the periodic pass,
+// which neither waits for a point nor tries again. A passing failure is no error while the token
+// still serves: its next attempt is stored with it.
+func (b *backend) refreshTokenIfDue(ctx context.Context, cfg *config, t heldToken) error {
+	g, err := t.current(ctx)
+	if err != nil || b.cache.refreshes.now().Before(t.point(g)) {
 		return err
 	}
-	next, err := b.joinRefresh(ctx, s, cfg, client, user, g, false)
+	next, err := b.joinRefresh(ctx, cfg, t, g, false)
 	if next != nil && next.ExpiresAt.Sub(b.cache.refreshes.now()) >= readAhead {
 		return nil
 	}
 	return err
 }
 
-// joinRefresh sends the refresh of the user's grant g, whose point has come, or joins the one in
-// flight, and returns its outcome as refresh does; while the last failure holds attempts back, the
-// current grant, whose point is that failure's next attempt if storage took it, and the failure.
+// joinRefresh sends the refresh of the held token g, whose point has come, or joins the one in
+// flight, and returns its outcome as renew does; while the last failure holds attempts back, the
+// current token, whose point is that failure's next attempt if storage took it, and the failure.
 // A reader's refresh (reader set) takes its turn under the call budget before the background's.
-func (b *backend) joinRefresh(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string, g *grant, reader bool) (*grant, error) {
-	f, start, held := b.cache.refreshes.join(user, g.RefreshToken, b.cache.refreshes.now())
+func (b *backend) joinRefresh(ctx context.Context, cfg *config, t heldToken, g *grant, reader bool) (*grant, error) {
+	f, start, held := b.cache.refreshes.join(t.key(), g.RefreshToken, b.cache.refreshes.now())
 	if held != nil {
-		current, err := b.usableGrant(ctx, s, cfg, user)
+		current, err := t.current(ctx)
 		if err != nil {
 			return nil, err
 		}
@@ -277,11 +321,11 @@ func (b *backend) joinRefresh(ctx context.Context, s logical.Storage, cfg *confi
 		// The flight is every waiting reader's, and once sent the refresh must reach storage (the
 		// old token is dead then): it goes on if its starter goes away.
 		detached := context.WithoutCancel(ctx)
-		b.cache.refreshes.fly(user, f, func() (*grant, error) {
+		b.cache.refreshes.fly(t.key(), f, func() (*grant, error) {
 			if err := b.awaitTurn(detached, cfg, 1, f.turn); err != nil {
 				return g, err // no call went: the token still serves until its point
 			}
-			return b.refresh(detached, s, cfg, client, user)
+			return t.renew(detached)
 		})
 	}
 	select {

@@ -13,13 +13,20 @@ import (
 // metrics are one mount's figures on this node, in a registry of its own: the plugin process
 // cannot reach Vault's telemetry. No label ever holds a token, a secret, a code or a user name.
 type metrics struct {
-	registry  *prometheus.Registry
-	minted    *prometheus.CounterVec
-	revoked   *prometheus.CounterVec
-	failures  *prometheus.CounterVec
-	refreshes *prometheus.CounterVec
-	latency   *prometheus.HistogramVec
+	registry     *prometheus.Registry
+	minted       *prometheus.CounterVec
+	revoked      *prometheus.CounterVec
+	failures     *prometheus.CounterVec
+	refreshes    *prometheus.CounterVec
+	sharedTokens *prometheus.CounterVec
+	latency      *prometheus.HistogramVec
 }
+
+// What happened to shared roles' tokens.
+const (
+	sharedMinted   = "minted"
+	sharedReplaced = "replaced" // minted in place of a stored one, which is revoked once its leases end
+)
 
 // Outcomes of a user token refresh.
 const (
@@ -47,6 +54,10 @@ func newMetrics(grantsByStatus func() map[string]int, pendingRevocations func() 
 			Name: "evenergy_user_token_refreshes_total",
 			Help: "Refreshes of users' tokens, by outcome: ok, failed (kept, tried again) or revoked.",
 		}, []string{"outcome"}),
+		sharedTokens: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "evenergy_shared_tokens_total",
+			Help: "Shared roles' tokens this engine minted, by event: minted (every one), replaced (minted in place of a stored one).",
+		}, []string{"event"}),
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "evenergy_upstream_request_duration_seconds",
 			Help:    "Duration of HTTP requests to ev.energy, by endpoint.",
@@ -65,7 +76,7 @@ func newMetrics(grantsByStatus func() map[string]int, pendingRevocations func() 
 		Name: "evenergy_calls_waiting_for_budget",
 		Help: "Calls to ev.energy waiting for their turn under the config's call_budget, by call: refresh or revocation.",
 	}, []string{"call"})
-	m.registry.MustRegister(m.minted, m.revoked, m.failures, m.refreshes, m.latency,
+	m.registry.MustRegister(m.minted, m.revoked, m.failures, m.refreshes, m.sharedTokens, m.latency,
 		gaugeFunc{grants, grantsByStatus}, pending, gaugeFunc{waiting, waitingForBudget})
 	return m
 }

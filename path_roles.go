@@ -16,6 +16,7 @@ type role struct {
 	Scopes []string      `json:"scopes"`
 	TTL    time.Duration `json:"ttl"`
 	MaxTTL time.Duration `json:"max_ttl"`
+	Shared bool          `json:"shared"` // every reader gets the role's one token (sharedToken), not a new one
 }
 
 func pathRoles(b *backend) []*framework.Path {
@@ -28,6 +29,7 @@ func pathRoles(b *backend) []*framework.Path {
 				"scopes":  {Type: framework.TypeCommaStringSlice, Description: "Scopes of this role's tokens; empty uses the config's scopes."},
 				"ttl":     {Type: framework.TypeDurationSecond, Description: "Lease TTL of this role's tokens; 0 uses the mount's default. Never past the token's own expiry."},
 				"max_ttl": {Type: framework.TypeDurationSecond, Description: "Maximum lease TTL of this role's tokens; 0 uses the mount's maximum. Never past the token's own expiry."},
+				"shared":  {Type: framework.TypeBool, Default: false, Description: "Give every reader the role's one token, replaced before it expires, under leases that end by then and are not renewable; false mints a token per read."},
 			},
 			ExistenceCheck: b.roleExists,
 			DisplayAttrs:   &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "role"},
@@ -39,6 +41,18 @@ func pathRoles(b *backend) []*framework.Path {
 			},
 			HelpSynopsis:    "Manage roles: the scopes and lease TTLs of an application's tokens.",
 			HelpDescription: "A role lets each application ask for only the ev.energy scopes it needs. Read evenergy/token/<role> to get a token with them.",
+		},
+		{
+			Pattern: "rotate-role/" + roleField("name"),
+			Fields: map[string]*framework.FieldSchema{
+				"name": {Type: framework.TypeLowerCaseString, Description: "Name of the shared role.", Required: true},
+			},
+			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationVerb: "rotate", OperationSuffix: "role"},
+			Operations: map[logical.Operation]framework.OperationHandler{
+				logical.UpdateOperation: &framework.PathOperation{Callback: b.pathRoleRotate, Summary: "Revoke a shared role's token at ev.energy now; the next read mints a new one."},
+			},
+			HelpSynopsis:    "End a shared role's token at once (an incident, a leak).",
+			HelpDescription: "Revokes the shared role's token at ev.energy now, or queues its revocation when ev.energy does not confirm, and the next read of token/<role> mints a new one. Leases already handed out still point at the revoked token until they end.",
 		},
 		{
 			Pattern:      rolePrefix + "?$",
@@ -75,6 +89,7 @@ func (b *backend) pathRoleRead(ctx context.Context, req *logical.Request, d *fra
 		"scopes":  r.Scopes,
 		"ttl":     int64(r.TTL.Seconds()),
 		"max_ttl": int64(r.MaxTTL.Seconds()),
+		"shared":  r.Shared,
 	}}, nil
 }
 
@@ -96,17 +111,48 @@ func (b *backend) pathRoleWrite(ctx context.Context, req *logical.Request, d *fr
 	if v, ok := fieldOnWrite(req, d, "max_ttl"); ok {
 		r.MaxTTL = time.Duration(v.(int)) * time.Second
 	}
+	if v, ok := fieldOnWrite(req, d, "shared"); ok {
+		r.Shared = v.(bool)
+	}
 	if r.MaxTTL > 0 && r.TTL > r.MaxTTL {
 		return logical.ErrorResponse("ttl must not be greater than max_ttl"), nil
 	}
-	defer b.cache.invalidate(rolePrefix + name)
-	return nil, putJSON(ctx, req.Storage, rolePrefix+name, r)
+	err := putJSON(ctx, req.Storage, rolePrefix+name, r)
+	b.cache.invalidate(rolePrefix + name)
+	if err != nil || r.Shared {
+		return nil, err // a shared role whose scopes changed gets a new token at its next read or pass
+	}
+	_, err = b.endSharedToken(ctx, req.Storage, name, false) // no longer shared: revoked once its leases end
+	return nil, err
 }
 
 func (b *backend) pathRoleDelete(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
 	name := d.Get("name").(string)
-	defer b.cache.invalidate(rolePrefix + name)
-	return nil, req.Storage.Delete(ctx, rolePrefix+name)
+	err := req.Storage.Delete(ctx, rolePrefix+name)
+	b.cache.invalidate(rolePrefix + name)
+	if err != nil {
+		return nil, err
+	}
+	return warningResponse(b.endSharedToken(ctx, req.Storage, name, true))
+}
+
+// pathRoleRotate ends a shared role's token now; the next read mints a new one.
+func (b *backend) pathRoleRotate(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	name := d.Get("name").(string)
+	if r, err := b.role(ctx, req.Storage, name); err != nil {
+		return nil, err
+	} else if !r.Shared {
+		return logical.ErrorResponse("role %s is not shared: each read gets a token of its own, which ends with its lease (vault lease revoke)", name), nil
+	}
+	return warningResponse(b.endSharedToken(ctx, req.Storage, name, true))
+}
+
+// warningResponse answers warnings, or err.
+func warningResponse(warnings []string, err error) (*logical.Response, error) {
+	if err != nil || len(warnings) == 0 {
+		return nil, err
+	}
+	return &logical.Response{Warnings: warnings}, nil
 }
 
 func (b *backend) pathRoleList(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {

@@ -43,9 +43,6 @@ ends, the token is revoked at ev.energy as the client that minted it, or, when e
 confirm, queued at the revocations path and retried until it does.`
 
 func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
-	if err := b.ensureWritable(); err != nil {
-		return nil, err
-	}
 	cfg, client, err := b.config(ctx, req.Storage)
 	if err != nil {
 		return nil, err
@@ -56,6 +53,12 @@ func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *fr
 		if r, err = b.role(ctx, req.Storage, roleName.(string)); err != nil {
 			return nil, err
 		}
+	}
+	if r.Shared {
+		return b.readSharedToken(ctx, req.Storage, cfg, client, roleName.(string), r) // mints only where it may write
+	}
+	if err := b.ensureWritable(); err != nil {
+		return nil, err
 	}
 	scopes := r.Scopes
 	if len(scopes) == 0 {

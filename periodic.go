@@ -35,6 +35,7 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 		b.revokeUnclaimedGrants(ctx, req.Storage),
 		b.retryRevocationsInPass(ctx, req.Storage),
 		b.refreshDueUsers(ctx, req.Storage),
+		b.replaceDueSharedTokens(ctx, req.Storage),
 		b.forgetSpentClients(ctx, req.Storage, time.Now()),
 	)
 }

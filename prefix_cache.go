@@ -68,6 +68,21 @@ func (c *prefixCache[T]) all(ctx context.Context, s logical.Storage) (map[string
 	return maps.Clone(entries), nil
 }
 
+// get returns the entry at key (nil when there is none), loading every entry when memory has none.
+func (c *prefixCache[T]) get(ctx context.Context, s logical.Storage, key string) (*T, error) {
+	c.mu.Lock()
+	if c.entries != nil {
+		defer c.mu.Unlock()
+		return c.entries[key], nil
+	}
+	c.mu.Unlock()
+	entries, err := c.all(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	return entries[key], nil
+}
+
 // loadEnded forgets the writes noted for the loads once none is running.
 func (c *prefixCache[T]) loadEnded() {
 	c.mu.Lock()

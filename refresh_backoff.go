@@ -170,11 +170,11 @@ func (r *refreshes) heldBy(user, token string) error {
 	return nil
 }
 
-// failure is why the user's grant g, whose token expired before its next refresh attempt at
-// retryAt, has no token to give: the refresh's last failure, if this node saw it.
-func (r *refreshes) failure(user string, g *grant, retryAt time.Time) error {
-	if err := r.heldBy(user, g.RefreshToken); err != nil {
+// failure is why the held token g, which expired before its next refresh attempt at retryAt, has
+// no token to give: the refresh's last failure, if this node saw it.
+func (r *refreshes) failure(t heldToken, g *grant, retryAt time.Time) error {
+	if err := r.heldBy(t.key(), g.RefreshToken); err != nil {
 		return err
 	}
-	return logical.CodedError(http.StatusBadGateway, fmt.Sprintf("the access token of user %s expired and ev.energy did not refresh it: the next attempt is at %s", user, retryAt.UTC().Format(time.RFC3339)))
+	return logical.CodedError(http.StatusBadGateway, fmt.Sprintf("the access token of %s expired and ev.energy did not refresh it: the next attempt is at %s", t.describe(), retryAt.UTC().Format(time.RFC3339)))
 }

@@ -169,7 +169,7 @@ func (b *backend) retiredClientIDs(ctx context.Context, s logical.Storage) ([]st
 }
 
 // forgetSpentClients deletes the credentials of retired clients of which nothing may be alive
-// any more: their tokens expired, and no grant, held grant or pending revocation is theirs.
+// any more: their tokens expired, and no grant, held grant, shared token or pending revocation is theirs.
 func (b *backend) forgetSpentClients(ctx context.Context, s logical.Storage, now time.Time) error {
 	retired, err := b.retired.stored.all(ctx, s)
 	if err != nil || len(retired) == 0 {
@@ -180,6 +180,10 @@ func (b *backend) forgetSpentClients(ctx context.Context, s logical.Storage, now
 	if err == nil {
 		held, err = b.unconfirmed.all(ctx, s)
 	}
+	var shared map[string]*sharedToken
+	if err == nil {
+		shared, err = b.sharedTokens.all(ctx, s)
+	}
 	if err == nil {
 		err = b.loadGrants(ctx, s)
 	}
@@ -189,6 +193,9 @@ func (b *backend) forgetSpentClients(ctx context.Context, s logical.Storage, now
 		return err
 	}
 	inUse := b.grantClients()
+	for _, st := range shared {
+		inUse[st.ClientID] = true
+	}
 	for _, rec := range records {
 		inUse[rec.ClientID] = true
 	}

@@ -19,11 +19,13 @@ const revocationPrefix = "revocations/"
 
 // Why a token is to be revoked, as the revocations path names it.
 const (
-	reasonLeaseEnded    = "lease_ended"    // Vault ended a client-credentials lease
-	reasonUnowned       = "unowned"        // minted, but no lease or stored grant owns it
-	reasonReplacedGrant = "replaced_grant" // the user connected again; revoked once its leases end
-	reasonDeletedUser   = "deleted_user"   // the operator deleted the user's grant
-	reasonUnconfirmed   = "unconfirmed"    // held for a link's maker, who did not confirm it in time or in few enough attempts
+	reasonLeaseEnded     = "lease_ended"     // Vault ended a client-credentials lease
+	reasonUnowned        = "unowned"         // minted, but no lease or stored grant owns it
+	reasonReplacedGrant  = "replaced_grant"  // the user connected again; revoked once its leases end
+	reasonDeletedUser    = "deleted_user"    // the operator deleted the user's grant
+	reasonUnconfirmed    = "unconfirmed"     // held for a link's maker, who did not confirm it in time or in few enough attempts
+	reasonReplacedShared = "replaced_shared" // a shared role's token was replaced; revoked once its leases end
+	reasonRevokedShared  = "revoked_shared"  // the operator ended a shared role's token, or deleted the role
 )
 
 // Retries of a client's revocations back off exponentially up to revocationMaxBackoff.

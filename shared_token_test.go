@@ -1,0 +1,407 @@
+package evenergy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/api"
+	"github.com/hashicorp/vault/sdk/helper/consts"
+	"github.com/hashicorp/vault/sdk/logical"
+
+	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
+)
+
+// writeSharedRole writes roles/<name> as a shared role with scopes.
+func writeSharedRole(t *testing.T, b *backend, s logical.Storage, name string, scopes ...string) {
+	t.Helper()
+	data := map[string]any{"shared": true}
+	if len(scopes) > 0 {
+		data["scopes"] = scopes
+	}
+	resp, err := request(t, b, s, logical.CreateOperation, rolePrefix+name, data)
+	if err != nil || resp.IsError() {
+		t.Fatalf("role write: %v %v", err, resp)
+	}
+}
+
+// storedShared is the role's shared token as storage holds it.
+func storedShared(t *testing.T, s logical.Storage, name string) *sharedToken {
+	t.Helper()
+	st, err := getJSON[sharedToken](t.Context(), s, sharedTokenPrefix+name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+// readShared reads token/<role> and returns its token.
+func readShared(t *testing.T, b *backend, s logical.Storage, name string) string {
+	t.Helper()
+	resp, err := request(t, b, s, logical.ReadOperation, "token/"+name, nil)
+	if err != nil || resp.IsError() || resp.Secret == nil {
+		t.Errorf("token/%s: %v %v", name, err, resp)
+		return ""
+	}
+	return resp.Data["access_token"].(string)
+}
+
+// readSharedConcurrently runs 1,000 reads, 20 from each of 50 readers at once; read(reader) returns
+// the token a read got, or what is wrong with it. It fails the test on any problem, and returns how
+// many reads got each token.
+func readSharedConcurrently(t *testing.T, read func(reader int) (token, problem string)) map[string]int {
+	t.Helper()
+	var (
+		wg     sync.WaitGroup
+		mu     sync.Mutex
+		tokens = map[string]int{}
+		bad    []string
+	)
+	for reader := range 50 {
+		wg.Go(func() {
+			for range 20 {
+				token, problem := read(reader)
+				mu.Lock()
+				if problem != "" {
+					bad = append(bad, problem)
+				} else {
+					tokens[token]++
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	if len(bad) > 0 {
+		t.Fatalf("%d bad reads, the first: %s", len(bad), bad[0])
+	}
+	return tokens
+}
+
+func TestSharedRoleMintsOnceForConcurrentColdReaders(t *testing.T) {
+	b, s, _ := newCountedBackend(t, &logical.InmemStorage{})
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	clock := useFakeClock(b, time.Now())
+	before := sv.TokenRequests()
+	tokens := readSharedConcurrently(t, func(int) (string, string) {
+		resp, err := request(t, b, s, logical.ReadOperation, "token/fleet", nil)
+		switch st := storedShared(t, s, "fleet"); {
+		case err != nil || resp.IsError() || resp.Secret == nil:
+			return "", "a read failed"
+		case resp.Secret.Renewable:
+			return "", "a renewable lease"
+		case clock.Now().Add(resp.Secret.TTL).After(st.RefreshAt) || resp.Secret.MaxTTL > resp.Secret.TTL:
+			return "", "a lease past the replacement time"
+		}
+		return resp.Data["access_token"].(string), ""
+	})
+	if n := sv.TokenRequests() - before; n != 1 || len(tokens) != 1 {
+		t.Fatalf("1,000 reads from 50 cold readers sent %d token requests and got %d tokens, want 1 and 1", n, len(tokens))
+	}
+}
+
+func TestSharedTokenReadIsACachedRead(t *testing.T) {
+	b, s, sys := newCountedBackend(t, &logical.InmemStorage{})
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	first := readShared(t, b, s, "fleet")
+	s.calls.Store(0)
+	sys.calls.Store(0)
+	requests := sv.TokenRequests()
+	for range 100 {
+		if tok := readShared(t, b, s, "fleet"); tok != first {
+			t.Fatal("a reader got another token than the stored one")
+		}
+	}
+	if s.calls.Load() != 0 || sys.calls.Load() != 0 || sv.TokenRequests() != requests {
+		t.Fatalf("100 reads of a stored shared token made %d storage calls, %d calls to Vault and %d token requests, want none",
+			s.calls.Load(), sys.calls.Load(), sv.TokenRequests()-requests)
+	}
+}
+
+func TestSharedTokenReplacedByThePassWithNoReader(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	sv.SetTokenLifetime(12 * time.Second)
+	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"refresh_window": "6s"}); err != nil {
+		t.Fatal(err)
+	}
+	writeSharedRole(t, b, s, "fleet")
+	old := readShared(t, b, s, "fleet")
+	point := storedShared(t, s, "fleet").RefreshAt
+	useFakeClock(b, point) // the replacement time, with no reader
+	sv.SetTokenLifetime(10 * time.Hour)
+
+	runPeriodic(t, b, s)
+	next := storedShared(t, s, "fleet")
+	if next == nil || next.AccessToken == old {
+		t.Fatal("the pass did not replace a shared token at its replacement time")
+	}
+	queued := pendingRevocations(t, s)
+	if len(queued) != 1 || queued[0].AccessToken != old || queued[0].ClientID != testClientID || !queued[0].NotBefore.Equal(point) || queued[0].Reason != reasonReplacedShared {
+		t.Fatalf("want the old token queued as %s until %v, got %s", testClientID, point, describeRecords(queued))
+	}
+	if time.Now().Before(point) && !sv.Active(old) {
+		t.Fatal("the replaced token was revoked while leases handed out for it still run")
+	}
+	eventually(t, 30*time.Second, "the replaced token to be revoked once its leases ended", func() bool {
+		runPeriodic(t, b, s)
+		return !sv.Active(old)
+	})
+	if tok, _ := sv.Token(old); !tok.Revoked || time.Now().Before(point) {
+		t.Fatalf("the old token ended otherwise than by its revocation after %v (revoked: %v)", point, tok.Revoked)
+	}
+	if got := readShared(t, b, s, "fleet"); got != next.AccessToken {
+		t.Fatal("a reader after the replacement did not get the new token")
+	}
+}
+
+func TestSharedTokenReplacementOutlivesAnOutage(t *testing.T) {
+	b, s, sw := newSwitchableUnit(t)
+	writeSharedRole(t, b, s, "fleet")
+	old := readShared(t, b, s, "fleet")
+	// The token came due 12 minutes ago; ev.energy is down from then on, for 11 minutes.
+	st := storedShared(t, s, "fleet")
+	start := time.Now()
+	due := *st
+	due.RefreshAt = start.Add(-12 * time.Minute)
+	if err := b.sharedTokens.put(t.Context(), s, "fleet", &due); err != nil {
+		t.Fatal(err)
+	}
+	clock := useFakeClock(b, due.RefreshAt)
+	sw.down.Store(true)
+	attempts := 0
+	for ; clock.Now().Before(start.Add(-time.Minute)); attempts++ {
+		runPeriodicTolerant(b, s)
+		held := storedShared(t, s, "fleet")
+		if held == nil || held.AccessToken != old || !held.RefreshAt.After(clock.Now()) {
+			t.Fatalf("a failed replacement at %v lost the token or stored no next attempt (stored: %v)", clock.Now(), held != nil && held.AccessToken == old)
+		}
+		if got := readShared(t, b, s, "fleet"); got != old {
+			t.Fatal("a reader during the outage did not get the token that still serves")
+		}
+		clock.Set(held.RefreshAt)
+	}
+	if attempts < 5 || attempts > 40 || len(pendingRevocations(t, s)) != 0 {
+		t.Fatalf("11 minutes of outage: %d attempts (want a backoff's few), %d revocations queued (want none)", attempts, len(pendingRevocations(t, s)))
+	}
+	lastPromise := storedShared(t, s, "fleet").RefreshAt
+
+	sw.down.Store(false)
+	runPeriodicTolerant(b, s)
+	next := storedShared(t, s, "fleet")
+	queued := pendingRevocations(t, s)
+	if next.AccessToken == old || len(queued) != 1 || queued[0].AccessToken != old || !queued[0].NotBefore.Equal(lastPromise) {
+		t.Fatalf("once ev.energy is back: want the token replaced and the old one queued until %v, got %s", lastPromise, describeRecords(queued))
+	}
+	eventually(t, 2*time.Minute, "the old token's revocation to land", func() bool {
+		runPeriodicTolerant(b, s)
+		return !sw.Active(old)
+	})
+	if tok, _ := sw.Token(old); !tok.Revoked || time.Now().Before(lastPromise) {
+		t.Fatalf("the old token ended otherwise than by its revocation after %v", lastPromise)
+	}
+}
+
+// describeRecords says what queued records are, without their tokens.
+func describeRecords(records []*revocation) string {
+	var described []string
+	for _, rec := range records {
+		if rec == nil {
+			described = append(described, "none")
+			continue
+		}
+		described = append(described, fmt.Sprintf("%s as %s not before %v", rec.Reason, rec.ClientID, rec.NotBefore))
+	}
+	return "[" + strings.Join(described, "; ") + "]"
+}
+
+// runPeriodicTolerant runs one periodic pass, which reports the failures of an outage.
+func runPeriodicTolerant(b *backend, s logical.Storage) {
+	_ = b.periodic(context.Background(), &logical.Request{Storage: s})
+}
+
+func TestSharedTokenSurvivesARestartAndAStandbyNeverMints(t *testing.T) {
+	inmem := &logical.InmemStorage{}
+	b, s, _ := newCountedBackend(t, inmem)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	first := readShared(t, b, s, "fleet")
+	requests := sv.TokenRequests()
+
+	restarted, _ := newUnitBackend(t) // on the same storage, s
+
+	if got := readShared(t, restarted, s, "fleet"); got != first || sv.TokenRequests() != requests {
+		t.Fatalf("a restart minted (%d token requests) or served another token", sv.TokenRequests()-requests)
+	}
+	standby, _ := newUnitBackend(t)
+	standby.System().(*logical.StaticSystemView).ReplicationStateVal = consts.ReplicationPerformanceStandby
+	if got := readShared(t, standby, s, "fleet"); got != first {
+		t.Fatal("a standby did not serve the stored token")
+	}
+	useFakeClock(standby, storedShared(t, s, "fleet").RefreshAt)
+	if _, err := request(t, standby, s, logical.ReadOperation, "token/fleet", nil); !errors.Is(err, logical.ErrReadOnly) || sv.TokenRequests() != requests {
+		t.Fatalf("a standby's read of a due token: %v, %d token requests; want it forwarded (ErrReadOnly) and none", err, sv.TokenRequests()-requests)
+	}
+}
+
+func TestSharedTokenReplacedWhenClientOrScopesChange(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	sv.AddClient(standin.Client{ID: "other-client", Secret: "other-secret", Scopes: testScopes})
+	writeSharedRole(t, b, s, "fleet", testScopes[0])
+	readShared(t, b, s, "fleet")
+	first := storedShared(t, s, "fleet")
+
+	mustWrite(t, b, s, configPath, map[string]any{"client_id": "other-client", "client_secret": "other-secret"})
+	// Only the stored shared token names the retired client now: it must be kept.
+	if err := b.forgetSpentClients(t.Context(), s, time.Now().Add(24*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if ids, err := b.retiredClientIDs(t.Context(), s); err != nil || !slices.Contains(ids, testClientID) {
+		t.Fatalf("the retired client of a stored shared token was forgotten: %v %v", ids, err)
+	}
+	if got := readShared(t, b, s, "fleet"); got == first.AccessToken {
+		t.Fatal("a reader got the token of the former client")
+	}
+	second := storedShared(t, s, "fleet")
+	if second.ClientID != "other-client" {
+		t.Fatalf("the token after the client change was minted by %s", second.ClientID)
+	}
+	mustWrite(t, b, s, rolePrefix+"fleet", map[string]any{"scopes": testScopes[1]})
+	if got := readShared(t, b, s, "fleet"); got == second.AccessToken {
+		t.Fatal("a reader got the token of the role's former scopes")
+	}
+	byToken := map[string]*revocation{}
+	for _, rec := range pendingRevocations(t, s) {
+		byToken[rec.AccessToken] = rec
+	}
+	for _, replaced := range []*sharedToken{first, second} {
+		rec := byToken[replaced.AccessToken]
+		if rec == nil || rec.ClientID != replaced.ClientID || !rec.NotBefore.Equal(replaced.RefreshAt) || !sv.Active(replaced.AccessToken) {
+			t.Fatalf("want the replaced token queued as %s until %v and alive until then, got %s", replaced.ClientID, replaced.RefreshAt, describeRecords([]*revocation{rec}))
+		}
+	}
+}
+
+func TestRotateAndDeleteRevokeTheSharedTokenNow(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	first := readShared(t, b, s, "fleet")
+
+	resp := mustWrite(t, b, s, "rotate-role/fleet", nil)
+	if sv.Active(first) || len(resp.Warnings) != 1 || !strings.Contains(resp.Warnings[0], "restart them") {
+		t.Fatalf("rotate: want the token revoked at once and a warning about leases and Agents, got active=%v %v", sv.Active(first), resp.Warnings)
+	}
+	second := readShared(t, b, s, "fleet")
+	if second == first || !sv.Active(second) {
+		t.Fatal("the read after a rotation did not mint a new token")
+	}
+	resp, err := request(t, b, s, logical.DeleteOperation, rolePrefix+"fleet", nil)
+	if err != nil || sv.Active(second) || resp == nil || len(resp.Warnings) != 1 || storedShared(t, s, "fleet") != nil {
+		t.Fatalf("delete: want the token revoked at once, forgotten, and a warning; got %v, warnings %v, active=%v", err, resp.Warnings, sv.Active(second))
+	}
+	writeSharedRole(t, b, s, "fleet")
+	mustWrite(t, b, s, rolePrefix+"fleet", map[string]any{"shared": false})
+	if resp, err := request(t, b, s, logical.UpdateOperation, "rotate-role/fleet", nil); err != nil || !resp.IsError() {
+		t.Fatalf("rotating a role that is not shared: %v %v, want a 400", err, resp)
+	}
+}
+
+func TestSharedLeaseEndRevokesNothingUnlessTheMountGoes(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	secret, tok := leasedToken(t, b, s, "token/fleet")
+	if err := revokeLease(t, b, s, secret); err != nil || !sv.Active(tok) || len(pendingRevocations(t, s)) != 0 {
+		t.Fatalf("one lease's end revoked or queued the token every reader shares: %v", err)
+	}
+	b.System().(*logical.StaticSystemView).TaintedVal = true
+	if err := revokeLease(t, b, s, secret); err != nil || sv.Active(tok) {
+		t.Fatalf("a lease's end while the mount is disabled: %v, token active: %v; want it revoked", err, sv.Active(tok))
+	}
+}
+
+func TestSharedTokenMetrics(t *testing.T) {
+	b, s := newUnitBackend(t)
+	newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	readShared(t, b, s, "fleet")
+	mustWrite(t, b, s, rolePrefix+"fleet", map[string]any{"scopes": testScopes[0]})
+	readShared(t, b, s, "fleet")
+	resp, err := request(t, b, s, logical.ReadOperation, "metrics", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	counts := map[string]float64{}
+	for _, series := range resp.Data["evenergy_shared_tokens_total"].([]map[string]any) {
+		counts[series["labels"].(map[string]string)["event"]] = series["value"].(float64)
+	}
+	if counts[sharedMinted] != 2 || counts[sharedReplaced] != 1 || len(counts) != 2 {
+		t.Fatalf("shared tokens counted %v, want 2 minted and 1 replaced", counts)
+	}
+}
+
+func TestAccSharedRoleSendsOneTokenRequestForAThousandReads(t *testing.T) {
+	e := newAccEnv(t)
+	e.write(t, "roles/fleet", map[string]any{"shared": true})
+	before := e.standin.TokenRequests()
+	var clients []*api.Client
+	for range 50 {
+		client, err := e.vault.Clone()
+		if err != nil {
+			t.Fatal(err)
+		}
+		client.SetToken(e.vault.Token())
+		clients = append(clients, client)
+	}
+	tokens := readSharedConcurrently(t, func(reader int) (string, string) {
+		read := time.Now()
+		secret, err := clients[reader].Logical().Read(e.path("token/fleet"))
+		if err != nil || secret == nil {
+			return "", fmt.Sprintf("a read failed: %v", err)
+		}
+		if secret.Renewable {
+			return "", "a renewable lease"
+		}
+		// The replacement time is the expiry less the default refresh_window.
+		replacement, _ := time.Parse(time.RFC3339, secret.Data["expires_at"].(string))
+		replacement = replacement.Add(-defaultRefreshWindow)
+		if end := read.Add(time.Duration(secret.LeaseDuration) * time.Second); end.After(replacement.Add(time.Second)) {
+			return "", fmt.Sprintf("a lease ending at %v, past the replacement time %v", end, replacement)
+		}
+		return secret.Data["access_token"].(string), ""
+	})
+	if n := e.standin.TokenRequests() - before; n != 1 || len(tokens) != 1 {
+		t.Fatalf("1,000 reads from 50 clients sent %d token requests and got %d tokens, want 1 and 1", n, len(tokens))
+	}
+}
+
+func TestFailedFirstMintBacksOff(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	clock := useFakeClock(b, time.Now())
+	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
+	requests := sv.TokenRequests()
+	for range 10 {
+		if _, err := request(t, b, s, logical.ReadOperation, "token/fleet", nil); err == nil {
+			t.Fatal("a read got a token while ev.energy fails every token request")
+		}
+	}
+	if n := sv.TokenRequests() - requests; n != 1 {
+		t.Fatalf("10 reads in the same instant after a failed mint sent %d token requests, want 1", n)
+	}
+	sv.SetFault(standin.Fault{})
+	clock.Advance(refusedBackoff + refusedBackoff/2) // past the longest wait with refused readers, ±20%
+	if tok := readShared(t, b, s, "fleet"); tok == "" || sv.TokenRequests()-requests != 2 {
+		t.Fatalf("the read after the backoff: %d token requests in all, want 2", sv.TokenRequests()-requests)
+	}
+}
