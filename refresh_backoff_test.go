@@ -509,7 +509,7 @@ func TestExpiredTokenIsRefreshedByAReadOnceItsNextAttemptComes(t *testing.T) {
 	sv.SetTokenLifetime(30 * time.Second)
 	g := connectUnitUser(t, b, s, sv, "driver")
 	sv.SetTokenLifetime(10 * time.Hour)
-	clock := useFakeClock(b, g.ExpiresAt.Add(time.Second)) // expired, and due
+	clock := useFakeClock(b, g.ExpiresAt.Add(time.Second))   // expired, and due
 	b.cache.refreshes.random = func() float64 { return 0.5 } // no spread
 	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
 	if _, _, err := readUserToken(t, b, s, "driver"); err == nil {
