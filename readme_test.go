@@ -144,6 +144,8 @@ func TestAccReadmePolicies(t *testing.T) {
 var readmeWarnings = map[string]string{
 	"vault write -f evenergy/check-grants": "it warns that each refresh ends the token readers hold",
 	`vault list -format=json evenergy/users | jq -r '.[]' | xargs -I{} vault delete evenergy/users/{}`: "each delete warns until when leases of the revoked grant's token may run",
+	`vault list -format=json evenergy/roles | jq -r '.[]' | xargs -I{} vault delete evenergy/roles/{}`: "a shared role's delete warns that leases still name its revoked token",
+	"vault write -f evenergy/rotate-role/agents":                                                       "it warns that leases still name the revoked token",
 }
 
 // TestAccReadmeCommands runs every `vault` command of README.md in order, as an operator would,
