@@ -31,6 +31,7 @@ const (
 	noopName     = "bench-noop"
 	engineMount  = "evenergy"
 	role         = "bench"
+	sharedRole   = "bench-shared" // a shared role: one token for every reader, served from memory
 	benchUser    = "bench-user"
 	engineClient = "bench-vault"  // the stand-in client the engine is configured with
 	directClient = "bench-direct" // the stand-in client of the direct POSTs, so its tokens stay apart
@@ -180,6 +181,7 @@ func setUp(ctx context.Context, c *api.Client, ev *standin.Server, standinURL, d
 	}{
 		{engineMount + "/config", engineConfig(standinURL)},
 		{engineMount + "/roles/" + role, map[string]any{"ttl": "60s"}},
+		{engineMount + "/roles/" + sharedRole, map[string]any{"shared": true}},
 		{"noop/mint-target", map[string]any{"token_url": standinURL + "/o/token", "client_id": directClient, "client_secret": clientSecret}},
 	}
 	for _, w := range writes {
@@ -204,6 +206,7 @@ func setUp(ctx context.Context, c *api.Client, ev *standin.Server, standinURL, d
 		read("leased floor: no-op plugin", "noop/creds", floor),
 		read("no-op plugin, answering as the user token", "noop/token", shaped),
 		read("user token, cached", engineMount+"/users/"+benchUser+"/token", engine),
+		read("shared role token", engineMount+"/token/"+sharedRole, engine),
 		read("no-op plugin, minting as the token path", "noop/mint", minting),
 		read("client credentials", engineMount+"/token", minting),
 		read("role token, ttl=60s", engineMount+"/token/"+role, minting),
