@@ -28,13 +28,9 @@ const operationPrefix = "evenergy"
 type backend struct {
 	*framework.Backend
 
-	// userLocks serialize work on one user's grant (ev.energy rotates its refresh token on each
-	// refresh); pendingLocks on one pending authorization, or on one user's pending ones.
-	userLocks    keyedMutex
-	pendingLocks keyedMutex
-	sharedLocks  keyedMutex // one shared role's token: one mint, rotation or retirement at a time
+	pendingLocks keyedMutex // on one pending authorization, or on one user's pending ones
 	cache        *cache
-	sharedTokens *prefixCache[sharedToken] // the shared roles' tokens, by role
+	tokens       *tokenStore // every token the engine holds and rotates: users' grants, shared roles' tokens
 	revocations  *revocations
 	unconfirmed  *prefixCache[unconfirmedGrant] // tokens of self-made links, held for their makers
 	retired      *retiredClients
@@ -53,7 +49,7 @@ type backend struct {
 	stopBackground context.CancelFunc
 	cleaned        sync.Once
 
-	// loadingGrants ends the start-up load of every grant; grantsLoaded is closed when it is over.
+	// loadingGrants ends the start-up load of every held token; grantsLoaded is closed when it is over.
 	loadingGrants context.Context
 	stopLoading   context.CancelFunc
 	grantsLoaded  chan struct{}
@@ -74,9 +70,8 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 }
 
 func newBackend() *backend {
-	b := &backend{cache: newCache(), revocations: newRevocations(), unconfirmed: newPrefixCache[unconfirmedGrant](unconfirmedGrantPrefix),
-		sharedTokens: newPrefixCache[sharedToken](sharedTokenPrefix),
-		retired:      newRetiredClients(), budget: newCallBudget(), grantsLoaded: make(chan struct{})}
+	b := &backend{cache: newCache(), tokens: newTokenStore(), revocations: newRevocations(), unconfirmed: newPrefixCache[unconfirmedGrant](unconfirmedGrantPrefix),
+		retired: newRetiredClients(), budget: newCallBudget(), grantsLoaded: make(chan struct{})}
 	b.loadingGrants, b.stopLoading = context.WithCancel(context.Background())
 	b.background, b.stopBackground = context.WithCancel(context.Background())
 	b.metrics = newMetrics(b.grantsByStatus, b.revocations.count, b.budget.waitingByCall)
@@ -99,10 +94,10 @@ func newBackend() *backend {
 		Clean:          b.clean,
 		Invalidate: func(_ context.Context, key string) {
 			b.cache.invalidate(key)
+			b.tokens.invalidate(key)
 			b.revocations.invalidate(key)
 			b.unconfirmed.invalidate(key)
 			b.retired.invalidate(key)
-			b.sharedTokens.invalidate(key)
 			if key == legacyClientPath {
 				b.legacy.Store(nil)
 			}
@@ -139,12 +134,12 @@ func (b *backend) initialize(ctx context.Context, req *logical.InitializationReq
 			return err
 		}
 	}
-	b.cache.loadingAll.Lock() // before the start returns, so that a periodic pass finds the load under way
+	b.tokens.loadingAll.Lock() // before the start returns, so that a periodic pass finds the load under way
 	go func() {
 		defer close(b.grantsLoaded)
-		defer b.cache.loadingAll.Unlock()
-		if err := b.loadGrantsLocked(b.loadingGrants, req.Storage); err != nil && b.loadingGrants.Err() == nil {
-			b.Logger().Error("could not load users' grants at start; the periodic pass loads them", "error", err)
+		defer b.tokens.loadingAll.Unlock()
+		if err := b.tokens.loadAllLocked(b.loadingGrants, req.Storage); err != nil && b.loadingGrants.Err() == nil {
+			b.Logger().Error("could not load the held tokens at start; the periodic pass loads them", "error", err)
 		}
 	}()
 	return nil

@@ -137,7 +137,7 @@ func twoNodes(t *testing.T) (active, standby *backend, s logical.Storage, sv *st
 func TestGrantRotatedOnOneNodeIsReadOnAnother(t *testing.T) {
 	active, standby, s, sv := twoNodes(t)
 	before, _ := connectDueUser(t, active, s, sv, "driver")
-	if err := standby.loadGrants(t.Context(), s); err != nil {
+	if err := standby.tokens.loadAll(t.Context(), s); err != nil {
 		t.Fatal(err)
 	}
 	// The active node refreshes: ev.energy kills the token the standby has cached.
@@ -187,7 +187,7 @@ func TestConfigChangesTakeEffectOnTheNextRead(t *testing.T) {
 
 func TestGrantWrittenElsewhereIsFoundAndDeletedOneIsGone(t *testing.T) {
 	active, standby, s, sv := twoNodes(t)
-	if err := standby.loadGrants(t.Context(), s); err != nil { // the standby knows every grant: none
+	if err := standby.tokens.loadAll(t.Context(), s); err != nil { // the standby knows every grant: none
 		t.Fatal(err)
 	}
 	connectUnitUser(t, active, s, sv, "driver")
@@ -256,9 +256,9 @@ func TestReadsAreServedWhileGrantsLoad(t *testing.T) {
 	}
 	close(blocked.release)
 	<-restarted.grantsLoaded
-	restarted.cache.mu.RLock()
-	defer restarted.cache.mu.RUnlock()
-	if !restarted.cache.loaded || restarted.cache.grants["driver"] == nil {
+	restarted.tokens.mu.RLock()
+	defer restarted.tokens.mu.RUnlock()
+	if !restarted.tokens.loaded || restarted.tokens.tokens[userPrefix+"driver"] == nil {
 		t.Fatal("the start-up load did not end with every grant in memory")
 	}
 }
@@ -301,9 +301,9 @@ func TestStartLoadKeepsWhatOthersChanged(t *testing.T) {
 	}
 	<-b.grantsLoaded
 	changing.onGet = nil
-	b.cache.mu.RLock()
-	loaded, cached, u3Stale := b.cache.loaded, len(b.cache.grants), b.cache.stale["u3"]
-	b.cache.mu.RUnlock()
+	b.tokens.mu.RLock()
+	loaded, cached, u3Stale := b.tokens.loaded, len(b.tokens.tokens), b.tokens.stale[userPrefix+"u3"]
+	b.tokens.mu.RUnlock()
 	if !loaded || cached != users-1 || !u3Stale {
 		t.Fatalf("after the start: loaded %v, %d of %d grants cached, u3 stale %v; want every grant but u3, which changed", loaded, cached, users-1, u3Stale)
 	}
@@ -347,7 +347,7 @@ func TestStartLoadReadsGrantsConcurrently(t *testing.T) {
 	if !overlapped {
 		t.Fatal("the start-up load read one grant after another: the second read came only once the first was over")
 	}
-	if cached := len(b.cache.grants); cached != 4 {
+	if cached := len(b.tokens.tokens); cached != 4 {
 		t.Fatalf("the start-up load cached %d of 4 grants", cached)
 	}
 }

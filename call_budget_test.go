@@ -180,9 +180,9 @@ func TestOutageBacklogKeepsToTheBudget(t *testing.T) {
 	// the second it was booked in. The budget's lock keeps a call from booking meanwhile.
 	booked := int64(0) // seeding called no endpoint
 	flying := func() (n int) {
-		b.cache.refreshes.mu.Lock()
-		defer b.cache.refreshes.mu.Unlock()
-		for _, u := range b.cache.refreshes.users {
+		b.tokens.refreshes.mu.Lock()
+		defer b.tokens.refreshes.mu.Unlock()
+		for _, u := range b.tokens.refreshes.byKey {
 			if u.flight != nil {
 				n++
 			}
@@ -213,14 +213,14 @@ func TestOutageBacklogKeepsToTheBudget(t *testing.T) {
 	// ev.energy is back: readers of grants the outage did not reach wait for their tokens.
 	down.Store(false)
 	back := clock.Now()
-	b.cache.refreshes.mu.Lock()
+	b.tokens.refreshes.mu.Lock()
 	var readUsers []string
 	for i := grants - 1; len(readUsers) < readers; i-- {
-		if user := fmt.Sprintf("u%d", i); b.cache.refreshes.users[user] == nil {
+		if user := fmt.Sprintf("u%d", i); b.tokens.refreshes.byKey[userPrefix+user] == nil {
 			readUsers = append(readUsers, user)
 		}
 	}
-	b.cache.refreshes.mu.Unlock()
+	b.tokens.refreshes.mu.Unlock()
 	served := make(chan time.Duration, readers)
 	for _, user := range readUsers {
 		go func() {

@@ -19,8 +19,9 @@ const (
 	grantOtherClient = "other_client" // shown, never stored: the config names another client now
 )
 
-// grant is what Vault keeps of one ev.energy user's authorization; its tokens never leave except
-// the access token through users/<user>/token.
+// grant is what Vault keeps of one ev.energy user's authorization, and of a shared role's token
+// (which has no refresh token): a held token (see tokenStore). Its tokens never leave except the
+// access token, through users/<user>/token and token/<role>.
 type grant struct {
 	ClientID     string    `json:"client_id"` // the ev.energy client the user authorized; empty in grants stored before v0.2
 	RefreshToken string    `json:"refresh_token"`
@@ -40,9 +41,9 @@ type grant struct {
 	RevokedAt *time.Time `json:"revoked_at,omitempty"`
 }
 
-// getGrant reads the user's stored grant (nil when there is none), its repeated strings shared.
-func getGrant(ctx context.Context, s logical.Storage, user string) (*grant, error) {
-	g, err := getJSON[grant](ctx, s, userPrefix+user)
+// getGrant reads the held token stored at key (nil when there is none), its repeated strings shared.
+func getGrant(ctx context.Context, s logical.Storage, key string) (*grant, error) {
+	g, err := getJSON[grant](ctx, s, key)
 	if g != nil {
 		g.ClientID, g.TokenType, g.Scope, g.Status = intern(g.ClientID), intern(g.TokenType), intern(g.Scope), intern(g.Status)
 	}
@@ -111,6 +112,18 @@ func (g *grant) refreshAt(cfg *config) time.Time {
 	return at
 }
 
+// refreshable reports whether a refresh may go to the grant: it is not revoked, and of cfg's client.
+func (g *grant) refreshable(cfg *config) bool {
+	return g.Status != grantRevoked && !g.ofOtherClient(cfg)
+}
+
+// revocation is what revoking the grant's tokens takes, not before notBefore: its refresh point, by
+// which the leases handed out for its access token have ended, or zero for at once.
+func (g *grant) revocation(notBefore time.Time, reason string) revocation {
+	return revocation{ClientID: g.ClientID, AccessToken: g.AccessToken, RefreshToken: g.RefreshToken,
+		ExpiresAt: g.ExpiresAt, NotBefore: notBefore, Reason: reason}
+}
+
 // due reports whether a refresh of the grant may start.
 func (g *grant) due(cfg *config, now time.Time) bool {
 	return !now.Before(g.refreshAt(cfg))
@@ -149,7 +162,17 @@ func (e *revokedGrantError) Code() int { return http.StatusBadRequest }
 
 // lockUser serializes work on one user's grant: ev.energy rotates its refresh token on each refresh.
 func (b *backend) lockUser(user string) func() {
-	return b.userLocks.lock(user)
+	return b.tokens.lock(userPrefix + user)
+}
+
+// grant returns the user's grant (nil if none), from memory or else from storage.
+func (b *backend) grant(ctx context.Context, s logical.Storage, user string) (*grant, error) {
+	return b.tokens.get(ctx, s, userPrefix+user)
+}
+
+// putGrant stores the user's grant and then keeps it in memory; nil deletes it.
+func (b *backend) putGrant(ctx context.Context, s logical.Storage, user string, g *grant) error {
+	return b.tokens.put(ctx, s, userPrefix+user, g)
 }
 
 // storeGrant keeps a user's new tokens, replacing any grant the user had; the replaced grant is
@@ -166,8 +189,7 @@ func (b *backend) storeGrant(ctx context.Context, s logical.Storage, cfg *config
 		return err
 	}
 	if old != nil && old.Status == grantActive {
-		b.revokeAfterLeases(ctx, s, revocation{ClientID: old.ClientID, AccessToken: old.AccessToken, RefreshToken: old.RefreshToken,
-			ExpiresAt: old.ExpiresAt, NotBefore: old.refreshAt(cfg), Reason: reasonReplacedGrant})
+		b.revokeAfterLeases(ctx, s, old.revocation(old.refreshAt(cfg), reasonReplacedGrant))
 	}
 	return nil
 }
@@ -200,16 +222,6 @@ func (b *backend) usableGrant(ctx context.Context, s logical.Storage, cfg *confi
 	return g, nil
 }
 
-// heldToken is a token the engine holds and rotates, a user's grant or a shared role's token: one
-// set of rules serves both (a lease until its refresh point, one refresh in flight, backoff).
-type heldToken interface {
-	key() string                                 // its entry in refreshes
-	describe() string                            // whose token it is, for errors
-	current(ctx context.Context) (*grant, error) // the token held now, or why none can be given
-	point(g *grant) time.Time                    // g's refresh point
-	renew(ctx context.Context) (*grant, error)   // refreshes it if still due, with refresh's outcomes
-}
-
 // userToken is a user's grant as a heldToken.
 type userToken struct {
 	b      *backend
@@ -219,12 +231,11 @@ type userToken struct {
 	user   string
 }
 
-func (t userToken) key() string      { return t.user }
+func (t userToken) key() string      { return userPrefix + t.user }
 func (t userToken) describe() string { return "user " + t.user }
 func (t userToken) current(ctx context.Context) (*grant, error) {
 	return t.b.usableGrant(ctx, t.s, t.cfg, t.user)
 }
-func (t userToken) point(g *grant) time.Time { return g.refreshAt(t.cfg) }
 func (t userToken) renew(ctx context.Context) (*grant, error) {
 	return t.b.refresh(ctx, t.s, t.cfg, t.client, t.user)
 }
@@ -232,108 +243,6 @@ func (t userToken) renew(ctx context.Context) (*grant, error) {
 // currentGrant returns the user's grant and how long a reader may keep its token (see currentToken).
 func (b *backend) currentGrant(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string) (*grant, time.Duration, error) {
 	return b.currentToken(ctx, cfg, userToken{b, s, cfg, client, user})
-}
-
-// currentToken returns the held token and how long a reader may keep it (its lease): until its
-// refresh point, so that no refresh kills the token while the lease lives. A token well before its
-// point comes from memory without a lock. A read within readAhead of the point waits for it and
-// then for the refresh, sent by one call at a time, which every reader arriving meanwhile waits
-// for; after a passing failure the token's next attempt is its new point, and readers get the
-// still-valid token until then. The refresh takes its turn under the call budget before the
-// background's.
-func (b *backend) currentToken(ctx context.Context, cfg *config, t heldToken) (*grant, time.Duration, error) {
-	for {
-		now := b.cache.refreshes.now()
-		g, err := t.current(ctx)
-		if err != nil {
-			return nil, 0, err
-		}
-		at := t.point(g)
-		if g.ExpiresAt.Before(at) && now.Before(at) {
-			// A refresh failed after the token expired, and the next attempt is not due yet.
-			return nil, 0, b.cache.refreshes.failure(t, g, at)
-		}
-		if now.Before(at.Add(-readAhead)) {
-			return g, at.Sub(now).Truncate(time.Second), nil
-		}
-		// Only a node that can write may refresh, or the rotated refresh token would be lost.
-		if err := b.ensureWritable(); err != nil {
-			return nil, 0, err
-		}
-		if now.Before(at) {
-			if err := b.cache.refreshes.waitUntil(ctx, at); err != nil {
-				return nil, 0, err
-			}
-		}
-		next, err := b.joinRefresh(ctx, cfg, t, g, true)
-		now = b.cache.refreshes.now()
-		switch {
-		case next == nil:
-			return nil, 0, err
-		case err == nil && next.AccessToken != g.AccessToken:
-			// A fresh token is answered at once; only one living under 2*readAhead could have its point
-			// that close, and Vault reads a TTL of 0 as the mount's default.
-			return next, max(t.point(next).Sub(now).Truncate(time.Second), time.Second), nil
-		case err != nil && (next.ExpiresAt.Sub(now) < readAhead || !t.point(next).After(at)):
-			return nil, 0, err // the token is about to expire, or no next attempt could be stored: nothing to promise
-		}
-		// Not refreshed: the token's point lies ahead, so the next round leases until it or waits for it.
-	}
-}
-
-// refreshIfDue refreshes the user's grant if its refresh point has come (see refreshTokenIfDue).
-func (b *backend) refreshIfDue(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, user string) error {
-	return b.refreshTokenIfDue(ctx, cfg, userToken{b, s, cfg, client, user})
-}
-
-// refreshTokenIfDue refreshes the held token if its refresh point has come, for the periodic pass,
-// which neither waits for a point nor tries again. A passing failure is no error while the token
-// still serves: its next attempt is stored with it.
-func (b *backend) refreshTokenIfDue(ctx context.Context, cfg *config, t heldToken) error {
-	g, err := t.current(ctx)
-	if err != nil || b.cache.refreshes.now().Before(t.point(g)) {
-		return err
-	}
-	next, err := b.joinRefresh(ctx, cfg, t, g, false)
-	if next != nil && next.ExpiresAt.Sub(b.cache.refreshes.now()) >= readAhead {
-		return nil
-	}
-	return err
-}
-
-// joinRefresh sends the refresh of the held token g, whose point has come, or joins the one in
-// flight, and returns its outcome as renew does; while the last failure holds attempts back, the
-// current token, whose point is that failure's next attempt if storage took it, and the failure.
-// A reader's refresh (reader set) takes its turn under the call budget before the background's.
-func (b *backend) joinRefresh(ctx context.Context, cfg *config, t heldToken, g *grant, reader bool) (*grant, error) {
-	f, start, held := b.cache.refreshes.join(t.key(), g.RefreshToken, b.cache.refreshes.now())
-	if held != nil {
-		current, err := t.current(ctx)
-		if err != nil {
-			return nil, err
-		}
-		return current, held.err
-	}
-	if reader {
-		b.budget.hurry(f.turn)
-	}
-	if start {
-		// The flight is every waiting reader's, and once sent the refresh must reach storage (the
-		// old token is dead then): it goes on if its starter goes away.
-		detached := context.WithoutCancel(ctx)
-		b.cache.refreshes.fly(t.key(), f, func() (*grant, error) {
-			if err := b.awaitTurn(detached, cfg, 1, f.turn); err != nil {
-				return g, err // no call went: the token still serves until its point
-			}
-			return t.renew(detached)
-		})
-	}
-	select {
-	case <-f.done:
-		return f.g, f.err
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
 }
 
 // refresh refreshes the user's grant, under the user's lock, if it is still due; its ctx is not the
@@ -348,7 +257,7 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 	if err != nil {
 		return nil, err
 	}
-	if !g.due(cfg, b.cache.refreshes.now()) {
+	if !g.due(cfg, b.tokens.refreshes.now()) {
 		return g, nil
 	}
 	tok, err := client.refresh(ctx, g.RefreshToken)
@@ -358,12 +267,14 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 	case refreshOK:
 		next := g.refreshed(tok, cfg)
 		next.ClientID = cmp.Or(next.ClientID, cfg.ClientID) // a grant stored before grants recorded their client adopts it
-		b.putRotatedGrant(ctx, s, user, next)
+		if err := b.tokens.putRotated(ctx, s, userPrefix+user, next); err != nil {
+			b.Logger().Error("storage refused a user's rotated ev.energy grant, which only this node's memory now holds: the periodic pass stores it once storage accepts writes", "user", user, "error", err)
+		}
 		return next, nil
 	case refreshRevoked:
 		b.Logger().Warn("ev.energy no longer accepts a user's grant", "user", user, "error", err)
 		revoked := *g
-		found := b.cache.refreshes.now().UTC()
+		found := b.tokens.refreshes.now().UTC()
 		revoked.Status, revoked.LastError, revoked.RevokedAt = grantRevoked, err.Error(), &found
 		if err := b.putGrant(ctx, s, user, &revoked); err != nil {
 			return nil, err
@@ -373,7 +284,7 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 	// The next attempt becomes the grant's refresh point, in storage so that every node, and a node
 	// taking over, ends the leases it hands out by then and sends no attempt before.
 	held := *g
-	held.RefreshAt = b.cache.refreshes.failed(user, g, err)
+	held.RefreshAt = b.tokens.refreshes.failed(userPrefix+user, g, err)
 	if stored := b.putGrant(ctx, s, user, &held); stored != nil {
 		b.Logger().Warn("could not refresh an ev.energy user token nor store when to try again; readers get the failure until then", "user", user, "error", err, "storage_error", stored)
 		return g, err
@@ -393,4 +304,15 @@ func refreshOutcome(err error) string {
 	default:
 		return refreshFailed
 	}
+}
+
+// grantsByStatus counts the users' grants in memory by status, for metrics.
+func (b *backend) grantsByStatus() map[string]int {
+	b.cache.mu.RLock()
+	var cfg *config
+	if b.cache.configured != nil {
+		cfg = b.cache.configured.cfg
+	}
+	b.cache.mu.RUnlock()
+	return b.tokens.usersByStatus(cfg)
 }

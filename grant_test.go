@@ -69,7 +69,7 @@ func TestRotatedGrantSurvivesRefusedWrites(t *testing.T) {
 	if again, _, err := readUserToken(t, b, s, "driver"); err != nil || again != rotated || sv.TokenRequests() != calls {
 		t.Fatalf("the unsaved grant was not served from memory: %v", err)
 	}
-	if err := b.periodic(t.Context(), &logical.Request{Storage: s}); err == nil || !strings.Contains(err.Error(), "storing the rotated grant of user driver") {
+	if err := b.periodic(t.Context(), &logical.Request{Storage: s}); err == nil || !strings.Contains(err.Error(), "storing the rotated token at users/driver") {
 		t.Fatalf("a periodic pass while storage refuses: %v", err)
 	}
 
@@ -212,7 +212,7 @@ func TestGrantsShareTheirRepeatedStrings(t *testing.T) {
 		if err := putJSON(t.Context(), s, userPrefix+user, stored); err != nil {
 			t.Fatal(err)
 		}
-		g, err := getGrant(t.Context(), s, user)
+		g, err := getGrant(t.Context(), s, userPrefix+user)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -491,7 +491,7 @@ func TestReadWaitingForTheRefreshPointEndsWithItsCaller(t *testing.T) {
 	if err := b.putGrant(t.Context(), s, "driver", g); err != nil {
 		t.Fatal(err)
 	}
-	b.cache.refreshes.now = func() time.Time { return time.Now().Add(time.Minute - time.Second) }
+	b.tokens.refreshes.now = func() time.Time { return time.Now().Add(time.Minute - time.Second) }
 	calls := sv.TokenRequests()
 	ctx, leave := context.WithCancel(t.Context())
 	leave()

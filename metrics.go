@@ -25,7 +25,7 @@ type metrics struct {
 // What happened to shared roles' tokens.
 const (
 	sharedMinted   = "minted"
-	sharedReplaced = "replaced" // minted in place of a stored one, which is revoked once its leases end
+	sharedReplaced = "replaced" // a stored one set aside, revoked once its leases end: at its refresh point, or as what it was minted with changed
 )
 
 // Outcomes of a user token refresh.
@@ -56,7 +56,7 @@ func newMetrics(grantsByStatus func() map[string]int, pendingRevocations func() 
 		}, []string{"outcome"}),
 		sharedTokens: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "evenergy_shared_tokens_total",
-			Help: "Shared roles' tokens this engine minted, by event: minted (every one), replaced (minted in place of a stored one).",
+			Help: "Shared roles' tokens this engine minted, by event: minted (every one), replaced (a stored one set aside, revoked once its leases end).",
 		}, []string{"event"}),
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "evenergy_upstream_request_duration_seconds",

@@ -53,7 +53,7 @@ func (b *backend) pathCheckGrantsWrite(ctx context.Context, req *logical.Request
 	left := fmt.Sprintf("each %d grants take about a minute", refreshesPerMinute(cfg))
 	data, err := b.checkProgress(ctx, req.Storage, cfg)
 	switch {
-	case errors.Is(err, errGrantsLoading): // right after a reload: the check runs once they are loaded
+	case errors.Is(err, errTokensLoading): // right after a reload: the check runs once they are loaded
 		data = map[string]any{"started_at": cfg.CheckGrantsBefore.Format(time.RFC3339)}
 	case err != nil:
 		return nil, err
@@ -79,7 +79,7 @@ func (b *backend) pathCheckGrantsRead(ctx context.Context, req *logical.Request,
 		return logical.ErrorResponse("no check has been started: write to check-grants to start one"), nil
 	}
 	data, err := b.checkProgress(ctx, req.Storage, cfg)
-	if errors.Is(err, errGrantsLoading) {
+	if errors.Is(err, errTokensLoading) {
 		return nil, logical.CodedError(http.StatusServiceUnavailable, "users' grants are still being loaded after a start: read check-grants again in a few seconds")
 	}
 	return &logical.Response{Data: data}, err
@@ -87,20 +87,18 @@ func (b *backend) pathCheckGrantsRead(ctx context.Context, req *logical.Request,
 
 // checkProgress counts, on the active node that runs the check, the grants still to check.
 func (b *backend) checkProgress(ctx context.Context, s logical.Storage, cfg *config) (map[string]any, error) {
-	if err := b.loadGrants(ctx, s); err != nil {
+	if err := b.tokens.loadAll(ctx, s); err != nil {
 		return nil, err
 	}
 	pending, revoked := 0, 0
-	b.cache.mu.RLock()
-	for user, g := range b.cache.grants {
+	b.tokens.walk(userPrefix, func(_ string, g *grant) {
 		switch {
-		case g.usable(cfg, user) == nil && g.LastRefreshedAt.Before(cfg.CheckGrantsBefore):
+		case g.refreshable(cfg) && g.LastRefreshedAt.Before(cfg.CheckGrantsBefore):
 			pending++
 		case g.Status == grantRevoked && g.RevokedAt != nil && !g.RevokedAt.Before(cfg.CheckGrantsBefore):
 			revoked++
 		}
-	}
-	b.cache.mu.RUnlock()
+	})
 	return map[string]any{
 		"started_at":          cfg.CheckGrantsBefore.Format(time.RFC3339),
 		"pending":             pending,

@@ -3,6 +3,7 @@ package evenergy
 import (
 	"context"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -200,7 +201,16 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	if err := b.unretireClient(ctx, req.Storage, cfg.ClientID); err != nil {
 		return nil, err
 	}
-	return nil, b.putConfig(ctx, req.Storage, cfg)
+	if err := b.putConfig(ctx, req.Storage, cfg); err != nil || previous == nil || !mintsOtherwise(previous, cfg) {
+		return nil, err
+	}
+	return nil, b.endSharedTokens(ctx, req.Storage)
+}
+
+// mintsOtherwise reports whether tokens minted under cfg differ from those minted under previous:
+// another client, secret or default scopes.
+func mintsOtherwise(previous, cfg *config) bool {
+	return previous.ClientID != cfg.ClientID || previous.ClientSecret != cfg.ClientSecret || !slices.Equal(previous.Scopes, cfg.Scopes)
 }
 
 // putConfig stores the config, which every node then reads anew.

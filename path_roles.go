@@ -3,6 +3,7 @@ package evenergy
 import (
 	"context"
 	"net/http"
+	"slices"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -16,7 +17,15 @@ type role struct {
 	Scopes []string      `json:"scopes"`
 	TTL    time.Duration `json:"ttl"`
 	MaxTTL time.Duration `json:"max_ttl"`
-	Shared bool          `json:"shared"` // every reader gets the role's one token (sharedToken), not a new one
+	Shared bool          `json:"shared"` // every reader gets the role's one token (sharedRole), not a new one
+}
+
+// tokenScopes are the scopes the role's tokens are minted with: its own, or else the config's.
+func (r *role) tokenScopes(cfg *config) []string {
+	if len(r.Scopes) == 0 {
+		return cfg.Scopes
+	}
+	return r.Scopes
 }
 
 func pathRoles(b *backend) []*framework.Path {
@@ -102,6 +111,7 @@ func (b *backend) pathRoleWrite(ctx context.Context, req *logical.Request, d *fr
 			return nil, err
 		}
 	}
+	previousScopes := r.Scopes
 	if v, ok := fieldOnWrite(req, d, "scopes"); ok {
 		r.Scopes = v.([]string)
 	}
@@ -119,10 +129,11 @@ func (b *backend) pathRoleWrite(ctx context.Context, req *logical.Request, d *fr
 	}
 	err := putJSON(ctx, req.Storage, rolePrefix+name, r)
 	b.cache.invalidate(rolePrefix + name)
-	if err != nil || r.Shared {
-		return nil, err // a shared role whose scopes changed gets a new token at its next read or pass
+	if err != nil || (r.Shared && slices.Equal(r.Scopes, previousScopes)) {
+		return nil, err
 	}
-	_, err = b.endSharedToken(ctx, req.Storage, name, false) // no longer shared: revoked once its leases end
+	// No longer shared, or minted for other scopes: revoked once its leases end; a read mints anew.
+	_, err = b.endSharedToken(ctx, req.Storage, name, false)
 	return nil, err
 }
 

@@ -55,18 +55,13 @@ func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *fr
 		}
 	}
 	if r.Shared {
-		return b.readSharedToken(ctx, req.Storage, cfg, client, roleName.(string), r) // mints only where it may write
+		return b.readSharedToken(ctx, req.Storage, cfg, roleName.(string), r) // mints only where it may write
 	}
 	if err := b.ensureWritable(); err != nil {
 		return nil, err
 	}
-	scopes := r.Scopes
-	if len(scopes) == 0 {
-		scopes = cfg.Scopes
-	}
-
 	// The mint finishes even if the caller goes away: ev.energy may have issued the token already.
-	tok, err := client.clientCredentialsToken(context.WithoutCancel(ctx), scopes)
+	tok, err := client.clientCredentialsToken(context.WithoutCancel(ctx), r.tokenScopes(cfg))
 	if err != nil {
 		return nil, err
 	}

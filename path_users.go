@@ -125,7 +125,7 @@ func (b *backend) pathUserRead(ctx context.Context, req *logical.Request, d *fra
 	data["access_token_expires_at"] = g.ExpiresAt.Format(time.RFC3339)
 	data["refresh_window"] = int64(g.refreshWindow(cfg).Seconds())
 	data["refresh_at"] = g.refreshAt(cfg).UTC().Format(time.RFC3339)
-	data["last_error"] = cmp.Or(b.cache.refreshes.lastFailure(user, g.RefreshToken), g.LastError)
+	data["last_error"] = cmp.Or(b.tokens.refreshes.lastFailure(userPrefix+user, g.RefreshToken), g.LastError)
 	return &logical.Response{Data: data}, nil
 }
 

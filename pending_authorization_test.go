@@ -45,7 +45,7 @@ func TestPendingOfEarlierVersionsCompletes(t *testing.T) {
 	if err != nil || resp.IsError() {
 		t.Fatalf("completing a pending authorization of an earlier version: %v %v", err, resp)
 	}
-	if g, err := getGrant(t.Context(), s, "driver-1"); err != nil || g == nil || g.Status != grantActive {
+	if g, err := getGrant(t.Context(), s, userPrefix+"driver-1"); err != nil || g == nil || g.Status != grantActive {
 		t.Fatalf("grant %v %v", g, err)
 	}
 	if n := storedPending(t, s); n != 0 {

@@ -42,7 +42,7 @@ func seedGrants(tb testing.TB, b *backend, s logical.Storage, sv *standin.Server
 			tb.Fatal(err)
 		}
 	}
-	if err := b.loadGrants(context.Background(), s); err != nil {
+	if err := b.tokens.loadAll(context.Background(), s); err != nil {
 		tb.Fatal(err)
 	}
 }
@@ -73,7 +73,7 @@ func BenchmarkPeriodicPassNothingDue(b *testing.B) {
 	}
 	floor := timeEach(1000, func() {
 		be.cache.mu.RLock()
-		for range be.cache.grants {
+		for range be.tokens.tokens {
 		}
 		be.cache.mu.RUnlock()
 	})

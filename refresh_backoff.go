@@ -23,20 +23,20 @@ const (
 	backoffJitter  = 0.2
 )
 
-// refreshes is what this node alone knows of its users' refreshes, in memory only: the refresh call
-// in flight per grant, whose outcome every reader arriving meanwhile waits for instead of sending
-// its own, and the failures in a row of a grant's refresh token, which set the next attempt. The
-// grant stores that attempt as its refresh point; the failure holds attempts back here too, in
-// case storage refused it.
+// refreshes is what this node alone knows of the refreshes of its held tokens, in memory only: the
+// refresh call in flight per token, whose outcome every reader arriving meanwhile waits for instead
+// of sending its own, and the failures in a row of a token's refresh token, which set the next
+// attempt. The token stores that attempt as its refresh point; the failure holds attempts back here
+// too, in case storage refused it.
 type refreshes struct {
 	now       func() time.Time                             // the clock of refresh points, backoff and leases; tests set their own
 	waitUntil func(ctx context.Context, t time.Time) error // waits until now reaches t, or ctx ends; tests set their own
 	random    func() float64                               // uniform in [0, 1), spreads the backoff; tests set their own
 	mu        sync.Mutex
-	users     map[string]*grantRefresh // users with a refresh in flight or failures; others have none
+	byKey     map[string]*grantRefresh // held tokens with a refresh in flight or failures, by storage key; others have none
 }
 
-// grantRefresh is the refresh call in flight for one user's grant, if any, and the failures before it.
+// grantRefresh is the refresh call in flight for one held token, if any, and the failures before it.
 type grantRefresh struct {
 	flight   *flight
 	token    string // the refresh token that failed: a grant with another one starts afresh
@@ -61,7 +61,7 @@ type flight struct {
 }
 
 func newRefreshes() *refreshes {
-	return &refreshes{now: time.Now, waitUntil: sleepUntil, random: rand.Float64, users: map[string]*grantRefresh{}}
+	return &refreshes{now: time.Now, waitUntil: sleepUntil, random: rand.Float64, byKey: map[string]*grantRefresh{}}
 }
 
 // sleepUntil waits until the wall clock reaches t, or ctx ends.
@@ -76,17 +76,17 @@ func sleepUntil(ctx context.Context, t time.Time) error {
 	}
 }
 
-// join returns the refresh in flight for the user's grant, whose refresh token is token; or a new
+// join returns the refresh in flight for the held token at key, whose refresh token is token; or a new
 // flight, which the caller must fly (start); or, while a failure of that token holds attempts
 // back, no flight but the failure.
-func (r *refreshes) join(user, token string, now time.Time) (f *flight, start bool, held *heldBack) {
+func (r *refreshes) join(key, token string, now time.Time) (f *flight, start bool, held *heldBack) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	u := r.users[user]
+	u := r.byKey[key]
 	switch {
 	case u == nil:
 		u = &grantRefresh{}
-		r.users[user] = u
+		r.byKey[key] = u
 	case u.flight != nil:
 		return u.flight, false, nil
 	case u.token == token && u.held != nil && now.Before(u.held.retryAt):
@@ -99,25 +99,25 @@ func (r *refreshes) join(user, token string, now time.Time) (f *flight, start bo
 // fly runs refresh as the flight f and hands its outcome to every reader waiting for it. refresh
 // returns the refreshed grant; or the grant and a passing failure, which it noted with failed; or
 // no grant and the error that leaves no token to give.
-func (r *refreshes) fly(user string, f *flight, refresh func() (*grant, error)) {
+func (r *refreshes) fly(key string, f *flight, refresh func() (*grant, error)) {
 	defer close(f.done)
 	f.g, f.err = refresh()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if f.g == nil || f.err == nil {
-		delete(r.users, user) // refreshed, or nothing more to try: no failures to remember
+		delete(r.byKey, key) // refreshed, or nothing more to try: no failures to remember
 		return
 	}
-	r.users[user].flight = nil
+	r.byKey[key].flight = nil
 }
 
-// failed notes a passing failure of the refresh of the user's grant g, in flight, and returns when
+// failed notes a passing failure of the refresh of the held token g at key, in flight, and returns when
 // the next attempt may go: after backoff, never more than maxBackoff away, nor past the token's
 // expiry while it lives.
-func (r *refreshes) failed(user string, g *grant, err error) time.Time {
+func (r *refreshes) failed(key string, g *grant, err error) time.Time {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	u := r.users[user]
+	u := r.byKey[key]
 	if u.token != g.RefreshToken {
 		u.token, u.failures = g.RefreshToken, 0
 	}
@@ -152,8 +152,8 @@ func retryAfterOf(err error) time.Duration {
 
 // lastFailure says why the last refresh of the grant whose refresh token is token failed; "" when
 // it has not failed since it was last refreshed (on this node).
-func (r *refreshes) lastFailure(user, token string) string {
-	if err := r.heldBy(user, token); err != nil {
+func (r *refreshes) lastFailure(key, token string) string {
+	if err := r.heldBy(key, token); err != nil {
 		return err.Error()
 	}
 	return ""
@@ -161,10 +161,10 @@ func (r *refreshes) lastFailure(user, token string) string {
 
 // heldBy is the last failure of the refresh of the grant whose refresh token is token, if it
 // failed since it was last refreshed (on this node).
-func (r *refreshes) heldBy(user, token string) error {
+func (r *refreshes) heldBy(key, token string) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if u := r.users[user]; u != nil && u.token == token && u.held != nil {
+	if u := r.byKey[key]; u != nil && u.token == token && u.held != nil {
 		return u.held.err
 	}
 	return nil

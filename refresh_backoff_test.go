@@ -95,7 +95,7 @@ func useFakeClock(b *backend, at time.Time) *fakeClock {
 
 // drive makes the backend's refresh points, backoff and leases follow c.
 func (c *fakeClock) drive(b *backend) {
-	b.cache.refreshes.now, b.cache.refreshes.waitUntil = c.Now, c.WaitUntil
+	b.tokens.refreshes.now, b.tokens.refreshes.waitUntil = c.Now, c.WaitUntil
 }
 
 // connectDueUser connects a user whose 5-minute token is due for a refresh on the clock it returns,
@@ -218,7 +218,7 @@ func TestConcurrentReadersDuringFailureSendOneRefresh(t *testing.T) {
 	b, s, _ := newCountedBackend(t, &logical.InmemStorage{})
 	sv := newUnitStandin(t, b, s)
 	g, clock := connectDueUser(t, b, s, sv, "driver")
-	b.cache.refreshes.random = func() float64 { return 0.5 } // no spread
+	b.tokens.refreshes.random = func() float64 { return 0.5 } // no spread
 	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
 	sv.SetLatency(100 * time.Millisecond)
 	calls := sv.TokenRequests()
@@ -328,7 +328,7 @@ func TestSteadyReaderOfAGrantWithHoursLeftBacksOff(t *testing.T) {
 	}
 	g := connectUnitUser(t, b, s, sv, "driver") // a 10-hour token
 	clock.Set(g.ExpiresAt.Add(-5 * time.Hour))
-	b.cache.refreshes.random = func() float64 { return 0.5 } // no spread
+	b.tokens.refreshes.random = func() float64 { return 0.5 } // no spread
 	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
 	before := len(calls())
 	start := clock.Now()
@@ -434,8 +434,8 @@ func TestNoReaderWaitsBehindAnothersRefresh(t *testing.T) {
 	seedGrants(t, b, s, sv, 1, time.Now().Add(10*time.Hour))
 	// The clock runs 10 h ahead, so every token ev.energy issues (for 10 h) is due when read.
 	ahead := 10*time.Hour - 5*time.Minute
-	b.cache.refreshes.now = func() time.Time { return time.Now().Add(ahead) }
-	b.cache.refreshes.waitUntil = func(ctx context.Context, t time.Time) error { return sleepUntil(ctx, t.Add(-ahead)) }
+	b.tokens.refreshes.now = func() time.Time { return time.Now().Add(ahead) }
+	b.tokens.refreshes.waitUntil = func(ctx context.Context, t time.Time) error { return sleepUntil(ctx, t.Add(-ahead)) }
 	sv.SetLatency(latency)
 
 	var (
@@ -509,8 +509,8 @@ func TestExpiredTokenIsRefreshedByAReadOnceItsNextAttemptComes(t *testing.T) {
 	sv.SetTokenLifetime(30 * time.Second)
 	g := connectUnitUser(t, b, s, sv, "driver")
 	sv.SetTokenLifetime(10 * time.Hour)
-	clock := useFakeClock(b, g.ExpiresAt.Add(time.Second))   // expired, and due
-	b.cache.refreshes.random = func() float64 { return 0.5 } // no spread
+	clock := useFakeClock(b, g.ExpiresAt.Add(time.Second))    // expired, and due
+	b.tokens.refreshes.random = func() float64 { return 0.5 } // no spread
 	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
 	if _, _, err := readUserToken(t, b, s, "driver"); err == nil {
 		t.Fatal("an expired token whose refresh failed gave a token")

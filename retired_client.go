@@ -180,22 +180,15 @@ func (b *backend) forgetSpentClients(ctx context.Context, s logical.Storage, now
 	if err == nil {
 		held, err = b.unconfirmed.all(ctx, s)
 	}
-	var shared map[string]*sharedToken
 	if err == nil {
-		shared, err = b.sharedTokens.all(ctx, s)
+		err = b.tokens.loadAll(ctx, s)
 	}
-	if err == nil {
-		err = b.loadGrants(ctx, s)
-	}
-	if errors.Is(err, errGrantsLoading) {
-		return nil // which grants exist is known once the start-up load is over
+	if errors.Is(err, errTokensLoading) {
+		return nil // which tokens are held is known once the start-up load is over
 	} else if err != nil {
 		return err
 	}
-	inUse := b.grantClients()
-	for _, st := range shared {
-		inUse[st.ClientID] = true
-	}
+	inUse := b.tokens.clients()
 	for _, rec := range records {
 		inUse[rec.ClientID] = true
 	}
@@ -220,15 +213,4 @@ func (b *backend) forgetSpentClients(ctx context.Context, s logical.Storage, now
 		b.Logger().Info("forgot a retired ev.energy client: nothing it issued can be alive", "client_id", rc.Config.ClientID)
 	}
 	return nil
-}
-
-// grantClients is the set of clients the grants in memory were made for.
-func (b *backend) grantClients() map[string]bool {
-	b.cache.mu.RLock()
-	defer b.cache.mu.RUnlock()
-	clients := map[string]bool{}
-	for clientID := range b.cache.tally {
-		clients[clientID] = true
-	}
-	return clients
 }

@@ -58,7 +58,7 @@ func scaleBackend(tb testing.TB, due int) (*backend, *countingStorage, *standin.
 			tb.Fatal(err)
 		}
 	}
-	if err := be.loadGrants(ctx, s); err != nil {
+	if err := be.tokens.loadAll(ctx, s); err != nil {
 		tb.Fatal(err)
 	}
 	return be, s, sv
@@ -89,7 +89,7 @@ func BenchmarkScaleLoad(b *testing.B) {
 		fresh := newBackend()
 		before := heapAfterGC()
 		b.StartTimer()
-		if err := fresh.loadGrants(ctx, s); err != nil {
+		if err := fresh.tokens.loadAll(ctx, s); err != nil {
 			b.Fatal(err)
 		}
 		b.StopTimer()
@@ -123,7 +123,7 @@ func BenchmarkScalePeriodicNothingDue(b *testing.B) {
 	}
 	floor := timeEach(100, func() {
 		be.cache.mu.RLock()
-		for range be.cache.grants {
+		for range be.tokens.tokens {
 		}
 		be.cache.mu.RUnlock()
 	})

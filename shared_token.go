@@ -2,8 +2,7 @@ package evenergy
 
 import (
 	"context"
-	"errors"
-	"slices"
+	"net/http"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -15,108 +14,95 @@ const sharedTokenPrefix = "shared-tokens/"
 
 const secretSharedTokenType = "evenergy_shared_token"
 
-// sharedToken is a shared role's token, which every reader of token/<role> gets under a lease that
-// ends by its refresh point (RefreshAt), when the engine replaces it.
-type sharedToken struct {
-	grant           // the token and its refresh point, under the grants' rules; it has no refresh token
-	Scopes []string `json:"scopes"` // the scopes it was minted for: a role or config asking for others replaces it
-}
-
-// sharedRole is a shared role's token as a heldToken.
+// sharedRole is a shared role's token as a heldToken: in the token store at shared-tokens/<role>, a
+// grant without a refresh token, which every reader of token/<role> gets under a lease that ends by
+// its refresh point, when the engine replaces it.
 type sharedRole struct {
-	b      *backend
-	s      logical.Storage
-	cfg    *config
-	client *evenergyClient
-	name   string
-	scopes []string
+	b    *backend
+	s    logical.Storage
+	cfg  *config
+	name string
 }
 
-// key keeps a role's entry in refreshes apart from the users': user names hold no colon.
-func (t sharedRole) key() string      { return "role:" + t.name }
+func (t sharedRole) key() string      { return sharedTokenPrefix + t.name }
 func (t sharedRole) describe() string { return "the shared token of role " + t.name }
 
-// point is the stored refresh point; a token that is missing (the zero grant) is due at once.
-func (t sharedRole) point(g *grant) time.Time { return g.RefreshAt }
-
-// current is the role's stored token, or the zero grant, due at once, when it has none that fits.
+// current is the role's stored token, or the zero grant, due at once, when it has none of the
+// configured client.
 func (t sharedRole) current(ctx context.Context) (*grant, error) {
-	st, err := t.b.sharedTokens.get(ctx, t.s, t.name)
-	if err != nil || !t.fits(st) {
-		return &grant{}, err
+	g, _, err := t.stored(ctx)
+	return g, err
+}
+
+// stored is current, and the token stored whatever its client (nil if none).
+func (t sharedRole) stored(ctx context.Context) (current, stored *grant, err error) {
+	stored, err = t.b.tokens.get(ctx, t.s, t.key())
+	if err != nil || stored == nil || stored.ClientID != t.cfg.ClientID {
+		return &grant{}, stored, err
 	}
-	return &st.grant, nil
+	return stored, stored, nil
 }
 
-// fits reports whether st was minted by the configured client for the role's scopes.
-func (t sharedRole) fits(st *sharedToken) bool {
-	return st != nil && st.ClientID == t.cfg.ClientID && slices.Equal(st.Scopes, t.scopes)
-}
-
-// renew mints the role's next token, under the role's lock, if the stored one is due or does not
-// fit; it returns refresh's outcomes, a failed first mint as the zero grant and the failure, held
-// back as a failed refresh is. The token it replaces is revoked once its leases have ended.
+// renew mints the role's next token, under its lock, if the stored one is due or of another client,
+// with the role and the config in force now: a write of either that changes what the token is
+// minted with ends the stored one, and a read that started before must not mint it again. It
+// returns refresh's outcomes, a failed first mint as the zero grant and the failure, held back as a
+// failed refresh is. The token it replaces is revoked once its leases have ended.
 func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 	b := t.b
-	defer b.sharedLocks.lock(t.name)()
-	old, err := b.sharedTokens.get(ctx, t.s, t.name)
+	defer b.tokens.lock(t.key())()
+	cfg, client, err := b.config(ctx, t.s)
 	if err != nil {
 		return nil, err
 	}
-	if t.fits(old) && b.cache.refreshes.now().Before(old.RefreshAt) {
-		return &old.grant, nil // replaced meanwhile
-	}
-	tok, err := t.client.clientCredentialsToken(ctx, t.scopes)
+	r, err := b.role(ctx, t.s, t.name)
 	if err != nil {
-		if !t.fits(old) {
-			// No token to give: readers get this failure, with no call, until the next attempt.
-			b.cache.refreshes.failed(t.key(), &grant{}, err)
-			return &grant{}, err
+		return nil, err
+	}
+	if !r.Shared {
+		return nil, logical.CodedError(http.StatusConflict, "role "+t.name+" no longer shares its token: read it again")
+	}
+	t.cfg = cfg
+	current, old, err := t.stored(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if !current.due(cfg, b.tokens.refreshes.now()) {
+		return current, nil // replaced meanwhile
+	}
+	tok, err := client.clientCredentialsToken(ctx, r.tokenScopes(cfg))
+	if err != nil {
+		held := *current
+		held.RefreshAt = b.tokens.refreshes.failed(t.key(), current, err)
+		if current.AccessToken == "" {
+			return current, err // no token to give: readers get this failure, with no call, until the next attempt
 		}
 		// The next attempt becomes the token's refresh point, as for a user's grant.
-		held := *old
-		held.RefreshAt = b.cache.refreshes.failed(t.key(), &old.grant, err)
-		if stored := b.sharedTokens.put(ctx, t.s, t.name, &held); stored != nil {
+		if stored := b.tokens.put(ctx, t.s, t.key(), &held); stored != nil {
 			b.Logger().Warn("could not replace a role's shared ev.energy token nor store when to try again", "role", t.name, "error", err, "storage_error", stored)
-			return &old.grant, err
+			return current, err
 		}
 		b.Logger().Warn("could not replace a role's shared ev.energy token; readers get the current one until the next attempt", "role", t.name, "error", err, "next_attempt", held.RefreshAt)
-		return &held.grant, err
+		return &held, err
 	}
 	b.retired.minted(tok.Expiry)
-	next := &sharedToken{grant: *grant{ClientID: t.cfg.ClientID}.refreshed(tok, t.cfg), Scopes: t.scopes}
-	if err := b.sharedTokens.put(ctx, t.s, t.name, next); err != nil {
-		b.disown(ctx, t.s, revocation{ClientID: t.cfg.ClientID, AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry, Reason: reasonUnowned})
+	next := grant{ClientID: cfg.ClientID}.refreshed(tok, cfg)
+	if err := b.tokens.put(ctx, t.s, t.key(), next); err != nil {
+		b.disown(ctx, t.s, revocation{ClientID: cfg.ClientID, AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry, Reason: reasonUnowned})
 		return nil, err
 	}
 	b.metrics.sharedTokens.WithLabelValues(sharedMinted).Inc()
 	if old != nil {
 		b.metrics.sharedTokens.WithLabelValues(sharedReplaced).Inc()
-		b.revokeAfterLeases(ctx, t.s, old.revocation(reasonReplacedShared))
+		b.revokeAfterLeases(ctx, t.s, old.revocation(old.refreshAt(cfg), reasonReplacedShared))
 	}
-	return &next.grant, nil
-}
-
-// revocation is what revoking the token takes, not before its refresh point, by which every lease
-// handed out for it has ended.
-func (st *sharedToken) revocation(reason string) revocation {
-	return revocation{ClientID: st.ClientID, AccessToken: st.AccessToken, RefreshToken: st.RefreshToken,
-		ExpiresAt: st.ExpiresAt, NotBefore: st.RefreshAt, Reason: reason}
-}
-
-// sharedRoleToken is the heldToken of the named shared role r.
-func (b *backend) sharedRoleToken(s logical.Storage, cfg *config, client *evenergyClient, name string, r *role) sharedRole {
-	scopes := r.Scopes
-	if len(scopes) == 0 {
-		scopes = cfg.Scopes
-	}
-	return sharedRole{b: b, s: s, cfg: cfg, client: client, name: name, scopes: scopes}
+	return next, nil
 }
 
 // readSharedToken answers a read of a shared role's token: the stored one, from memory, under a
 // lease that ends by its refresh point and cannot be renewed (see currentToken).
-func (b *backend) readSharedToken(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, name string, r *role) (*logical.Response, error) {
-	g, lease, err := b.currentToken(ctx, cfg, b.sharedRoleToken(s, cfg, client, name, r))
+func (b *backend) readSharedToken(ctx context.Context, s logical.Storage, cfg *config, name string, r *role) (*logical.Response, error) {
+	g, lease, err := b.currentToken(ctx, cfg, sharedRole{b, s, cfg, name})
 	if err != nil {
 		return nil, err
 	}
@@ -150,51 +136,42 @@ func (b *backend) revokeSharedLease(ctx context.Context, req *logical.Request, _
 	return b.revokeAccessToken(ctx, req, nil)
 }
 
-// replaceDueSharedTokens replaces, for the periodic pass, the shared tokens whose refresh point has
-// come or whose role or config asks for another; what is due is known from memory.
-func (b *backend) replaceDueSharedTokens(ctx context.Context, s logical.Storage) error {
-	stored, err := b.sharedTokens.all(ctx, s)
-	if err != nil || len(stored) == 0 {
-		return err
-	}
-	cfg, client, err := b.config(ctx, s)
-	if err != nil {
-		return nil // not configured: nothing to mint with
-	}
-	var errs []error
-	for name := range stored {
-		r, err := b.role(ctx, s, name)
-		if err != nil || !r.Shared {
-			continue // the role's delete or write retires its token
-		}
-		if err := b.refreshTokenIfDue(ctx, cfg, b.sharedRoleToken(s, cfg, client, name, r)); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
-}
-
 // endSharedToken forgets the role's shared token and revokes it: now (an operator's rotation, the
 // role's delete), or once its leases have ended (the role no longer shares).
 // It answers the warning an operator needs when leases still point at a token revoked now.
 func (b *backend) endSharedToken(ctx context.Context, s logical.Storage, name string, now bool) ([]string, error) {
-	defer b.sharedLocks.lock(name)()
-	st, err := b.sharedTokens.get(ctx, s, name)
-	if err != nil || st == nil {
+	key := sharedTokenPrefix + name
+	defer b.tokens.lock(key)()
+	g, err := b.tokens.get(ctx, s, key)
+	if err != nil || g == nil {
 		return nil, err
 	}
-	if err := b.sharedTokens.delete(ctx, s, name); err != nil {
+	if err := b.tokens.put(ctx, s, key, nil); err != nil {
 		return nil, err
 	}
 	if !now {
-		b.revokeAfterLeases(ctx, s, st.revocation(reasonReplacedShared))
+		b.metrics.sharedTokens.WithLabelValues(sharedReplaced).Inc()
+		b.revokeAfterLeases(ctx, s, g.revocation(g.RefreshAt, reasonReplacedShared))
 		return nil, nil
 	}
-	rec := st.revocation(reasonRevokedShared)
-	rec.NotBefore = time.Time{}
-	if err := b.revokeOrQueue(context.WithoutCancel(ctx), s, rec); err != nil {
+	if err := b.revokeOrQueue(context.WithoutCancel(ctx), s, g.revocation(time.Time{}, reasonRevokedShared)); err != nil {
 		return nil, err
 	}
 	return []string{"the shared token of role " + name + " is revoked, but Vault's leases for it run until " +
-		st.RefreshAt.UTC().Format(time.RFC3339) + " at the latest, and Vault Agents keep rendering it until they read the role again: restart them"}, nil
+		g.RefreshAt.UTC().Format(time.RFC3339) + " at the latest, and Vault Agents keep rendering it until they read the role again: restart them"}, nil
+}
+
+// endSharedTokens ends every shared role's token once its leases have ended, as the config it was
+// minted with changed: the next read or pass mints anew.
+func (b *backend) endSharedTokens(ctx context.Context, s logical.Storage) error {
+	names, err := s.List(ctx, sharedTokenPrefix)
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		if _, err := b.endSharedToken(ctx, s, name, false); err != nil {
+			return err
+		}
+	}
+	return nil
 }

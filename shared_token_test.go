@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -31,9 +32,9 @@ func writeSharedRole(t *testing.T, b *backend, s logical.Storage, name string, s
 }
 
 // storedShared is the role's shared token as storage holds it.
-func storedShared(t *testing.T, s logical.Storage, name string) *sharedToken {
+func storedShared(t *testing.T, s logical.Storage, name string) *grant {
 	t.Helper()
-	st, err := getJSON[sharedToken](t.Context(), s, sharedTokenPrefix+name)
+	st, err := getJSON[grant](t.Context(), s, sharedTokenPrefix+name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -171,7 +172,7 @@ func TestSharedTokenReplacementOutlivesAnOutage(t *testing.T) {
 	start := time.Now()
 	due := *st
 	due.RefreshAt = start.Add(-12 * time.Minute)
-	if err := b.sharedTokens.put(t.Context(), s, "fleet", &due); err != nil {
+	if err := b.tokens.put(t.Context(), s, sharedTokenPrefix+"fleet", &due); err != nil {
 		t.Fatal(err)
 	}
 	clock := useFakeClock(b, due.RefreshAt)
@@ -282,7 +283,7 @@ func TestSharedTokenReplacedWhenClientOrScopesChange(t *testing.T) {
 	for _, rec := range pendingRevocations(t, s) {
 		byToken[rec.AccessToken] = rec
 	}
-	for _, replaced := range []*sharedToken{first, second} {
+	for _, replaced := range []*grant{first, second} {
 		rec := byToken[replaced.AccessToken]
 		if rec == nil || rec.ClientID != replaced.ClientID || !rec.NotBefore.Equal(replaced.RefreshAt) || !sv.Active(replaced.AccessToken) {
 			t.Fatalf("want the replaced token queued as %s until %v and alive until then, got %s", replaced.ClientID, replaced.RefreshAt, describeRecords([]*revocation{rec}))
@@ -404,4 +405,131 @@ func TestFailedFirstMintBacksOff(t *testing.T) {
 	if tok := readShared(t, b, s, "fleet"); tok == "" || sv.TokenRequests()-requests != 2 {
 		t.Fatalf("the read after the backoff: %d token requests in all, want 2", sv.TokenRequests()-requests)
 	}
+}
+
+// expectSharedReplaced checks that the role's token old is no longer served, and is queued for
+// revocation as its client once its leases end (at its refresh point), alive until then.
+func expectSharedReplaced(t *testing.T, b *backend, s logical.Storage, sv *standin.Server, name string, old *grant) {
+	t.Helper()
+	if got := readShared(t, b, s, name); got == old.AccessToken {
+		t.Fatal("a reader still got the token minted before the change")
+	}
+	for _, rec := range pendingRevocations(t, s) {
+		if rec.AccessToken == old.AccessToken {
+			if rec.ClientID != old.ClientID || !rec.NotBefore.Equal(old.RefreshAt) || !sv.Active(old.AccessToken) {
+				t.Fatalf("want the replaced token queued as %s until %v and alive until then, got %s", old.ClientID, old.RefreshAt, describeRecords([]*revocation{rec}))
+			}
+			return
+		}
+	}
+	t.Fatal("the replaced token was not queued for revocation")
+}
+
+func TestSharedTokenReplacedWhenTheSecretChanges(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	first := readShared(t, b, s, "fleet")
+
+	mustWrite(t, b, s, configPath, map[string]any{"request_timeout": "20s"})
+	if got := readShared(t, b, s, "fleet"); got != first || len(pendingRevocations(t, s)) != 0 {
+		t.Fatal("a config write that changes nothing a token is minted with replaced the shared token")
+	}
+	minted := storedShared(t, s, "fleet")
+	sv.AddClient(standin.Client{ID: testClientID, Secret: "rotated-secret", Scopes: testScopes})
+	mustWrite(t, b, s, configPath, map[string]any{"client_secret": "rotated-secret"})
+	expectSharedReplaced(t, b, s, sv, "fleet", minted)
+}
+
+// TestCheckGrantsReplacesSharedTokensMintedBefore: after a restore, a shared token stored in the
+// snapshot may have been replaced and revoked since; check-grants replaces the ones minted before it.
+func TestCheckGrantsReplacesSharedTokensMintedBefore(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	readShared(t, b, s, "fleet")
+	minted := storedShared(t, s, "fleet")
+	clock := useFakeClock(b, time.Now().Add(time.Second))
+
+	mustWrite(t, b, s, "check-grants", nil)
+	runPeriodic(t, b, s)
+	next := storedShared(t, s, "fleet")
+	if next == nil || next.AccessToken == minted.AccessToken || !sv.Active(next.AccessToken) {
+		t.Fatal("the background refresh after check-grants did not replace the shared token minted before it")
+	}
+	queued := pendingRevocations(t, s)
+	if len(queued) != 1 || queued[0].AccessToken != minted.AccessToken || queued[0].NotBefore.After(clock.Now()) {
+		t.Fatalf("want the token minted before the check queued for revocation now, got %s", describeRecords(queued))
+	}
+}
+
+// gatedMint holds the stand-in's client-credentials token requests until release is closed, and
+// tells arrived of each.
+type gatedMint struct {
+	*standin.Server
+	arrived chan struct{}
+	release chan struct{}
+}
+
+func (g *gatedMint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == "/o/token" && r.Header.Get("Authorization") != "" {
+		g.arrived <- struct{}{}
+		<-g.release
+	}
+	g.Server.ServeHTTP(w, r)
+}
+
+// TestRoleWriteDuringAMintLeavesNoTokenOfTheOldScopes: a role write changing the scopes while a
+// read's mint with the old ones is in flight ends the token that mint stores; the next read gets a
+// token of the new scopes.
+func TestRoleWriteDuringAMintLeavesNoTokenOfTheOldScopes(t *testing.T) {
+	b, s := newUnitBackend(t)
+	gate := &gatedMint{Server: newTestStandin(), arrived: make(chan struct{}, 1), release: make(chan struct{})}
+	unitConfig(t, b, s, gate)
+	var releaseOnce sync.Once
+	releaseMint := func() { releaseOnce.Do(func() { close(gate.release) }) }
+	t.Cleanup(releaseMint) // before the server closes, which waits for held requests
+	writeSharedRole(t, b, s, "fleet", testScopes[0])
+	read := make(chan string, 1)
+	go func() {
+		resp, err := request(t, b, s, logical.ReadOperation, "token/fleet", nil)
+		if err != nil || resp.IsError() {
+			read <- fmt.Sprint("error: ", err, resp)
+			return
+		}
+		read <- resp.Data["scope"].(string)
+	}()
+	<-gate.arrived
+	written := make(chan error)
+	go func() {
+		_, err := request(t, b, s, logical.UpdateOperation, rolePrefix+"fleet", map[string]any{"scopes": testScopes[1]})
+		written <- err
+	}()
+	// The write waits for the token's lock, which the mint holds; let the mint go once it waits.
+	for deadline := time.Now().Add(30 * time.Second); lockRefs(&b.tokens.locks, sharedTokenPrefix+"fleet") < 2; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the role write did not come to wait for the token's lock within 30 s")
+		}
+	}
+	releaseMint()
+	if got := <-read; got != testScopes[0] {
+		t.Fatalf("the read whose mint was in flight got %q", got)
+	}
+	if err := <-written; err != nil {
+		t.Fatal(err)
+	}
+	resp, err := request(t, b, s, logical.ReadOperation, "token/fleet", nil)
+	if err != nil || resp.IsError() || resp.Data["scope"] != testScopes[1] {
+		t.Fatalf("the read after the role write: %v %v, want a token of scope %s", err, resp, testScopes[1])
+	}
+}
+
+// lockRefs is how many hold or wait for key's lock.
+func lockRefs(m *keyedMutex, key string) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if e := m.entries[key]; e != nil {
+		return e.refs
+	}
+	return 0
 }

@@ -82,7 +82,7 @@ func (b *backend) holdForConfirmation(ctx context.Context, s logical.Storage, st
 	shown := newConfirmationCode()
 	held := &unconfirmedGrant{
 		User: pending.User, MadeBy: pending.MadeBy, ConfirmationCode: confirmationCode(shown),
-		ExpiresAt: b.cache.refreshes.now().Add(authRequestTTL).UTC(), ClientID: cfg.ClientID,
+		ExpiresAt: b.tokens.refreshes.now().Add(authRequestTTL).UTC(), ClientID: cfg.ClientID,
 		AccessToken: tok.AccessToken, TokenType: tok.Type(), RefreshToken: tok.RefreshToken, Scope: tokenScope(tok), TokenExpiresAt: tok.Expiry,
 	}
 	if err := b.unconfirmed.put(ctx, s, state, held); err != nil {
@@ -108,7 +108,7 @@ func (b *backend) confirmGrant(ctx context.Context, req *logical.Request, user, 
 		}
 	}
 	switch {
-	case held == nil || b.cache.refreshes.now().After(held.ExpiresAt) || held.User != user:
+	case held == nil || b.tokens.refreshes.now().After(held.ExpiresAt) || held.User != user:
 		return logical.CodedError(http.StatusBadRequest, "the state has no connection waiting for a confirmation code (unknown, expired, already confirmed or for another user): start again at auth-url")
 	case req.EntityID != held.MadeBy:
 		return logical.CodedError(http.StatusForbidden, "only the Vault identity that made this link can confirm it, in its own Vault session")
@@ -158,7 +158,7 @@ func (b *backend) revokeUnclaimedGrants(ctx context.Context, s logical.Storage) 
 	if err != nil {
 		return err
 	}
-	now := b.cache.refreshes.now()
+	now := b.tokens.refreshes.now()
 	var errs []error
 	handed := 0
 	for state, u := range held {

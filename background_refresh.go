@@ -1,0 +1,130 @@
+package evenergy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/vault/sdk/logical"
+)
+
+// refreshPause is how long the background refresh waits between its rounds: a grant whose failed
+// refresh holds the next attempt back is tried again in a later round.
+const refreshPause = time.Second
+
+// refreshDueTokens stores the rotated tokens storage refused before, and starts the background
+// refresh of the held tokens whose refresh point has come, unless it is running.
+// The pass waits for its first round, up to passBudget or until ctx ends: Vault holds its state
+// lock through the pass, while the refresh goes on at the pace of the call budget.
+func (b *backend) refreshDueTokens(ctx context.Context, s logical.Storage) error {
+	if err := b.tokens.loadAll(ctx, s); errors.Is(err, errTokensLoading) {
+		return nil // the tokens wait for the next pass, once the start-up load is over
+	} else if err != nil {
+		return err
+	}
+	errs := []error{b.tokens.storeUnsaved(ctx, s)}
+	if _, _, err := b.config(ctx, s); err != nil || ctx.Err() != nil {
+		return errs[0] // not configured, or the pass is over: nothing to refresh now
+	}
+	if !b.refreshing.TryLock() {
+		return errs[0] // running: its next round finds what came due
+	}
+	firstRound := make(chan error, 1)
+	go b.refreshInBackground(s, firstRound)
+	select {
+	case err := <-firstRound:
+		errs = append(errs, err)
+	case <-time.After(passBudget):
+	case <-ctx.Done():
+	}
+	return errors.Join(errs...)
+}
+
+// refreshInBackground refreshes the due held tokens in rounds, the earliest due first, until none is
+// due or the mount stops on this node; it hands the first round's outcome to firstRound and logs
+// the others'. Call it holding b.refreshing, which it lets go once it hands over nothing due.
+func (b *backend) refreshInBackground(s logical.Storage, firstRound chan<- error) {
+	ctx := b.background
+	for round := 0; ; round++ {
+		var keys []string
+		cfg, client, err := b.config(ctx, s)
+		if err == nil {
+			err = b.refreshRound(ctx, s, cfg, client, b.tokens.due(cfg, b.tokens.refreshes.now()))
+			keys = b.tokens.due(cfg, b.tokens.refreshes.now()) // what is left: failed, held back, or due meanwhile
+		}
+		if len(keys) == 0 || ctx.Err() != nil {
+			b.refreshing.Unlock() // before the pass returns: the next one starts a refresh for what comes due
+		}
+		switch {
+		case round == 0:
+			firstRound <- err
+		case err != nil:
+			b.Logger().Warn("the background refresh of held tokens", "error", err)
+		}
+		if len(keys) == 0 || ctx.Err() != nil {
+			return
+		}
+		select {
+		case <-b.budget.after(refreshPause):
+		case <-ctx.Done():
+			b.refreshing.Unlock()
+			return
+		}
+	}
+}
+
+// refreshRound refreshes the held tokens at keys, refreshWorkers at a time, each call in its turn
+// under the call budget, until ctx ends; it says how many it could not refresh, and why the first.
+func (b *backend) refreshRound(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, keys []string) error {
+	var (
+		mu       sync.Mutex
+		wg       sync.WaitGroup
+		failed   int
+		firstErr error
+		due      = make(chan string)
+	)
+	for range refreshWorkers {
+		wg.Go(func() {
+			for key := range due {
+				// The round waits for the refresh it sent, or joined, to be stored: the next round
+				// must not find it half done.
+				err := b.refreshHeldIfDue(ctx, s, cfg, client, key)
+				switch {
+				case err == nil:
+				// Revoked grants and those of another client wait for their user, not for the next round.
+				case errors.As(err, new(*revokedGrantError)), errors.As(err, new(*otherClientError)):
+				case ctx.Err() != nil && (errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)):
+				default:
+					mu.Lock()
+					if failed++; firstErr == nil {
+						firstErr = fmt.Errorf("%s: %w", key, err)
+					}
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	for _, key := range keys {
+		if ctx.Err() != nil {
+			break
+		}
+		due <- key
+	}
+	close(due)
+	wg.Wait()
+	if failed > 0 {
+		return fmt.Errorf("%d of %d held tokens due for a refresh were not refreshed; the first: %w", failed, len(keys), firstErr)
+	}
+	return nil
+}
+
+// refreshHeldIfDue refreshes the held token at key if its refresh point has come (see refreshTokenIfDue).
+func (b *backend) refreshHeldIfDue(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, key string) error {
+	t, err := b.heldTokenAt(ctx, s, cfg, client, key)
+	if t == nil {
+		return err
+	}
+	return b.refreshTokenIfDue(ctx, cfg, t)
+}
