@@ -233,7 +233,7 @@ func TestAccReadmeCommands(t *testing.T) {
 	replacements := []string{
 		"https://vault.example.com", vault.Address(), // this Vault, where the callback is
 		"evenergy/config client_id=abc123", "evenergy/config base_url=" + evServer.URL + " client_id=abc123", // the stand-in is ev.energy
-		"evenergy/users/<user>", "evenergy/users/driver-42",
+		"evenergy/users/<user>", "evenergy/users/driver-42", // the README's example user
 	}
 	// The placeholders only the run so far can fill: the last lease a command handed out, and the code
 	// and state ev.energy sent an application.
