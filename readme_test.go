@@ -1,6 +1,7 @@
 package evenergy
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -22,16 +23,14 @@ import (
 )
 
 // readmeCommand is one `vault` command of README.md: a `$ vault ...` line of a shell-session block
-// (with its continuation lines), or an inline `vault ...` in a numbered step of a procedure.
+// (with its continuation lines), or an inline `vault ...` of its prose, procedure steps and tables.
 type readmeCommand struct {
-	line int // in README.md
-	text string
+	line    int    // in README.md
+	section string // the heading it is under
+	text    string
 }
 
-var (
-	numberedStep = regexp.MustCompile(`^\d+\. `)
-	inlineVault  = regexp.MustCompile("`(vault [^`]+)`")
-)
+var inlineVault = regexp.MustCompile("`(vault [^`]+)`")
 
 // readmeCommands lists README.md's `vault` commands in the order an operator meets them.
 func readmeCommands(t *testing.T) []readmeCommand {
@@ -42,7 +41,7 @@ func readmeCommands(t *testing.T) []readmeCommand {
 	}
 	lines := strings.Split(string(raw), "\n")
 	var commands []readmeCommand
-	fence := "" // the info string of the fenced block the line is in
+	fence, section := "", "" // the info string of the fenced block the line is in; the heading above it
 	for i := 0; i < len(lines); i++ {
 		line := strings.TrimSpace(lines[i])
 		switch {
@@ -58,41 +57,64 @@ func readmeCommands(t *testing.T) []readmeCommand {
 				i++
 				text = strings.TrimSpace(strings.TrimSuffix(text, `\`)) + " " + strings.TrimSpace(lines[i])
 			}
-			commands = append(commands, readmeCommand{line: start + 1, text: text})
-		case fence == "" && numberedStep.MatchString(line):
-			// A step goes on in the indented lines below it.
-			start, step := i, line
-			for i+1 < len(lines) && strings.HasPrefix(lines[i+1], "   ") && !strings.HasPrefix(strings.TrimSpace(lines[i+1]), "```") {
+			commands = append(commands, readmeCommand{line: start + 1, section: section, text: text})
+		case fence == "" && strings.HasPrefix(line, "#"):
+			section = strings.TrimSpace(strings.TrimLeft(line, "#"))
+		case fence == "" && line != "":
+			// A paragraph, list or table goes on to a blank line, a heading or a block, and a
+			// backticked command may go on to the next line.
+			start, text, offsets := i, line, []int{0} // offsets: where each line starts in text
+			for i+1 < len(lines) && goesOn(lines[i+1]) {
 				i++
-				step += " " + strings.TrimSpace(lines[i])
+				text += " "
+				offsets = append(offsets, len(text))
+				text += strings.TrimSpace(lines[i])
 			}
-			for _, m := range inlineVault.FindAllStringSubmatch(step, -1) {
-				commands = append(commands, readmeCommand{line: start + 1, text: m[1]})
+			for _, m := range inlineVault.FindAllStringSubmatchIndex(text, -1) {
+				n, _ := slices.BinarySearch(offsets, m[0]+1) // the lines starting at or before the command
+				commands = append(commands, readmeCommand{line: start + n, section: section, text: text[m[2]:m[3]]})
 			}
 		}
 	}
 	return commands
 }
 
+// goesOn reports whether a line carries on the paragraph, list or table above it.
+func goesOn(line string) bool {
+	line = strings.TrimSpace(line)
+	return line != "" && !strings.HasPrefix(line, "#") && !strings.HasPrefix(line, "```")
+}
+
 // TestReadmeCommandsAreFound pins what readmeCommands takes from the README: commands in sessions,
-// with their continuation lines, and in the steps of a procedure.
+// with their continuation lines, and inline ones in steps, prose (one may go on to the next line)
+// and tables, each with its line.
 func TestReadmeCommandsAreFound(t *testing.T) {
-	var texts []string
-	for _, c := range readmeCommands(t) {
-		texts = append(texts, c.text)
+	commands := readmeCommands(t)
+	raw, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
 	}
+	lines := strings.Split(string(raw), "\n")
 	for _, want := range []string{
 		`vault secrets enable -path=evenergy -plugin-version="$VERSION" -default-lease-ttl=1h -allowed-response-headers=Retry-After vault-plugin-secrets-evenergy`,
 		`vault write sys/plugins/reload/backend mounts=evenergy/`,
 		`vault operator raft snapshot restore evenergy.snap`,
+		`vault lease revoke -prefix evenergy/token/agents`,
+		`vault write evenergy/users/driver-42 refresh_token=@refresh-token.txt`,
+		`vault secrets tune -default-lease-ttl=1h evenergy/`,
 	} {
-		if !slices.Contains(texts, want) {
-			t.Errorf("the README's commands do not include %q; they are:\n%s", want, strings.Join(texts, "\n"))
+		i := slices.IndexFunc(commands, func(c readmeCommand) bool { return c.text == want })
+		if i < 0 {
+			t.Errorf("the README's commands do not include %q", want)
+			continue
+		}
+		if start := strings.Join(strings.Fields(want)[:3], " "); !strings.Contains(lines[commands[i].line-1], start) {
+			t.Errorf("%q is found at README.md:%d, which is %q", want, commands[i].line, lines[commands[i].line-1])
 		}
 	}
-	for _, text := range texts {
-		if strings.Contains(text, "vault plugin reload") {
-			t.Errorf("the README runs %q, which calls sys/plugins/reload/unknown without a namespace", text)
+	for _, c := range commands {
+		if strings.Contains(c.text, "vault plugin reload") && readmeFailures[c.text] == nil {
+			t.Errorf("README.md:%d shows %q, which calls sys/plugins/reload/unknown without a namespace, as working", c.line, c.text)
 		}
 	}
 }
@@ -146,18 +168,37 @@ var readmeWarnings = map[string]string{
 	`vault list -format=json evenergy/users | jq -r '.[]' | xargs -I{} vault delete evenergy/users/{}`: "each delete warns until when leases of the revoked grant's token may run",
 	`vault list -format=json evenergy/roles | jq -r '.[]' | xargs -I{} vault delete evenergy/roles/{}`: "a shared role's delete warns that leases still name its revoked token",
 	"vault write -f evenergy/rotate-role/agents":                                                       "it warns that leases still name the revoked token",
+	"vault delete evenergy/users/driver-42":                                                            "it warns until when leases of the revoked grant's token may run",
+	`vault write evenergy/revocations include_deferred=true   # until it shows "pending" 0`:            "it revokes deferred records early, as it is meant to, and warns that their leases' readers hold dead tokens",
 }
 
-// TestAccReadmeCommands runs every `vault` command of README.md in order, as an operator would,
-// against a single-node Raft Vault (the restore needs snapshots) with the plugin and the stand-in
-// as ev.energy. Each must exit 0 without a warning from Vault, and each procedure must end as the
-// README says: a reload runs the new version, a restore lists as revoked the users refreshed since
-// the snapshot. Not run, as they are not Vault's: checking and installing the release on every
-// node (sha256sum, install; the test builds both versions into the one node's plugin directory),
-// what happens at ev.energy (a new secret, a user's consent: the hooks below), and the HCL of
-// Terraform and Vault Agent.
+// readmeFailures are the commands the README shows failing, with what their output must hold.
+var readmeFailures = map[string][]string{
+	// Without a namespace the CLI calls the wrong path. Compatibility says it works within one, which
+	// Community Edition, which the tests run, does not have.
+	"vault plugin reload -mounts=evenergy/": {"sys/plugins/reload/unknown", "unsupported path"},
+}
+
+// TestAccReadmeCommands runs every `vault` command of README.md in order, as an operator would (the
+// disable last), against a single-node Raft Vault (the restore needs snapshots) with the plugin and
+// the stand-in as ev.energy. Each must exit 0 without a warning from Vault, or fail as the README
+// says, and have the effect the README gives it: a reload runs the new version, a restore lists as
+// revoked the users refreshed since the snapshot, a renewal keeps the token, a delete revokes the
+// grant, and so on (the hooks below). Not run, as they are not Vault's: checking and installing the
+// release on every node (sha256sum, install; the test builds both versions into the one node's
+// plugin directory), what happens at ev.energy (a new secret, a user's consent: the hooks below),
+// and the HCL of Terraform and Vault Agent.
 func TestAccReadmeCommands(t *testing.T) {
-	commands := readmeCommands(t)
+	// The disable ends the mount, so the commands the README shows after it run before it.
+	var commands, disabling []readmeCommand
+	for _, c := range readmeCommands(t) {
+		if c.section == "Disabling a mount" {
+			disabling = append(disabling, c)
+		} else {
+			commands = append(commands, c)
+		}
+	}
+	commands = append(commands, disabling...)
 	cluster := startRaftCluster(t, 1)
 	vault := cluster.active(t).client
 	work := t.TempDir()
@@ -192,13 +233,57 @@ func TestAccReadmeCommands(t *testing.T) {
 	replacements := []string{
 		"https://vault.example.com", vault.Address(), // this Vault, where the callback is
 		"evenergy/config client_id=abc123", "evenergy/config base_url=" + evServer.URL + " client_id=abc123", // the stand-in is ev.energy
+		"evenergy/users/<user>", "evenergy/users/driver-42", // the README's example user
 	}
+	// The placeholders only the run so far can fill: the last lease a command handed out, and the code
+	// and state ev.energy sent an application.
+	filled := map[string]string{}
+	var leasedToken string // the access token of filled["<lease_id>"]
 
 	// What happens between the commands, outside Vault: users at ev.energy, and the checks of each
 	// procedure's end. Keyed by the README's command, which must exist.
 	var refreshedAtSnapshot map[string]bool // the stand-in's refreshed access tokens when the snapshot was taken
 	var lostInRestore []string
+	var sharedToken, importedToken, deletedGrant string
 	before := map[string]func(){
+		"vault lease revoke -prefix evenergy/token/agents": func() {
+			s, err := vault.Logical().Read("evenergy/token/agents")
+			if err != nil {
+				t.Fatal(err)
+			}
+			sharedToken = s.Data["access_token"].(string)
+		},
+		"vault write evenergy/users/driver-42 code=... state=...": func() { // the application's redirect_uri gets them
+			s, err := vault.Logical().Write("evenergy/auth-url/driver-42", map[string]any{"redirect_uri": "https://app.example.com/evenergy"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			redirect, err := ev.Authorize(context.Background(), s.Data["authorize_url"].(string), "driver-42", true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			filled["code=... state=..."] = "code=" + redirect.Query().Get("code") + " state=" + redirect.Query().Get("state")
+		},
+		"vault write evenergy/users/driver-42 refresh_token=@refresh-token.txt": func() { // a grant made outside Vault
+			var err error
+			if importedToken, err = ev.IssueUserGrant("abc123", "driver-42", "vehicle:read"); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(work, "refresh-token.txt"), []byte(importedToken+"\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		},
+		"vault delete evenergy/users/driver-42": func() {
+			for _, tok := range ev.Tokens() { // Vault's refresh token is the last one ev.energy issued for the user
+				if tok.User == "driver-42" && tok.Kind == "refresh" {
+					deletedGrant = tok.Value
+				}
+			}
+			if !ev.Active(deletedGrant) {
+				t.Fatal("driver-42 has no grant at ev.energy to delete")
+			}
+		},
+		"vault read evenergy/users/<user>": func() { importUser(t, vault, ev, "driver-42") }, // deleted above
 		"vault operator raft snapshot save evenergy.snap": func() {
 			for _, user := range []string{"restore-kept", "restore-rotated"} {
 				importUser(t, vault, ev, user)
@@ -221,17 +306,82 @@ func TestAccReadmeCommands(t *testing.T) {
 		},
 	}
 	after := map[string]func(stdout string){
+		"vault lease renew <lease_id>": func(string) {
+			if !ev.Active(leasedToken) {
+				t.Fatal("the renewal did not keep the lease's token")
+			}
+		},
+		"vault lease revoke <lease_id>": func(string) {
+			eventually(t, time.Minute, "the revoked lease's token to be revoked at ev.energy", func() bool { return !ev.Active(leasedToken) })
+		},
+		"vault lease revoke -prefix evenergy/token/agents": func(string) {
+			eventually(t, time.Minute, "the shared role's leases to end", func() bool {
+				s, err := vault.Logical().List("sys/leases/lookup/evenergy/token/agents")
+				return err == nil && s == nil
+			})
+			if !ev.Active(sharedToken) {
+				t.Fatal("ending the shared role's leases revoked its token")
+			}
+		},
 		`vault write evenergy/auth-url/driver-42 redirect_uri=https://vault.example.com/v1/evenergy/callback`: func(stdout string) {
-			authorizeURL := regexp.MustCompile(`(?m)^authorize_url\s+(\S+)$`).FindStringSubmatch(stdout)
-			if authorizeURL == nil {
+			authorizeURL := tableValue(stdout, "authorize_url")
+			if authorizeURL == "" {
 				t.Fatalf("no authorize_url in:\n%s", withoutSecrets(stdout))
 			}
-			callback, err := ev.Authorize(context.Background(), authorizeURL[1], "driver-42", true) // the user consents
+			callback, err := ev.Authorize(context.Background(), authorizeURL, "driver-42", true) // the user consents
 			if err != nil {
 				t.Fatal(err)
 			}
 			if resp := get(t, callback.String()); resp.StatusCode != http.StatusOK {
 				t.Fatalf("the callback answered %d", resp.StatusCode)
+			}
+		},
+		"vault write evenergy/users/driver-42 refresh_token=@refresh-token.txt": func(string) {
+			if ev.Active(importedToken) {
+				t.Fatal("the imported refresh token still works at ev.energy: Vault did not refresh it at once")
+			}
+		},
+		"vault read evenergy/users/driver-42": func(stdout string) {
+			if tableValue(stdout, "status") != grantActive {
+				t.Fatalf("no active status in:\n%s", withoutSecrets(stdout))
+			}
+			for _, tok := range ev.Tokens() {
+				if strings.Contains(stdout, tok.Value) {
+					t.Fatalf("the grant's read shows a %s token of %s", tok.Kind, cmp.Or(tok.User, "the client"))
+				}
+			}
+		},
+		"vault delete evenergy/users/driver-42": func(string) {
+			if ev.Active(deletedGrant) {
+				t.Fatal("the deleted user's grant still works at ev.energy")
+			}
+		},
+		"vault read evenergy/users/<user>": func(stdout string) {
+			if tableValue(stdout, "refresh_at") == "" {
+				t.Fatalf("no refresh_at in:\n%s", withoutSecrets(stdout))
+			}
+		},
+		"vault secrets tune -allowed-response-headers=Retry-After evenergy/": func(string) {
+			// Longer than request_timeout, so the engine passes it on instead of waiting.
+			ev.SetFault(standin.Fault{Kind: standin.FaultRateLimited, RetryAfter: 45 * time.Second, Count: 1})
+			defer ev.SetFault(standin.Fault{})
+			req, err := http.NewRequest(http.MethodGet, vault.Address()+"/v1/evenergy/token", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Header.Set("X-Vault-Token", vault.Token())
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusTooManyRequests || resp.Header.Get("Retry-After") != "45" {
+				t.Fatalf("got HTTP %d with Retry-After %q, want 429 with 45", resp.StatusCode, resp.Header.Get("Retry-After"))
+			}
+		},
+		"vault read evenergy/metrics": func(stdout string) {
+			if !strings.Contains(stdout, "evenergy_tokens_minted_total") || strings.Contains(stdout, "# TYPE") {
+				t.Fatalf("not the JSON series:\n%s", stdout)
 			}
 		},
 		"vault operator raft snapshot save evenergy.snap": func(string) {
@@ -244,7 +394,7 @@ func TestAccReadmeCommands(t *testing.T) {
 		},
 		"vault list -detailed evenergy/users": func(stdout string) {
 			if revoked := revokedUsers(t, stdout); !slices.Equal(revoked, lostInRestore) {
-				t.Fatalf("after the restore the list shows %v revoked; the users refreshed since the snapshot are %v:\n%s", revoked, lostInRestore, stdout)
+				t.Fatalf("the list shows %v revoked; the users refreshed since the snapshot restored are %v:\n%s", revoked, lostInRestore, stdout)
 			}
 		},
 		`vault secrets list -detailed        # the mount's running version is $NEW`: func(string) {
@@ -261,7 +411,7 @@ func TestAccReadmeCommands(t *testing.T) {
 	for _, c := range commands {
 		texts[c.text] = true
 	}
-	for _, keys := range [][]string{slices.Collect(maps.Keys(before)), slices.Collect(maps.Keys(after)), slices.Collect(maps.Keys(readmeWarnings))} {
+	for _, keys := range [][]string{slices.Collect(maps.Keys(before)), slices.Collect(maps.Keys(after)), slices.Collect(maps.Keys(readmeWarnings)), slices.Collect(maps.Keys(readmeFailures))} {
 		for _, k := range keys {
 			if !texts[k] {
 				t.Fatalf("this test acts around the README command %q, which the README no longer has", k)
@@ -277,22 +427,42 @@ func TestAccReadmeCommands(t *testing.T) {
 		for i := 0; i < len(replacements); i += 2 {
 			text = strings.ReplaceAll(text, replacements[i], replacements[i+1])
 		}
+		for placeholder, value := range filled {
+			text = strings.ReplaceAll(text, placeholder, value)
+		}
 		cmd := exec.Command("bash", "-c", "set -o pipefail; "+text)
 		cmd.Dir, cmd.Env = work, env
 		var stdout, stderr strings.Builder
 		cmd.Stdout, cmd.Stderr = &stdout, &stderr
 		err := cmd.Run()
 		out := stdout.String() + stderr.String()
+		if want := readmeFailures[c.text]; want != nil {
+			if err == nil || slices.ContainsFunc(want, func(w string) bool { return !strings.Contains(out, w) }) {
+				t.Fatalf("README.md:%d: %s: want it to fail saying %q, got %v:\n%s", c.line, c.text, want, err, withoutSecrets(out))
+			}
+			continue
+		}
 		if err != nil {
 			t.Fatalf("README.md:%d: %s: %v\n%s", c.line, c.text, err, withoutSecrets(out))
 		}
 		if strings.Contains(out, "WARNING") && readmeWarnings[c.text] == "" {
 			t.Fatalf("README.md:%d: %s: Vault warned:\n%s", c.line, c.text, withoutSecrets(out))
 		}
+		if id, token := tableValue(stdout.String(), "lease_id"), tableValue(stdout.String(), "access_token"); id != "" && token != "" {
+			filled["<lease_id>"], leasedToken = id, token
+		}
 		if hook := after[c.text]; hook != nil {
 			hook(stdout.String())
 		}
 	}
+}
+
+// tableValue is the value of a row of a command's table output, or "".
+func tableValue(out, key string) string {
+	if m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(key) + `\s+(\S+)$`).FindStringSubmatch(out); m != nil {
+		return m[1]
+	}
+	return ""
 }
 
 // secretValue is a token, state or authorization link in a command's table output.
