@@ -42,7 +42,7 @@ type backend struct {
 	configWrites sync.Mutex
 	budget       *callBudget // spaces the calls to ev.energy of refreshes and revocations
 
-	// refreshing is held by the background refresh of due grants while it runs (see refreshDueUsers),
+	// refreshing is held by the background refresh of due grants while it runs (see refreshDueTokens),
 	// which ends with background, when the mount stops on this node.
 	refreshing     sync.Mutex
 	background     context.Context

@@ -15,31 +15,42 @@ import (
 const refreshPause = time.Second
 
 // refreshDueTokens stores the rotated tokens storage refused before, and starts the background
-// refresh of the held tokens whose refresh point has come, unless it is running.
-// The pass waits for its first round, up to passBudget or until ctx ends: Vault holds its state
-// lock through the pass, while the refresh goes on at the pace of the call budget.
-func (b *backend) refreshDueTokens(ctx context.Context, s logical.Storage) error {
+// refresh of the held tokens whose refresh point has come, unless it is running; it returns the
+// channel that gets the outcome of the refresh's first round, nil when it started none.
+func (b *backend) refreshDueTokens(ctx context.Context, s logical.Storage) (<-chan error, error) {
 	if err := b.tokens.loadAll(ctx, s); errors.Is(err, errTokensLoading) {
-		return nil // the tokens wait for the next pass, once the start-up load is over
+		return nil, nil // the tokens wait for the next pass, once the start-up load is over
 	} else if err != nil {
-		return err
+		return nil, err
 	}
-	errs := []error{b.tokens.storeUnsaved(ctx, s)}
-	if _, _, err := b.config(ctx, s); err != nil || ctx.Err() != nil {
-		return errs[0] // not configured, or the pass is over: nothing to refresh now
+	err := b.tokens.storeUnsaved(ctx, s)
+	if _, _, cfgErr := b.config(ctx, s); cfgErr != nil || ctx.Err() != nil {
+		return nil, err // not configured, or the pass is over: nothing to refresh now
 	}
 	if !b.refreshing.TryLock() {
-		return errs[0] // running: its next round finds what came due
+		return nil, err // running: its next round finds what came due
 	}
 	firstRound := make(chan error, 1)
 	go b.refreshInBackground(s, firstRound)
+	return firstRound, err
+}
+
+// awaitFirstRound waits for the background refresh's first round, for the pass to report it, until
+// end or until ctx ends: Vault holds its state lock through the pass, while the refresh goes on at
+// the pace of the call budget.
+func awaitFirstRound(ctx context.Context, firstRound <-chan error, end time.Time) error {
+	if firstRound == nil {
+		return nil
+	}
+	timer := time.NewTimer(time.Until(end))
+	defer timer.Stop()
 	select {
 	case err := <-firstRound:
-		errs = append(errs, err)
-	case <-time.After(passBudget):
+		return err
+	case <-timer.C:
 	case <-ctx.Done():
 	}
-	return errors.Join(errs...)
+	return nil
 }
 
 // refreshInBackground refreshes the due held tokens in rounds, the earliest due first, until none is

@@ -132,7 +132,7 @@ func TestPeriodicForgetsManyExpiredAuthorizationsWithinBudget(t *testing.T) {
 
 			// A pass stops once its ctx ends.
 			ctx, cancel := context.WithCancel(t.Context())
-			if err := b.forgetExpiredAuthorizations(ctx, &cancellingStorage{Storage: s, deletes: 10, cancel: cancel}); err != nil && !errors.Is(err, context.Canceled) {
+			if err := b.sweepPending(ctx, &cancellingStorage{Storage: s, deletes: 10, cancel: cancel}, time.Now().Add(passBudget)); err != nil && !errors.Is(err, context.Canceled) {
 				t.Fatal(err)
 			}
 			if n := seeded - storedPending(t, inmem); n != 10 {
@@ -189,7 +189,7 @@ func TestSweepKeepsDueAPendingAuthorizationStoredWhileItLists(t *testing.T) {
 	s := &listingThenWrite{Storage: inmem, prefix: authRequestPrefix, write: func() {
 		state = newLink(t, b, inmem, "driver-1").Data["state"].(string)
 	}}
-	if err := b.forgetExpiredAuthorizations(t.Context(), s); err != nil {
+	if err := b.sweepPending(t.Context(), s, time.Now().Add(passBudget)); err != nil {
 		t.Fatal(err)
 	}
 	if state == "" {

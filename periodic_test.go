@@ -254,3 +254,29 @@ func TestPeriodicPassFindsGrantsThatCameDueByAChange(t *testing.T) {
 		t.Fatalf("after refresh_window grew past u1's expiry, a pass refreshed %d grants", n)
 	}
 }
+
+// TestPeriodicPassKeepsToOneBudget: with more revocations due than the call budget sends in a pass
+// and 50,000 expired pending authorizations to sweep, the pass ends about passBudget after it began
+// (each step used to have a budget of its own: 4 s and more); the revocations, a promise, go first.
+func TestPeriodicPassKeepsToOneBudget(t *testing.T) {
+	b, inmem := newUnitBackend(t)
+	newUnitStandin(t, b, inmem)
+	seedExpiredPending(t, inmem, 50000, false)
+	const queued = 200 // 10 s of calls at the default budget of 20 a second
+	for i := range queued {
+		rec := revocation{ClientID: testClientID, AccessToken: fmt.Sprintf("queued-%d", i), ExpiresAt: time.Now().Add(time.Hour), Reason: reasonLeaseEnded}
+		if err := b.queueRevocation(t.Context(), inmem, rec, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := &slowStorage{Storage: inmem}
+	start := time.Now()
+	if err := b.periodic(t.Context(), &logical.Request{Storage: s}); err != nil {
+		t.Fatal(err)
+	}
+	took, revoked := time.Since(start), queued-len(pendingRevocations(t, inmem))
+	t.Logf("the pass took %v and revoked %d of %d queued records", took.Round(time.Millisecond), revoked, queued)
+	if took > passBudget+time.Second || revoked == 0 {
+		t.Fatalf("the pass took %v (budget %v) and revoked %d records; want one budget, the revocations first", took, passBudget, revoked)
+	}
+}
