@@ -194,22 +194,6 @@ func (b *backend) storeGrant(ctx context.Context, s logical.Storage, cfg *config
 	return nil
 }
 
-// revokeAfterLeases queues the revocation of replaced tokens until rec.NotBefore, by which the
-// leases handed out for them end.
-func (b *backend) revokeAfterLeases(ctx context.Context, s logical.Storage, rec revocation) {
-	if err := b.queueRevocation(ctx, s, rec, nil); err != nil {
-		b.disown(ctx, s, rec) // better end the readers' leases early than leave the tokens alive
-	}
-}
-
-// disown revokes tokens that nothing in Vault owns, now or through the queue.
-func (b *backend) disown(ctx context.Context, s logical.Storage, rec revocation) {
-	rec.NotBefore = time.Time{}
-	if err := b.revokeOrQueue(context.WithoutCancel(ctx), s, rec); err != nil {
-		b.Logger().Error("ev.energy tokens that Vault does not own could not be revoked nor queued", "client_id", rec.ClientID, "reason", rec.Reason, "error", err)
-	}
-}
-
 // usableGrant returns the user's grant, or why it cannot give a token.
 func (b *backend) usableGrant(ctx context.Context, s logical.Storage, cfg *config, user string) (*grant, error) {
 	g, err := b.grant(ctx, s, user)

@@ -9,8 +9,7 @@ import (
 )
 
 // heldToken is a token the engine holds and rotates, a user's grant or a shared role's token: one
-// set of rules serves both (a lease until its refresh point, one refresh in flight, backoff).
-// Its point is the grant's refreshAt.
+// set of rules serves both (a lease until its refresh point, refreshAt; one refresh in flight; backoff).
 type heldToken interface {
 	key() string                                 // its storage key, and its entry in refreshes
 	describe() string                            // whose token it is, for errors

@@ -332,3 +332,19 @@ func (b *backend) revocationSummary(ctx context.Context, s logical.Storage) (map
 	b.revocations.mu.Unlock()
 	return map[string]any{"pending": len(records), "clients": clients}, nil
 }
+
+// revokeAfterLeases queues the revocation of replaced tokens until rec.NotBefore, by which the
+// leases handed out for them end.
+func (b *backend) revokeAfterLeases(ctx context.Context, s logical.Storage, rec revocation) {
+	if err := b.queueRevocation(ctx, s, rec, nil); err != nil {
+		b.disown(ctx, s, rec) // better end the readers' leases early than leave the tokens alive
+	}
+}
+
+// disown revokes tokens that nothing in Vault owns, now or through the queue.
+func (b *backend) disown(ctx context.Context, s logical.Storage, rec revocation) {
+	rec.NotBefore = time.Time{}
+	if err := b.revokeOrQueue(context.WithoutCancel(ctx), s, rec); err != nil {
+		b.Logger().Error("ev.energy tokens that Vault does not own could not be revoked nor queued", "client_id", rec.ClientID, "reason", rec.Reason, "error", err)
+	}
+}
