@@ -2,6 +2,7 @@ package evenergy
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"time"
 
@@ -100,7 +101,8 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 }
 
 // readSharedToken answers a read of a shared role's token: the stored one, from memory, under a
-// lease that ends by its refresh point and cannot be renewed (see currentToken).
+// lease that ends by its refresh point and cannot be renewed (see currentToken). The lease names
+// only the role: what crosses to Vault and into each lease entry is what Vault needs.
 func (b *backend) readSharedToken(ctx context.Context, s logical.Storage, cfg *config, name string, r *role) (*logical.Response, error) {
 	g, lease, err := b.currentToken(ctx, cfg, sharedRole{b, s, cfg, name})
 	if err != nil {
@@ -111,8 +113,7 @@ func (b *backend) readSharedToken(ctx context.Context, s logical.Storage, cfg *c
 			lease = min(lease, limit)
 		}
 	}
-	internal := map[string]any{"client_id": g.ClientID, "access_token": g.AccessToken, "expires_at": g.ExpiresAt.Format(time.RFC3339), "role": name}
-	resp := b.Secret(secretSharedTokenType).Response(tokenData(g.AccessToken, g.TokenType, g.Scope, g.ExpiresAt), internal)
+	resp := b.Secret(secretSharedTokenType).Response(tokenData(g.AccessToken, g.TokenType, g.Scope, g.ExpiresAt), map[string]any{"role": name})
 	resp.Secret.TTL, resp.Secret.MaxTTL, resp.Secret.Renewable = lease, lease, false
 	return resp, nil
 }
@@ -128,12 +129,24 @@ func secretSharedToken(b *backend) *framework.Secret {
 }
 
 // revokeSharedLease revokes nothing, as every reader of the role shares the token and the engine
-// revokes it once replaced; except while the mount is being disabled, which wipes the stored token.
+// revokes it once replaced; except while the mount is being disabled, which wipes the stored token:
+// then the token of the lease's role is revoked now, and only ev.energy's confirmation ends the lease.
 func (b *backend) revokeSharedLease(ctx context.Context, req *logical.Request, _ *framework.FieldData) (*logical.Response, error) {
 	if !b.System().Tainted() {
 		return nil, nil
 	}
-	return b.revokeAccessToken(ctx, req, nil)
+	name, _ := req.Secret.InternalData["role"].(string)
+	key := sharedTokenPrefix + name
+	defer b.tokens.lock(key)()
+	g, err := b.tokens.get(ctx, req.Storage, key)
+	if err != nil || g == nil {
+		return nil, err // the role has no token now: the engine revoked or queued the last one as it forgot it
+	}
+	rec := g.revocation(time.Time{}, reasonLeaseEnded)
+	if err := b.revokeRecord(ctx, req.Storage, &rec, urgentRevocation()); err != nil {
+		return nil, fmt.Errorf("the mount's storage is going away, so the shared token of role %s cannot be queued for revocation: %w", name, err)
+	}
+	return nil, b.tokens.put(ctx, req.Storage, key, nil) // revoked: the role's other leases find nothing left to revoke
 }
 
 // endSharedToken forgets the role's shared token and revokes it: now (an operator's rotation, the

@@ -317,16 +317,24 @@ func TestRotateAndDeleteRevokeTheSharedTokenNow(t *testing.T) {
 }
 
 func TestSharedLeaseEndRevokesNothingUnlessTheMountGoes(t *testing.T) {
-	b, s := newUnitBackend(t)
-	sv := newUnitStandin(t, b, s)
+	b, s, sw := newSwitchableUnit(t)
 	writeSharedRole(t, b, s, "fleet")
 	secret, tok := leasedToken(t, b, s, "token/fleet")
-	if err := revokeLease(t, b, s, secret); err != nil || !sv.Active(tok) || len(pendingRevocations(t, s)) != 0 {
+	if len(secret.InternalData) != 2 || secret.InternalData["role"] != "fleet" {
+		t.Fatalf("the lease carries %v, want only its role (and Vault's secret_type): the token is the role's", secret.InternalData)
+	}
+	if err := revokeLease(t, b, s, secret); err != nil || !sw.Active(tok) || len(pendingRevocations(t, s)) != 0 {
 		t.Fatalf("one lease's end revoked or queued the token every reader shares: %v", err)
 	}
 	b.System().(*logical.StaticSystemView).TaintedVal = true
-	if err := revokeLease(t, b, s, secret); err != nil || sv.Active(tok) {
-		t.Fatalf("a lease's end while the mount is disabled: %v, token active: %v; want it revoked", err, sv.Active(tok))
+	sw.down.Store(true)
+	err := revokeLease(t, b, s, secret)
+	if err == nil || !sw.Active(tok) || len(pendingRevocations(t, s)) != 0 || errors.Is(err, logical.ErrInvalidRequest) {
+		t.Fatalf("a lease's end while the mount is disabled and ev.energy is down: %v; want a plain error for Vault to retry, nothing queued", err)
+	}
+	sw.down.Store(false)
+	if err := revokeLease(t, b, s, secret); err != nil || sw.Active(tok) {
+		t.Fatalf("a lease's end while the mount is disabled: %v, token active: %v; want it revoked", err, sw.Active(tok))
 	}
 }
 
@@ -382,6 +390,21 @@ func TestAccSharedRoleSendsOneTokenRequestForAThousandReads(t *testing.T) {
 	})
 	if n := e.standin.TokenRequests() - before; n != 1 || len(tokens) != 1 {
 		t.Fatalf("1,000 reads from 50 clients sent %d token requests and got %d tokens, want 1 and 1", n, len(tokens))
+	}
+}
+
+func TestAccDisablingTheMountRevokesTheSharedToken(t *testing.T) {
+	e := newAccEnv(t)
+	e.write(t, "roles/fleet", map[string]any{"shared": true})
+	tok := e.read(t, "token/fleet").Data["access_token"].(string)
+	if again := e.read(t, "token/fleet").Data["access_token"]; again != tok || !e.standin.Active(tok) {
+		t.Fatal("two reads did not share one live token")
+	}
+	if err := e.vault.Sys().Unmount(e.mount); err != nil {
+		t.Fatal(err)
+	}
+	if e.standin.Active(tok) {
+		t.Fatal("the shared token is alive at ev.energy after its mount was disabled")
 	}
 }
 
