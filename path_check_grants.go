@@ -27,10 +27,10 @@ func pathCheckGrants(b *backend) *framework.Path {
 			},
 		},
 		HelpSynopsis: "Check every user's grant at ev.energy now, as after a restore.",
-		HelpDescription: `Write makes every active grant refreshed before now due at once: the periodic pass refreshes them
-at the pace of call_budget and within each grant's backoff, and readers refresh theirs. A refresh ends the
-access token readers hold. Grants ev.energy refuses turn revoked (see LIST users). Read shows
-how many grants are still to be checked.`,
+		HelpDescription: `Write makes every active grant refreshed before now, and every shared role's token minted before
+now, due at once: the periodic pass refreshes them at the pace of call_budget and within each
+grant's backoff, and readers refresh theirs. A refresh ends the access token readers hold. Grants
+ev.energy refuses turn revoked (see LIST users). Read shows how many grants are still to be checked.`,
 	}
 }
 
@@ -61,7 +61,7 @@ func (b *backend) pathCheckGrantsWrite(ctx context.Context, req *logical.Request
 		left = fmt.Sprintf("the %d grants to check take about %d minutes", data["pending"], data["minutes_left_about"])
 	}
 	resp := &logical.Response{Data: data}
-	resp.AddWarning(fmt.Sprintf("each check refreshes a grant, which ends the access token its readers hold; the background refresh makes about %d refreshes a minute (call_budget), so %s: read %scheck-grants for progress",
+	resp.AddWarning(fmt.Sprintf("each check refreshes a grant, which ends the access token its readers hold, and shared roles' tokens are replaced the same way; the background refresh makes about %d refreshes a minute (call_budget), so %s: read %scheck-grants for progress",
 		refreshesPerMinute(cfg), left, req.MountPoint))
 	return resp, nil
 }
