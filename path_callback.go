@@ -140,8 +140,10 @@ func (b *backend) pathCallbackRead(ctx context.Context, req *logical.Request, d 
 			err = &upstreamError{Op: "authorization", Status: http.StatusBadRequest, OAuthCode: oauthErr, Description: d.Get("error_description").(string)}
 		case pending.selfMade():
 			// Whoever opened the link may not be its maker: only the maker may keep what it gives.
-			outcome = exchangeFailed
-			confirmation, err = b.holdForConfirmation(ctx, req.Storage, state, pending, trimmedField(d, "code"))
+			if err = b.checkSelfMade(ctx, req, pending); err == nil {
+				outcome = exchangeFailed
+				confirmation, err = b.holdForConfirmation(ctx, req.Storage, state, pending, trimmedField(d, "code"))
+			}
 		default:
 			outcome = exchangeFailed
 			err = b.completeAuthorization(ctx, req.Storage, pending, trimmedField(d, "code"))

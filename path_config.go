@@ -29,6 +29,9 @@ type config struct {
 	// CheckGrantsBefore makes the active grants last refreshed before it due (check-grants).
 	CheckGrantsBefore time.Time `json:"check_grants_before,omitzero"`
 	CallBudget        int       `json:"call_budget"` // 0, as in configs stored before it existed: defaultCallBudget
+	// CallbackURL is this mount's callback as browsers reach it: a plugin sees neither Vault's
+	// address nor the request's host. "" until an operator writes it: no link goes to the callback.
+	CallbackURL string `json:"callback_url,omitempty"`
 }
 
 // callsPerSecond is the call_budget in force: how many calls a second refreshes and revocations
@@ -78,6 +81,11 @@ func pathConfig(b *backend) *framework.Path {
 				Type:        framework.TypeDurationSecond,
 				Description: "A user's access token is refreshed once less than this remains of it, fixed when the token is issued (a write applies to tokens issued after it); a window at least as long as a token's life counts as half of it.",
 				Default:     int(defaultRefreshWindow.Seconds()),
+			},
+			"callback_url": {
+				Type: framework.TypeString,
+				Description: "This mount's callback as users' browsers reach it, in full: https://VAULT/v1/<namespace/><mount>/callback. " +
+					"Links Vault entities make for themselves go only there; until it is set, auth-url refuses them.",
 			},
 			"call_budget": {
 				Type: framework.TypeInt,
@@ -133,6 +141,7 @@ func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, _ *f
 		"request_timeout": int64(cfg.RequestTimeout.Seconds()),
 		"refresh_window":  int64(cfg.RefreshWindow.Seconds()),
 		"call_budget":     cfg.callsPerSecond(),
+		"callback_url":    cfg.CallbackURL,
 	}}, nil
 }
 
@@ -175,6 +184,9 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	if v, ok := fieldOnWrite(req, d, "call_budget"); ok {
 		cfg.CallBudget = v.(int)
 	}
+	if v, ok := fieldOnWrite(req, d, "callback_url"); ok {
+		cfg.CallbackURL = strings.TrimSpace(v.(string))
+	}
 
 	if cfg.ClientID == "" {
 		return logical.ErrorResponse("client_id is required"), nil
@@ -187,6 +199,9 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	}
 	if cfg.RefreshWindow <= 0 {
 		return logical.ErrorResponse("refresh_window must be a positive duration, e.g. 10m"), nil
+	}
+	if err := checkCallbackURL(cfg.CallbackURL, req.MountPoint); err != nil {
+		return logical.ErrorResponse(err.Error()), nil
 	}
 	if cfg.CallBudget < 0 || cfg.CallBudget > maxCallBudget {
 		return logical.ErrorResponse("call_budget must be a number of calls a second from 1 to %d, or 0 for the default (%d)", maxCallBudget, defaultCallBudget), nil

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -42,7 +43,7 @@ func pathUsers(b *backend) []*framework.Path {
 			HelpDescription: `Write code and state (from ev.energy's redirect to the application) to finish an authorization
 started at auth-url, state and confirmation_code (from the callback page of a link its maker made
 for itself), or refresh_token to import a grant obtained elsewhere. A link a Vault entity made for
-itself is finished only by that entity. Read shows the grant's status, never a token. Delete
+itself is finished only by that entity, with the confirmation code, never with code and state. Read shows the grant's status, never a token. Delete
 revokes the grant at ev.energy and forgets it.`,
 		},
 		{
@@ -98,11 +99,12 @@ func (b *backend) pathUserWrite(ctx context.Context, req *logical.Request, d *fr
 		return nil, b.confirmGrant(ctx, req, user, state, confirmation)
 	case state != "":
 		pending, err := b.consumeAuthRequest(ctx, req.Storage, user, state)
-		if err == nil {
-			err = pending.relayableBy(req.EntityID, req.MountPoint)
-		}
 		if err != nil {
 			return nil, err
+		}
+		if pending.selfMade() { // whoever wrote the code may have it from someone the maker sent the link to
+			return nil, logical.CodedError(http.StatusBadRequest, "this link was made by a Vault identity for itself: it completes only at the callback, "+
+				"whose page shows a confirmation code that the identity writes back as confirmation_code; start again at auth-url")
 		}
 		return nil, b.completeAuthorization(ctx, req.Storage, pending, code)
 	default:

@@ -2,12 +2,16 @@ package evenergy
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"golang.org/x/oauth2"
 	"net/http"
+	"net/url"
 	"os"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -41,11 +45,12 @@ path "evenergy/users/{{identity.entity.id}}/token" { capabilities = ["read"] }
 `, "evenergy/", e.mount+"/")
 }
 
-// TestAccSelfServiceLinkTakesNoOtherAccount is the takeover of issue 18 on a real Vault under the
-// README's self-service policy: Vault user A makes a link for herself to Vault's callback, with
-// approval_prompt=auto, and driver B, connected already, opens it. A must not get B's account,
-// neither from the callback nor by relaying B's code; A's own link still connects A, and a link
-// root makes for a user still connects in one visit.
+// TestAccSelfServiceLinkTakesNoOtherAccount is the takeover of issues 18 and 25 on a real Vault
+// under the README's self-service policy, with approval_prompt=auto: Vault user A makes a link for
+// herself and driver B, connected already, opens it. A must not get B's account, neither from the
+// callback, nor by relaying B's code, nor through a link to the application's redirect_uri (which
+// auth-url refuses, and which an earlier version stored). A's own link still connects A with its
+// confirmation code, and links root or a trusted application make for a user connect in one visit.
 func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
 	t.Parallel()
 	e := newAccEnv(t)
@@ -54,17 +59,35 @@ func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
 	bob, bobID := login("bob")
 	const aliceAccount, bobAccount = "alice@example.com", "bob@example.com"
 
-	// link has an entity make a link for itself.
-	link := func(c *api.Client, id, redirectURI, completion string) (state, authorizeURL string) {
+	// link has an entity make a link for itself to the callback.
+	link := func(c *api.Client, id string) (state, authorizeURL string) {
 		t.Helper()
-		s, err := c.Logical().Write(e.path("auth-url/"+id), map[string]any{"redirect_uri": redirectURI})
+		s, err := c.Logical().Write(e.path("auth-url/"+id), map[string]any{"redirect_uri": e.callbackURL()})
 		if err != nil {
 			t.Fatalf("auth-url for one's own entity: %v", err)
 		}
-		if s.Data["completion"] != completion {
-			t.Errorf("auth-url says the link completes by %v, want %s", s.Data["completion"], completion)
+		if s.Data["completion"] != completionConfirmationCode {
+			t.Errorf("auth-url says the link completes by %v, want %s", s.Data["completion"], completionConfirmationCode)
 		}
 		return s.Data["state"].(string), s.Data["authorize_url"].(string)
+	}
+	// confirm opens the entity's own link in browser as account, and writes back the page's code.
+	confirm := func(c *api.Client, id string, browser *standin.Browser, account string) string {
+		t.Helper()
+		state, authorizeURL := link(c, id)
+		redirect, err := browser.Authorize(t.Context(), authorizeURL, account, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		status, body := page(t, redirect.String())
+		if status != http.StatusOK {
+			t.Fatalf("the callback page of %s's own link answered %d", account, status)
+		}
+		code := pageConfirmationCode(t, body)
+		if _, err := c.Logical().Write(e.path("users/"+id), map[string]any{"state": state, "confirmation_code": code}); err != nil {
+			t.Fatalf("%s confirming her own link: %v", account, err)
+		}
+		return code
 	}
 	// readAccount reads the entity's token, and the ev.energy account it is of ("" when none).
 	readAccount := func(c *api.Client, id string) string {
@@ -77,42 +100,69 @@ func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
 		return info.User
 	}
 
-	// B connects through the application in her own session, and stays logged in at ev.energy.
+	// A self-made link to the application's redirect URI is refused.
+	_, err := alice.Logical().Write(e.path("auth-url/"+aliceID), map[string]any{"redirect_uri": appRedirect})
+	wantStatus(t, err, http.StatusBadRequest, "have a trusted application make the link with its own Vault token")
+
+	// B connects with her own link and its code, and stays logged in at ev.energy.
 	bobBrowser := standin.NewBrowser()
-	state, authorizeURL := link(bob, bobID, appRedirect, "application")
-	redirect, err := bobBrowser.Authorize(t.Context(), authorizeURL, bobAccount, true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := bob.Logical().Write(e.path("users/"+bobID), map[string]any{"code": redirect.Query().Get("code"), "state": state}); err != nil {
-		t.Fatalf("B finishing her own link through the application: %v", err)
-	}
+	bobsCode := confirm(bob, bobID, bobBrowser, bobAccount)
 	if account := readAccount(bob, bobID); account != bobAccount {
 		t.Fatalf("B's token is of account %q", account)
 	}
 
-	// A's link, opened in B's browser: B clicks nothing (were a consent page shown, allow=false
-	// would deny), and her browser follows ev.energy's redirect to Vault's callback.
-	state, authorizeURL = link(alice, aliceID, e.callbackURL(), "confirmation_code")
+	// A self-made link to the application, stored as version 0.3 stored it, opened by B: the
+	// application in B's session is refused, and so is A relaying the code, at users/ or at the callback.
+	stored := func() (state string, redirect *url.URL) {
+		t.Helper()
+		verifier := oauth2.GenerateVerifier()
+		expiresAt := time.Now().Add(authRequestTTL).UTC()
+		name := strconv.FormatInt(expiresAt.UnixNano(), 10) + "-" + rand.Text()
+		e.putStored(t, authRequestPrefix+pendingTag(aliceID)+"/"+name, authRequest{User: aliceID, RedirectURI: appRedirect, Verifier: verifier, ExpiresAt: expiresAt, MadeBy: aliceID})
+		state = pendingTag(aliceID) + "-" + name
+		app := oauth2.Config{ClientID: testClientID, Endpoint: oauth2.Endpoint{AuthURL: e.url + "/o/authorize/"}, RedirectURL: appRedirect}
+		redirect, _ = bobBrowser.Authorize(t.Context(), app.AuthCodeURL(state, oauth2.S256ChallengeOption(verifier))+"&approval_prompt=auto", bobAccount, false)
+		if redirect == nil || !redirect.Query().Has("code") {
+			t.Fatal("ev.energy showed B a consent page for approval_prompt=auto")
+		}
+		return state, redirect
+	}
+	state, redirect := stored()
+	_, err = bob.Logical().Write(e.path("users/"+aliceID), map[string]any{"code": redirect.Query().Get("code"), "state": state})
+	wantStatus(t, err, http.StatusForbidden, "permission denied")
+	_, err = alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"code": redirect.Query().Get("code"), "state": state})
+	wantStatus(t, err, http.StatusBadRequest, "completes only at the callback")
+	state, redirect = stored()
+	status, body := page(t, e.callbackURL()+"?"+redirect.RawQuery)
+	if status != http.StatusBadRequest || confirmationCodeOnPage.MatchString(body) {
+		t.Errorf("the callback answered %d to A's self-made application link, want 400 and no confirmation code", status)
+	}
+	if account := readAccount(alice, aliceID); account != "" {
+		t.Fatalf("A reads a token of account %q after relaying B's code of a self-made application link", account)
+	}
+
+	// A's link to the callback, opened in B's browser: B clicks nothing (were a consent page shown,
+	// allow=false would deny), and her browser follows ev.energy's redirect to Vault's callback.
+	state, authorizeURL := link(alice, aliceID)
 	redirect, _ = bobBrowser.Authorize(t.Context(), authorizeURL+"&approval_prompt=auto", bobAccount, false)
 	if redirect == nil || !redirect.Query().Has("code") {
 		t.Fatal("ev.energy showed B a consent page for approval_prompt=auto")
 	}
-	status, body := page(t, redirect.String())
+	status, body = page(t, redirect.String())
 	if account := readAccount(alice, aliceID); account != "" {
 		t.Fatalf("A reads a token of account %q after B opened her link (callback page %d)", account, status)
 	}
 	if status != http.StatusOK || !strings.Contains(body, "Never give this code to anyone") {
-		t.Errorf("B's callback page %d does not tell her to keep the code:\n%s", status, body)
+		t.Errorf("B's callback page %d does not tell her to keep the code", status)
 	}
-	bobsCode := pageConfirmationCode(t, body)
+	bobsHeldCode := pageConfirmationCode(t, body)
 	_, err = alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"code": redirect.Query().Get("code"), "state": state})
 	wantStatus(t, err, http.StatusBadRequest, "already used")
 	_, err = alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"confirmation_code": "AAAA-AAAA", "state": state})
 	wantStatus(t, err, http.StatusBadRequest, "wrong confirmation code")
 
 	// A, handed B's redirect before B's browser reached the callback, relays its code herself.
-	state, authorizeURL = link(alice, aliceID, e.callbackURL(), "confirmation_code")
+	state, authorizeURL = link(alice, aliceID)
 	redirect, _ = bobBrowser.Authorize(t.Context(), authorizeURL+"&approval_prompt=auto", bobAccount, false)
 	if redirect == nil || !redirect.Query().Has("code") {
 		t.Fatal("ev.energy showed B a consent page for approval_prompt=auto")
@@ -124,19 +174,7 @@ func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
 	wantStatus(t, err, http.StatusBadRequest, "confirmation_code")
 
 	// Control: A's own link, opened by A, connects A once she writes back the code her page shows.
-	state, authorizeURL = link(alice, aliceID, e.callbackURL(), "confirmation_code")
-	redirect, err = standin.NewBrowser().Authorize(t.Context(), authorizeURL, aliceAccount, true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	status, body = page(t, redirect.String())
-	if status != http.StatusOK {
-		t.Fatalf("A's callback page %d:\n%s", status, body)
-	}
-	alicesCode := pageConfirmationCode(t, body)
-	if _, err := alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"state": state, "confirmation_code": alicesCode}); err != nil {
-		t.Fatalf("A confirming her own link: %v", err)
-	}
+	alicesCode := confirm(alice, aliceID, standin.NewBrowser(), aliceAccount)
 	if account := readAccount(alice, aliceID); account != aliceAccount {
 		t.Fatalf("A's token is of account %q, want %s", account, aliceAccount)
 	}
@@ -147,27 +185,66 @@ func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, code := range []string{bobsCode, alicesCode, confirmationCode(bobsCode), confirmationCode(alicesCode)} {
+	for _, code := range []string{bobsCode, bobsHeldCode, alicesCode, confirmationCode(bobsCode), confirmationCode(bobsHeldCode), confirmationCode(alicesCode)} {
 		if strings.Contains(string(logged), code) {
 			t.Error("a confirmation code is in Vault's log")
 		}
 	}
 
-	// A link root makes for a user connects in one visit, as before.
-	s := e.write(t, "auth-url/carol", map[string]any{"redirect_uri": e.callbackURL()})
-	if s.Data["completion"] != "callback" {
-		t.Errorf("auth-url by root says the link completes by %v, want callback", s.Data["completion"])
+	// Links root and a trusted application make for a user connect in one visit, as before.
+	appPolicy := fmt.Sprintf("path %q { capabilities = [\"update\"] }\npath %q { capabilities = [\"read\"] }\n", e.path("auth-url/*"), e.path("users/+/token"))
+	app := e.trustedApplication(t, appPolicy)
+	for _, maker := range []struct {
+		client     *api.Client
+		user       string
+		completion string
+	}{{e.vault, "carol", completionCallback}, {app, "dave", completionCallback}} {
+		s, err := maker.client.Logical().Write(e.path("auth-url/"+maker.user), map[string]any{"redirect_uri": e.callbackURL()})
+		if err != nil {
+			t.Fatalf("auth-url for %s: %v", maker.user, err)
+		}
+		if s.Data["completion"] != maker.completion {
+			t.Errorf("auth-url for %s says the link completes by %v, want %s", maker.user, s.Data["completion"], maker.completion)
+		}
+		account := maker.user + "@example.com"
+		redirect, err := standin.NewBrowser().Authorize(t.Context(), s.Data["authorize_url"].(string), account, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if status, body := page(t, redirect.String()); status != http.StatusOK || !strings.Contains(body, ">Connected<") {
+			t.Fatalf("the link for %s: callback page %d", maker.user, status)
+		}
+		tok, err := maker.client.Logical().Read(e.path("users/" + maker.user + "/token"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info, _ := e.standin.Token(e.standinToken(t, tok)); info.User != account {
+			t.Fatalf("%s's token is of account %q", maker.user, info.User)
+		}
 	}
-	redirect, err = standin.NewBrowser().Authorize(t.Context(), s.Data["authorize_url"].(string), "carol@example.com", true)
+}
+
+// trustedApplication logs in a Vault entity of this test under policy, as an application that
+// makes links for its users with its own token: a userpass login beside those of userpass.
+func (e *accEnv) trustedApplication(t *testing.T, policy string) *api.Client {
+	t.Helper()
+	auth := "userpass-" + strings.TrimPrefix(e.mount, "evenergy-")
+	if err := e.vault.Sys().PutPolicy(e.mount+"-app", policy); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.vault.Logical().Write("auth/"+auth+"/users/app", map[string]any{"password": "pw-app", "token_policies": e.mount + "-app"}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := e.vault.Clone()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if status, body := page(t, redirect.String()); status != http.StatusOK || !strings.Contains(body, ">Connected<") {
-		t.Fatalf("root's link: callback page %d:\n%s", status, body)
+	s, err := c.Logical().Write("auth/"+auth+"/login/app", map[string]any{"password": "pw-app"})
+	if err != nil {
+		t.Fatal(err)
 	}
-	if info, _ := e.standin.Token(e.standinToken(t, e.read(t, "users/carol/token"))); info.User != "carol@example.com" {
-		t.Fatalf("carol's token is of account %q", info.User)
-	}
+	c.SetToken(s.Auth.ClientToken)
+	return c
 }
 
 // unitCallback is the callback of the mount evenergy/, on which requestAs runs requests.
