@@ -114,6 +114,11 @@ func (b *backend) confirmGrant(ctx context.Context, req *logical.Request, user, 
 		return logical.CodedError(http.StatusForbidden, "only the Vault identity that made this link can confirm it, in its own Vault session")
 	}
 	ctx = context.WithoutCancel(ctx) // what follows keeps or revokes tokens
+	// Counted before it is checked: an attempt that storage cannot count is refused unchecked.
+	held.Attempts++
+	if err := b.unconfirmed.put(ctx, req.Storage, state, held); err != nil {
+		return err
+	}
 	if subtle.ConstantTimeCompare([]byte(confirmationCode(typed)), []byte(held.ConfirmationCode)) != 1 {
 		return b.wrongConfirmationCode(ctx, req.Storage, state, held)
 	}
@@ -131,14 +136,10 @@ func (b *backend) confirmGrant(ctx context.Context, req *logical.Request, user, 
 	return b.storeGrant(ctx, req.Storage, cfg, user, held.token())
 }
 
-// wrongConfirmationCode counts a wrong code against held; the last allowed one hands its tokens to
-// the revocation queue, which calls ev.energy outside the lock held here.
+// wrongConfirmationCode answers a wrong code, counted in held already; the last allowed one hands
+// its tokens to the revocation queue, which calls ev.energy outside the lock held here.
 func (b *backend) wrongConfirmationCode(ctx context.Context, s logical.Storage, state string, held *unconfirmedGrant) error {
-	held.Attempts++
 	if left := confirmationAttempts - held.Attempts; left > 0 {
-		if err := b.unconfirmed.put(ctx, s, state, held); err != nil {
-			return err
-		}
 		return logical.CodedError(http.StatusBadRequest, fmt.Sprintf("wrong confirmation code: %d attempts left", left))
 	}
 	b.Logger().Warn("too many wrong confirmation codes for a connection held at the callback: its ev.energy tokens are revoked", "user", held.User)

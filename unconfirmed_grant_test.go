@@ -522,3 +522,27 @@ func TestUnconfirmedGrantOfARetiredClientIsRevokedAsThatClient(t *testing.T) {
 		t.Fatal("a grant of the retired client was stored as the configured client's")
 	}
 }
+
+// TestConfirmationAttemptStorageCannotCountIsRefused: an attempt is counted before its code is
+// checked, so while storage refuses to count it, even the right code connects nothing.
+func TestConfirmationAttemptStorageCannotCountIsRefused(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	state, _, page := heldAtCallback(t, b, s, sv, "entity-a", "bob@example.com")
+	right := map[string]any{"state": state, "confirmation_code": pageConfirmationCode(t, page)}
+	failing := failingStorage{Storage: s, prefix: unconfirmedGrantPrefix}
+	for _, claim := range []map[string]any{{"state": state, "confirmation_code": "AAAA-AAAA"}, right} {
+		resp, err := b.HandleRequest(t.Context(), &logical.Request{Operation: logical.UpdateOperation, Path: "users/entity-a", Storage: failing, Data: claim, EntityID: "entity-a", MountPoint: "evenergy/"})
+		if err == nil || !strings.Contains(err.Error(), "storage unavailable") {
+			t.Fatalf("an attempt storage could not count answered %v %v, want the storage error", resp, err)
+		}
+	}
+	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"entity-a"); g != nil {
+		t.Fatal("an attempt storage could not count connected the held grant")
+	}
+	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": "AAAA-AAAA"})
+	wantCoded(t, resp, err, http.StatusBadRequest, fmt.Sprintf("wrong confirmation code: %d attempts left", confirmationAttempts-1))
+	if resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", right); err != nil || resp.IsError() {
+		t.Fatalf("the right code once storage counts again: %v %v", err, resp)
+	}
+}
