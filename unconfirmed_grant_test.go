@@ -74,7 +74,7 @@ func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
 	// confirm opens the entity's own link in browser as account, and writes back the page's code.
 	confirm := func(c *api.Client, id string, browser *standin.Browser, account string) string {
 		t.Helper()
-		state, authorizeURL := link(c, id)
+		_, authorizeURL := link(c, id)
 		redirect, err := browser.Authorize(t.Context(), authorizeURL, account, true)
 		if err != nil {
 			t.Fatal(err)
@@ -84,8 +84,8 @@ func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
 			t.Fatalf("the callback page of %s's own link answered %d", account, status)
 		}
 		code := pageConfirmationCode(t, body)
-		if _, err := c.Logical().Write(e.path("users/"+id), map[string]any{"state": state, "confirmation_code": code}); err != nil {
-			t.Fatalf("%s confirming her own link: %v", account, err)
+		if _, err := c.Logical().Write(e.path("users/"+id), map[string]any{"confirmation_code": code}); err != nil {
+			t.Fatalf("%s confirming her own link with the code alone: %v", account, err)
 		}
 		return code
 	}
@@ -341,7 +341,7 @@ func TestSelfMadeLinkIsHeldForItsMakerOnly(t *testing.T) {
 		wantCoded(t, resp, err, http.StatusForbidden, "only the Vault identity that made this link")
 	}
 	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-b", claim)
-	wantCoded(t, resp, err, http.StatusBadRequest, "no connection waiting for a confirmation code")
+	wantCoded(t, resp, err, http.StatusBadRequest, "waits for a confirmation code")
 
 	typed := " " + strings.ToLower(strings.ReplaceAll(code, "-", " ")) + " " // as a person may type it
 	if resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": typed}); err != nil || resp.IsError() {
@@ -372,26 +372,66 @@ func TestWrongConfirmationCodesRevokeTheHeldTokens(t *testing.T) {
 	}
 	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", wrong)
 	wantCoded(t, resp, err, http.StatusBadRequest, "no attempts left")
-	heldTokens(t, sv, "bob@example.com") // queued, not yet sent
-	queued := pendingRevocations(t, s)
-	if len(queued) != 1 || queued[0].Reason != reasonUnconfirmed || queued[0].ClientID != testClientID ||
-		queued[0].AccessToken != tokens[0] || queued[0].RefreshToken != tokens[1] {
-		t.Fatalf("want the held tokens queued for revocation as %s, reason %s; %d records queued", testClientID, reasonUnconfirmed, len(queued))
-	}
-	resp, err = requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": code})
-	wantCoded(t, resp, err, http.StatusBadRequest, "no connection waiting")
-
-	if _, err := request(t, b, s, logical.UpdateOperation, "revocations", nil); err != nil {
-		t.Fatal(err)
-	}
 	for _, tok := range tokens {
 		if sv.Active(tok) {
-			t.Fatal("a held token is live after the queue was retried")
+			t.Fatal("a held token is live after the last wrong code")
 		}
 	}
+	resp, err = requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": code})
+	wantCoded(t, resp, err, http.StatusBadRequest, "waits for a confirmation code")
 	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"entity-a"); g != nil || len(pendingRevocations(t, s)) != 0 {
 		t.Fatalf("after the revocation: a grant stored %v, %d records queued", g != nil, len(pendingRevocations(t, s)))
 	}
+}
+
+// TestConfirmationCodeAloneFindsTheHeldGrant: the maker writes the code alone, as a person types
+// it; it is matched among the user's held grants, and wrong codes count per user, whichever link
+// they were meant for, a newer link included.
+func TestConfirmationCodeAloneFindsTheHeldGrant(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	_, _, first := heldAtCallback(t, b, s, sv, "entity-a", "first@example.com")
+	_, _, second := heldAtCallback(t, b, s, sv, "entity-a", "second@example.com")
+	firstTokens, secondTokens := heldTokens(t, sv, "first@example.com"), heldTokens(t, sv, "second@example.com")
+	confirm := func(entity, code string) (*logical.Response, error) {
+		return requestAs(t, b, s, entity, logical.UpdateOperation, "users/"+entity, map[string]any{"confirmation_code": code})
+	}
+	if resp, err := confirm("entity-a", strings.ToLower(pageConfirmationCode(t, second))); err != nil || resp.IsError() {
+		t.Fatalf("the code alone: %v %v", err, resp)
+	}
+	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"entity-a"); g == nil || g.AccessToken != secondTokens[0] {
+		t.Fatal("the code alone did not connect the grant it was shown for")
+	}
+	resp, err := confirm("entity-b", pageConfirmationCode(t, first))
+	wantCoded(t, resp, err, http.StatusBadRequest, "waits for a confirmation code")
+
+	for left := confirmationAttempts - 1; left > 0; left-- { // a newer link starts with the attempts counted
+		if left == confirmationAttempts-2 {
+			heldAtCallback(t, b, s, sv, "entity-a", "third@example.com")
+		}
+		resp, err := confirm("entity-a", "AAAA-AAAA")
+		wantCoded(t, resp, err, http.StatusBadRequest, fmt.Sprintf("wrong confirmation code: %d attempts left", left))
+	}
+	resp, err = confirm("entity-a", "AAAA-AAAA")
+	wantCoded(t, resp, err, http.StatusBadRequest, "no attempts left")
+	for _, tok := range append(firstTokens, heldTokensAnyState(sv, "third@example.com")...) {
+		if sv.Active(tok) {
+			t.Fatal("a token held for the user is live after the user's last wrong code")
+		}
+	}
+	resp, err = confirm("entity-a", pageConfirmationCode(t, first))
+	wantCoded(t, resp, err, http.StatusBadRequest, "waits for a confirmation code")
+}
+
+// heldTokensAnyState are the stand-in's tokens of account, live or not.
+func heldTokensAnyState(sv *standin.Server, account string) []string {
+	var values []string
+	for _, info := range sv.Tokens() {
+		if info.User == account {
+			values = append(values, info.Value)
+		}
+	}
+	return values
 }
 
 func TestUnclaimedGrantIsRevokedOnceItExpires(t *testing.T) {
@@ -415,7 +455,7 @@ func TestUnclaimedGrantIsRevokedOnceItExpires(t *testing.T) {
 		t.Fatalf("%d unconfirmed grants and %d revocations left", len(keys), len(pendingRevocations(t, s)))
 	}
 	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": pageConfirmationCode(t, page)})
-	wantCoded(t, resp, err, http.StatusBadRequest, "no connection waiting")
+	wantCoded(t, resp, err, http.StatusBadRequest, "waits for a confirmation code")
 }
 
 func TestPeriodicPassBoundsUnclaimedGrants(t *testing.T) {
@@ -479,8 +519,8 @@ func TestConfirmationCodesAndHeldTokensStayOutOfLogsAndErrors(t *testing.T) {
 	write("entity-a", "entity-a", map[string]any{"state": confirmed, "confirmation_code": confirmedCode})
 	clock.Advance(authRequestTTL + time.Second)
 	_ = b.periodic(t.Context(), &logical.Request{Storage: s})
-	if len(pendingRevocations(t, s)) != 2 {
-		t.Fatalf("want the exhausted and the unclaimed grants queued, got %d records", len(pendingRevocations(t, s)))
+	if len(pendingRevocations(t, s)) != 3 { // the last wrong code revokes every grant held for the user
+		t.Fatalf("want the three held grants queued, got %d records", len(pendingRevocations(t, s)))
 	}
 
 	logged := logs.buf.String()
