@@ -99,7 +99,7 @@ func pathAuthURL(b *backend) *framework.Path {
 		HelpSynopsis: "Start the authorization-code flow (with PKCE) for an ev.energy user.",
 		HelpDescription: `Returns the authorize_url to send the user to, its state, and how it completes. The PKCE verifier
 stays sealed in Vault. The authorization is single-use and expires after 10 minutes; a user has at
-most 5 pending, and a newer one replaces the oldest. ev.energy sends the user back to redirect_uri
+most 5 pending or held for a confirmation code, and a newer one replaces the oldest. ev.energy sends the user back to redirect_uri
 with a code that is valid for 60 seconds: point it at this mount's callback so Vault exchanges it at
 once, or write code and state to users/<user> from the application. A link a Vault entity makes for
 itself must go to the callback, named in full by the config's callback_url (refused while it is
@@ -143,7 +143,7 @@ func (b *backend) pathAuthURLWrite(ctx context.Context, req *logical.Request, d 
 		"completion":    pending.completion(cfg.CallbackURL),
 	}}
 	if replaced > 0 {
-		resp.AddWarning(fmt.Sprintf("user %s had %d pending authorization links, the most kept per user: this link replaced the oldest %d, which no longer work", user, maxPendingPerUser, replaced))
+		resp.AddWarning(fmt.Sprintf("user %s had %d pending authorization links, the most kept per user with connections waiting for a confirmation code: this link replaced the oldest %d, which no longer work", user, maxPendingPerUser, replaced))
 	}
 	return resp, nil
 }

@@ -153,7 +153,7 @@ func TestAuthURLKeepsFewPendingLinksPerUser(t *testing.T) {
 	var links []*logical.Response
 	for i := range maxPendingPerUser + 2 {
 		resp := newLink(t, b, s, "driver-1")
-		replaced := len(resp.Warnings) == 1 && strings.Contains(resp.Warnings[0], "user driver-1 had 5 pending authorization links, the most kept per user: this link replaced the oldest 1, which no longer work")
+		replaced := len(resp.Warnings) == 1 && strings.Contains(resp.Warnings[0], "user driver-1 had 5 pending authorization links, the most kept per user with connections waiting for a confirmation code: this link replaced the oldest 1, which no longer work")
 		if want := i >= maxPendingPerUser; replaced != want || len(resp.Warnings) > 1 {
 			t.Errorf("link %d: warnings %q, want the oldest replaced: %v", i+1, resp.Warnings, want)
 		}
@@ -251,5 +251,32 @@ func TestAuthURLRefusesSelfMadeLinksElsewhere(t *testing.T) {
 		if resp, err := requestAs(t, b, s, "", logical.UpdateOperation, "config", map[string]any{"callback_url": bad}); err != nil || !resp.IsError() || !strings.Contains(resp.Error().Error(), "callback_url must") {
 			t.Errorf("config callback_url=%s: %v %v, want it refused", bad, resp, err)
 		}
+	}
+}
+
+// TestSelfMadeLinksHeldCountWithPendingOnes: held grants count with pending links in one bound per
+// user; a newer link replaces the oldest, and a replaced held grant's tokens are revoked.
+func TestSelfMadeLinksHeldCountWithPendingOnes(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	const links = 50
+	for i := range links {
+		heldAtCallback(t, b, s, sv, "entity-a", fmt.Sprintf("driver-%d@example.com", i))
+		held, err := b.heldFor(t.Context(), s, "entity-a")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if stored, _ := s.List(t.Context(), unconfirmedGrantPrefix); len(held) > maxPendingPerUser || len(stored) != len(held) || len(held)+storedPending(t, s) > maxPendingPerUser {
+			t.Fatalf("after %d links: %d held in memory, %d stored, %d pending; at most %d together", i+1, len(held), len(stored), storedPending(t, s), maxPendingPerUser)
+		}
+	}
+	live := 0
+	for _, info := range sv.Tokens() {
+		if sv.Active(info.Value) {
+			live++
+		}
+	}
+	if live > 2*maxPendingPerUser {
+		t.Fatalf("%d tokens of %d links are live at ev.energy, want those of the %d held at most", live, links, maxPendingPerUser)
 	}
 }

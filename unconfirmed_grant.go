@@ -22,7 +22,7 @@ const unconfirmedGrantPrefix = "unconfirmed-grants/"
 
 const (
 	confirmationAttempts = 5   // wrong confirmation codes before the held tokens are revoked
-	unconfirmedPerPass   = 100 // expired unconfirmed grants a periodic pass hands to the revocation queue
+	unconfirmedPerPass   = 100 // expired unconfirmed grants a periodic pass revokes or queues
 )
 
 // unconfirmedGrant is an authorization exchanged at the callback and held for its link's maker.
@@ -211,9 +211,10 @@ func (b *backend) wrongConfirmationCode(ctx context.Context, s logical.Storage, 
 	return logical.CodedError(http.StatusBadRequest, "wrong confirmation code, and no attempts left: the connection is cancelled and its tokens revoked; start again at auth-url")
 }
 
-// revokeUnclaimedGrants hands the unconfirmed grants that expired unclaimed to the revocation
-// queue, at most unconfirmedPerPass of them: the pass's revocations then send them to ev.energy.
-func (b *backend) revokeUnclaimedGrants(ctx context.Context, s logical.Storage) error {
+// revokeUnclaimedGrants revokes the unconfirmed grants that expired unclaimed, at most
+// unconfirmedPerPass of them: directly while the pass has time and a turn under the call budget,
+// and through the revocation queue after that or when ev.energy does not confirm.
+func (b *backend) revokeUnclaimedGrants(ctx context.Context, s logical.Storage, deadline time.Time) error {
 	held, err := b.unconfirmed.all(ctx, s)
 	if err != nil {
 		return err
@@ -227,20 +228,30 @@ func (b *backend) revokeUnclaimedGrants(ctx context.Context, s logical.Storage) 
 		}
 		if now.After(u.ExpiresAt) {
 			handed++
-			errs = append(errs, b.revokeUnclaimed(ctx, s, state))
+			var turn *budgetTurn // none once the pass's time is out: queued
+			if time.Now().Before(deadline) {
+				turn = &budgetTurn{call: callRevocation, by: deadline}
+			}
+			errs = append(errs, b.revokeHeld(ctx, s, state, turn))
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// revokeUnclaimed queues the revocation of the unconfirmed grant under state, unless it was claimed meanwhile.
-func (b *backend) revokeUnclaimed(ctx context.Context, s logical.Storage, state string) error {
+// revokeHeld revokes the tokens of the unconfirmed grant under state in turn, or queues them
+// (turn nil: at once), and forgets the grant, unless it was claimed meanwhile.
+func (b *backend) revokeHeld(ctx context.Context, s logical.Storage, state string, turn *budgetTurn) error {
 	defer b.lockUnconfirmed(state)()
-	u, err := getJSON[unconfirmedGrant](ctx, s, unconfirmedGrantPrefix+state)
+	u, err := b.unconfirmed.get(ctx, s, state)
 	if err != nil || u == nil {
 		return err
 	}
-	if err := b.queueRevocation(ctx, s, u.revocation(), nil); err != nil {
+	if turn == nil {
+		err = b.queueRevocation(ctx, s, u.revocation(), nil)
+	} else {
+		err = b.revokeInTurnOrQueue(context.WithoutCancel(ctx), s, u.revocation(), turn)
+	}
+	if err != nil {
 		return err
 	}
 	return b.unconfirmed.delete(ctx, s, state)
