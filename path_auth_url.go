@@ -132,9 +132,19 @@ func (b *backend) pathAuthURLWrite(ctx context.Context, req *logical.Request, d 
 	if err := pending.unsafeSelfMade(cfg.CallbackURL, req.MountPoint); err != nil {
 		return nil, err
 	}
+	if pending.selfMade() {
+		if err := b.checkSelfServiceRoom(ctx, req.Storage, cfg); err != nil {
+			return nil, err
+		}
+	}
 	state, replaced, err := b.putPending(ctx, req.Storage, &pending)
 	if err != nil {
 		return nil, err
+	}
+	if pending.selfMade() {
+		if err := b.selfMadeLinks.put(ctx, req.Storage, state, &selfMadeLink{ExpiresAt: pending.ExpiresAt}); err != nil {
+			return nil, err
+		}
 	}
 	resp := &logical.Response{Data: map[string]any{
 		"authorize_url": client.authorizeURL(redirectURI, scopes, state, pending.Verifier),
@@ -163,7 +173,10 @@ func (b *backend) consumeAuthRequest(ctx context.Context, s logical.Storage, wan
 	if pending == nil || time.Now().After(pending.ExpiresAt) || (wantUser != "" && pending.User != wantUser) {
 		return nil, logical.CodedError(http.StatusBadRequest, "the state is unknown, expired, already used, replaced by a newer link or for another user: start again at auth-url")
 	}
-	return pending, s.Delete(ctx, key)
+	if err := s.Delete(ctx, key); err != nil || !pending.selfMade() {
+		return pending, err
+	}
+	return pending, b.selfMadeLinks.delete(ctx, s, state) // held from now on, if at all, and counted so
 }
 
 // completeAuthorization exchanges the code ev.energy gave for a pending authorization and keeps the grant.

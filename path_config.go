@@ -32,6 +32,8 @@ type config struct {
 	// CallbackURL is this mount's callback as browsers reach it: a plugin sees neither Vault's
 	// address nor the request's host. "" until an operator writes it: no link goes to the callback.
 	CallbackURL string `json:"callback_url,omitempty"`
+	// MaxSelfServiceLinks bounds the self-made links pending or held on the mount; 0: the default.
+	MaxSelfServiceLinks int `json:"max_self_service_links,omitempty"`
 }
 
 // callsPerSecond is the call_budget in force: how many calls a second refreshes and revocations
@@ -87,6 +89,11 @@ func pathConfig(b *backend) *framework.Path {
 				Description: "This mount's callback as users' browsers reach it, in full: https://VAULT/v1/<namespace/><mount>/callback. " +
 					"Links Vault entities make for themselves go only there; until it is set, auth-url refuses them.",
 			},
+			"max_self_service_links": {
+				Type:        framework.TypeInt,
+				Description: "How many links Vault entities made for themselves the mount keeps, pending or waiting for a confirmation code; auth-url answers 429 beyond. 0 means the default, 10000.",
+				Default:     0,
+			},
 			"call_budget": {
 				Type: framework.TypeInt,
 				Description: "Calls a second this mount may make to ev.energy on each node for users' token refreshes and revocations, " +
@@ -135,13 +142,14 @@ func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, _ *f
 		return nil, err
 	}
 	return &logical.Response{Data: map[string]any{
-		"client_id":       cfg.ClientID,
-		"base_url":        cfg.BaseURL,
-		"scopes":          cfg.Scopes,
-		"request_timeout": int64(cfg.RequestTimeout.Seconds()),
-		"refresh_window":  int64(cfg.RefreshWindow.Seconds()),
-		"call_budget":     cfg.callsPerSecond(),
-		"callback_url":    cfg.CallbackURL,
+		"client_id":              cfg.ClientID,
+		"base_url":               cfg.BaseURL,
+		"scopes":                 cfg.Scopes,
+		"request_timeout":        int64(cfg.RequestTimeout.Seconds()),
+		"refresh_window":         int64(cfg.RefreshWindow.Seconds()),
+		"call_budget":            cfg.callsPerSecond(),
+		"callback_url":           cfg.CallbackURL,
+		"max_self_service_links": cfg.maxSelfServiceLinks(),
 	}}, nil
 }
 
@@ -184,6 +192,9 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	if v, ok := fieldOnWrite(req, d, "call_budget"); ok {
 		cfg.CallBudget = v.(int)
 	}
+	if v, ok := fieldOnWrite(req, d, "max_self_service_links"); ok {
+		cfg.MaxSelfServiceLinks = v.(int)
+	}
 	if v, ok := fieldOnWrite(req, d, "callback_url"); ok {
 		cfg.CallbackURL = strings.TrimSpace(v.(string))
 	}
@@ -202,6 +213,9 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	}
 	if err := checkCallbackURL(cfg.CallbackURL, req.MountPoint); err != nil {
 		return logical.ErrorResponse(err.Error()), nil
+	}
+	if cfg.MaxSelfServiceLinks < 0 {
+		return logical.ErrorResponse("max_self_service_links must be a number of links, or 0 for the default (%d)", defaultMaxSelfServiceLinks), nil
 	}
 	if cfg.CallBudget < 0 || cfg.CallBudget > maxCallBudget {
 		return logical.ErrorResponse("call_budget must be a number of calls a second from 1 to %d, or 0 for the default (%d)", maxCallBudget, defaultCallBudget), nil

@@ -106,7 +106,7 @@ func (b *backend) putPending(ctx context.Context, s logical.Storage, p *authRequ
 		if old.held {
 			err = errors.Join(err, b.revokeHeld(ctx, s, old.name, urgentRevocation()))
 		} else {
-			err = errors.Join(err, s.Delete(ctx, folder+old.name))
+			err = errors.Join(err, s.Delete(ctx, folder+old.name), b.selfMadeLinks.delete(ctx, s, tag+"-"+old.name))
 		}
 		replaced++
 	}

@@ -33,6 +33,7 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 	firstRound, refresh := b.refreshDueTokens(ctx, s)
 	return errors.Join(unclaimed, revocations, refresh,
 		b.sweepPending(ctx, s, end),
+		b.forgetExpiredSelfMadeLinks(ctx, s, end),
 		awaitFirstRound(ctx, firstRound, end),
 		b.forgetSpentClients(ctx, s, time.Now()),
 	)
