@@ -16,6 +16,7 @@ const (
 	defaultBaseURL        = "https://api.ev.energy"
 	defaultRequestTimeout = 30 * time.Second
 	defaultRefreshWindow  = 10 * time.Minute
+	maxDisplayName        = 100
 )
 
 // config is the ev.energy OAuth client the engine acts as.
@@ -33,7 +34,8 @@ type config struct {
 	// address nor the request's host. "" until an operator writes it: no link goes to the callback.
 	CallbackURL string `json:"callback_url,omitempty"`
 	// MaxSelfServiceLinks bounds the self-made links pending or held on the mount; 0: the default.
-	MaxSelfServiceLinks int `json:"max_self_service_links,omitempty"`
+	MaxSelfServiceLinks int    `json:"max_self_service_links,omitempty"`
+	DisplayName         string `json:"display_name,omitempty"` // the application's name on the callback page; "": client_id
 }
 
 // callsPerSecond is the call_budget in force: how many calls a second refreshes and revocations
@@ -88,6 +90,10 @@ func pathConfig(b *backend) *framework.Path {
 				Type: framework.TypeString,
 				Description: "This mount's callback as users' browsers reach it, in full: https://VAULT/v1/<namespace/><mount>/callback. " +
 					"Links Vault entities make for themselves go only there; until it is set, auth-url refuses them.",
+			},
+			"display_name": {
+				Type:        framework.TypeString,
+				Description: "The application's name as ev.energy shows it on its consent page, for the callback page; empty shows client_id.",
 			},
 			"max_self_service_links": {
 				Type:        framework.TypeInt,
@@ -192,6 +198,9 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	if v, ok := fieldOnWrite(req, d, "call_budget"); ok {
 		cfg.CallBudget = v.(int)
 	}
+	if v, ok := fieldOnWrite(req, d, "display_name"); ok {
+		cfg.DisplayName = strings.TrimSpace(v.(string))
+	}
 	if v, ok := fieldOnWrite(req, d, "max_self_service_links"); ok {
 		cfg.MaxSelfServiceLinks = v.(int)
 	}
@@ -213,6 +222,9 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	}
 	if err := checkCallbackURL(cfg.CallbackURL, req.MountPoint); err != nil {
 		return logical.ErrorResponse(err.Error()), nil
+	}
+	if len(cfg.DisplayName) > maxDisplayName {
+		return logical.ErrorResponse("display_name must be at most %d bytes: the name ev.energy shows on its consent page", maxDisplayName), nil
 	}
 	if cfg.MaxSelfServiceLinks < 0 {
 		return logical.ErrorResponse("max_self_service_links must be a number of links, or 0 for the default (%d)", defaultMaxSelfServiceLinks), nil

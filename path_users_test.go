@@ -446,7 +446,7 @@ path "%[1]s/users/{{identity.entity.id}}/*" { capabilities = ["read"] }
 		client     *api.Client
 		own, other string
 	}{{alice, aliceID, bobID}, {bob, bobID, aliceID}} {
-		s, err := who.client.Logical().Write(e.path("auth-url/"+who.own), map[string]any{"redirect_uri": appRedirect})
+		s, err := who.client.Logical().Write(e.path("auth-url/"+who.own), map[string]any{"redirect_uri": e.callbackURL()})
 		if err != nil {
 			t.Fatalf("auth-url for one's own entity: %v", err)
 		}
@@ -454,7 +454,8 @@ path "%[1]s/users/{{identity.entity.id}}/*" { capabilities = ["read"] }
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := who.client.Logical().Write(e.path("users/"+who.own), map[string]any{"code": redirect.Query().Get("code"), "state": s.Data["state"]}); err != nil {
+		_, body := page(t, redirect.String())
+		if _, err := who.client.Logical().Write(e.path("users/"+who.own), map[string]any{"confirmation_code": pageConfirmationCode(t, body)}); err != nil {
 			t.Fatalf("finishing one's own authorization: %v", err)
 		}
 		tok, err := who.client.Logical().Read(e.path("users/" + who.own + "/token"))
@@ -467,7 +468,7 @@ path "%[1]s/users/{{identity.entity.id}}/*" { capabilities = ["read"] }
 		client *api.Client
 		other  string
 	}{{alice, bobID}, {bob, aliceID}} {
-		_, err := who.client.Logical().Write(e.path("auth-url/"+who.other), map[string]any{"redirect_uri": appRedirect})
+		_, err := who.client.Logical().Write(e.path("auth-url/"+who.other), map[string]any{"redirect_uri": e.callbackURL()})
 		wantStatus(t, err, http.StatusForbidden, "permission denied")
 		_, err = who.client.Logical().Read(e.path("users/" + who.other + "/token"))
 		wantStatus(t, err, http.StatusForbidden, "permission denied")
