@@ -28,14 +28,15 @@ const operationPrefix = "evenergy"
 type backend struct {
 	*framework.Backend
 
-	pendingLocks keyedMutex // on one pending authorization, or on one user's pending ones
-	cache        *cache
-	tokens       *tokenStore // every token the engine holds and rotates: users' grants, shared roles' tokens
-	revocations  *revocations
-	unconfirmed  *prefixCache[unconfirmedGrant] // tokens of self-made links, held for their makers
-	retired      *retiredClients
-	metrics      *metrics
-	legacy       atomic.Pointer[legacyClient] // once read from storage
+	pendingLocks  keyedMutex // on one pending authorization, or on one user's pending ones
+	cache         *cache
+	tokens        *tokenStore // every token the engine holds and rotates: users' grants, shared roles' tokens
+	revocations   *revocations
+	unconfirmed   *prefixCache[unconfirmedGrant] // tokens of self-made links, held for their makers
+	selfMadeLinks *prefixCache[selfMadeLink]     // marks of pending self-made links, for the mount-wide bound
+	retired       *retiredClients
+	metrics       *metrics
+	legacy        atomic.Pointer[legacyClient] // once read from storage
 
 	// configWrites serializes config writes and deletes, which run on the active node only: each
 	// must retire the client it replaces, which a concurrent one could store meanwhile.
@@ -70,7 +71,7 @@ func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend,
 }
 
 func newBackend() *backend {
-	b := &backend{cache: newCache(), tokens: newTokenStore(), revocations: newRevocations(), unconfirmed: newPrefixCache[unconfirmedGrant](unconfirmedGrantPrefix),
+	b := &backend{cache: newCache(), tokens: newTokenStore(), revocations: newRevocations(), unconfirmed: newPrefixCache[unconfirmedGrant](unconfirmedGrantPrefix), selfMadeLinks: newPrefixCache[selfMadeLink](selfMadeLinkPrefix),
 		retired: newRetiredClients(), budget: newCallBudget(), grantsLoaded: make(chan struct{})}
 	b.loadingGrants, b.stopLoading = context.WithCancel(context.Background())
 	b.background, b.stopBackground = context.WithCancel(context.Background())
@@ -97,6 +98,7 @@ func newBackend() *backend {
 			b.tokens.invalidate(key)
 			b.revocations.invalidate(key)
 			b.unconfirmed.invalidate(key)
+			b.selfMadeLinks.invalidate(key)
 			b.retired.invalidate(key)
 			if key == legacyClientPath {
 				b.legacy.Store(nil)

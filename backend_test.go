@@ -3,6 +3,7 @@ package evenergy
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -94,8 +95,13 @@ func startDevVault() error {
 	}
 	defer logFile.Close()
 	devVault.log = logFile.Name()
+	// The raw storage endpoint lets a test write records as an earlier version of the plugin stored them.
+	rawConfig := filepath.Join(shared.dir, "dev-vault.hcl")
+	if err := os.WriteFile(rawConfig, []byte("raw_storage_endpoint = true\n"), 0o600); err != nil {
+		return err
+	}
 	cmd := exec.Command(bin, "server", "-dev", "-dev-root-token-id=root", "-dev-no-store-token",
-		"-dev-listen-address="+addr, "-dev-plugin-dir="+pluginDir, "-log-level=debug")
+		"-dev-listen-address="+addr, "-dev-plugin-dir="+pluginDir, "-log-level=debug", "-config="+rawConfig)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = serverProcAttr()
 	if err := cmd.Start(); err != nil {
@@ -183,8 +189,24 @@ func newAccEnv(t *testing.T) *accEnv {
 			t.Errorf("unmount %s: %v", e.mount, err)
 		}
 	})
-	e.write(t, "config", map[string]any{"client_id": testClientID, "client_secret": testClientSecret, "base_url": e.url})
+	e.write(t, "config", map[string]any{"client_id": testClientID, "client_secret": testClientSecret, "base_url": e.url, "callback_url": e.callbackURL()})
 	return e
+}
+
+// putStored writes v at key in this mount's storage, as a version of the plugin may have stored it.
+func (e *accEnv) putStored(t *testing.T, key string, v any) {
+	t.Helper()
+	mounts, err := e.vault.Sys().ListMounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	value, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.vault.Logical().Write("sys/raw/logical/"+mounts[e.mount+"/"].UUID+"/"+key, map[string]any{"value": string(value)}); err != nil {
+		t.Fatalf("writing the mount's storage: %v", err)
+	}
 }
 
 func (e *accEnv) path(p string) string { return e.mount + "/" + p }

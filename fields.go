@@ -60,6 +60,28 @@ func checkURL(field, raw string) error {
 	return fmt.Errorf("%s must use https:// (http:// is allowed only for localhost and loopback addresses)", field)
 }
 
+// checkCallbackURL checks a config's callback_url ("" unsets it): this mount's callback, in full.
+func checkCallbackURL(raw, mountPoint string) error {
+	if raw == "" {
+		return nil
+	}
+	if err := checkURL("callback_url", raw); err != nil {
+		return err
+	}
+	if u, _ := url.Parse(raw); !strings.HasSuffix(u.Path, "/"+mountPoint+"callback") {
+		return fmt.Errorf("callback_url must be this mount's callback as browsers reach it, e.g. https://vault.example.com/v1/%scallback (with the namespace path before the mount, if any)", mountPoint)
+	}
+	return nil
+}
+
+// sameURL reports whether a and b are one URL: scheme and host in any case, the rest exactly.
+func sameURL(a, b string) bool {
+	ua, errA := url.Parse(a)
+	ub, errB := url.Parse(b)
+	return errA == nil && errB == nil && strings.EqualFold(ua.Scheme, ub.Scheme) && strings.EqualFold(ua.Host, ub.Host) &&
+		ua.User == nil && ub.User == nil && ua.EscapedPath() == ub.EscapedPath() && ua.RawQuery == ub.RawQuery && ua.Fragment == ub.Fragment
+}
+
 func isLoopback(host string) bool {
 	if strings.EqualFold(host, "localhost") {
 		return true

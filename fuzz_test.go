@@ -432,15 +432,14 @@ func FuzzCallback(f *testing.F) {
 			t.Fatalf("callback %q (pending state %s): page with HTTP %d, want 4xx (502 after an exchange with unreachable ev.energy): %s", data, pending, status, body)
 		}
 
-		// The page echoes error and error_description (escaped); the code may show only where the
-		// fixed text or those echoes hold it.
+		// The page says what error came in its own words, never error_description; the code may
+		// show only where the fixed text or those words hold it.
+		words := htmlText(t, authorizationErrorDetails(oauthErr))
+		if len(errDesc) >= 8 && strings.Contains(body, htmlText(t, errDesc)) && !strings.Contains(fixedText+words, htmlText(t, errDesc)) {
+			t.Fatalf("callback %q: the page shows error_description", data)
+		}
 		if len(code) >= 8 && !strings.Contains(fixedText, code) && !strings.Contains(fixedText, htmlText(t, code)) {
-			rest := body
-			for _, echo := range []string{oauthErr, errDesc} {
-				if echo != "" {
-					rest = strings.ReplaceAll(rest, htmlText(t, echo), "\x00")
-				}
-			}
+			rest := strings.ReplaceAll(body, words, "\x00")
 			if strings.Contains(rest, code) || strings.Contains(rest, htmlText(t, code)) {
 				t.Fatalf("callback %q: the page shows the code: %s", data, body)
 			}

@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"net/url"
-	"strings"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -35,41 +33,52 @@ const (
 )
 
 // selfMade reports whether an entity made the link for itself (the README's self-service policy).
-// Whoever opens such a link may be someone the maker sent it to, so it completes only in the
-// maker's own Vault session.
+// Whoever opens such a link may be someone the maker sent it to, so it completes only at the
+// callback, whose page shows the code the maker must write back.
 func (p *authRequest) selfMade() bool {
 	return p.MadeBy != "" && p.MadeBy == p.User
 }
 
-// toCallback reports whether the link sends the user back to the callback of the mount at mountPoint.
-func (p *authRequest) toCallback(mountPoint string) bool {
-	u, err := url.Parse(p.RedirectURI)
-	return err == nil && strings.HasSuffix(u.Path, "/"+mountPoint+"callback")
+// toCallback reports whether the link sends the user back to callbackURL, this mount's callback
+// as the config names it in full; with none named, no link does.
+func (p *authRequest) toCallback(callbackURL string) bool {
+	return callbackURL != "" && sameURL(p.RedirectURI, callbackURL)
 }
 
 // completion is how the link completes.
-func (p *authRequest) completion(mountPoint string) string {
+func (p *authRequest) completion(callbackURL string) string {
 	switch {
-	case !p.toCallback(mountPoint):
-		return completionApplication
 	case p.selfMade():
 		return completionConfirmationCode
-	default:
+	case p.toCallback(callbackURL):
 		return completionCallback
+	default:
+		return completionApplication
 	}
 }
 
-// relayableBy returns why entityID may not finish the link with the code of ev.energy's redirect, or nil.
-func (p *authRequest) relayableBy(entityID, mountPoint string) error {
+// unsafeSelfMade returns why a link its maker made for itself may not be made or exchanged, or nil:
+// only the callback, named in full by the config, keeps what it gives behind a confirmation code.
+func (p *authRequest) unsafeSelfMade(callbackURL, mountPoint string) error {
 	switch {
-	case !p.selfMade():
+	case !p.selfMade() || p.toCallback(callbackURL):
 		return nil
-	case entityID != p.MadeBy:
-		return logical.CodedError(http.StatusForbidden, "this link was made by a Vault identity for itself: only that identity can finish it, in its own Vault session")
-	case p.toCallback(mountPoint):
-		return logical.CodedError(http.StatusBadRequest, "this link completes at the callback, whose page shows its maker a confirmation code: write state and confirmation_code")
+	case callbackURL == "":
+		return logical.CodedError(http.StatusBadRequest, fmt.Sprintf("a link a Vault entity makes for itself completes only at this mount's callback, and the config names none: "+
+			"an operator writes callback_url=https://VAULT/v1/%scallback (namespace path included) to config", mountPoint))
 	}
-	return nil
+	return logical.CodedError(http.StatusBadRequest, fmt.Sprintf("a link a Vault entity makes for itself must use this mount's callback as redirect_uri, %s, whose page shows a confirmation code to write back; "+
+		"for another redirect_uri, have a trusted application make the link with its own Vault token", callbackURL))
+}
+
+// checkSelfMade refuses a self-made link whose redirect_uri is not the configured callback, such
+// as one stored by a version that allowed it, before its code is exchanged.
+func (b *backend) checkSelfMade(ctx context.Context, req *logical.Request, pending *authRequest) error {
+	cfg, _, err := b.config(ctx, req.Storage)
+	if err != nil {
+		return err
+	}
+	return pending.unsafeSelfMade(cfg.CallbackURL, req.MountPoint)
 }
 
 func pathAuthURL(b *backend) *framework.Path {
@@ -90,11 +99,11 @@ func pathAuthURL(b *backend) *framework.Path {
 		HelpSynopsis: "Start the authorization-code flow (with PKCE) for an ev.energy user.",
 		HelpDescription: `Returns the authorize_url to send the user to, its state, and how it completes. The PKCE verifier
 stays sealed in Vault. The authorization is single-use and expires after 10 minutes; a user has at
-most 5 pending, and a newer one replaces the oldest. ev.energy sends the user back to redirect_uri
+most 5 pending or held for a confirmation code, and a newer one replaces the oldest. ev.energy sends the user back to redirect_uri
 with a code that is valid for 60 seconds: point it at this mount's callback so Vault exchanges it at
 once, or write code and state to users/<user> from the application. A link a Vault entity makes for
-itself completes only in that entity's own session: the callback holds it behind a confirmation code
-that the entity writes back with state.`,
+itself must go to the callback, named in full by the config's callback_url (refused while it is
+unset): the callback holds it behind a confirmation code that the entity writes back.`,
 	}
 }
 
@@ -120,18 +129,31 @@ func (b *backend) pathAuthURLWrite(ctx context.Context, req *logical.Request, d 
 		ExpiresAt:   time.Now().Add(authRequestTTL).UTC(),
 		MadeBy:      req.EntityID,
 	}
+	if err := pending.unsafeSelfMade(cfg.CallbackURL, req.MountPoint); err != nil {
+		return nil, err
+	}
+	if pending.selfMade() {
+		if err := b.checkSelfServiceRoom(ctx, req.Storage, cfg); err != nil {
+			return nil, err
+		}
+	}
 	state, replaced, err := b.putPending(ctx, req.Storage, &pending)
 	if err != nil {
 		return nil, err
+	}
+	if pending.selfMade() {
+		if err := b.selfMadeLinks.put(ctx, req.Storage, state, &selfMadeLink{ExpiresAt: pending.ExpiresAt}); err != nil {
+			return nil, err
+		}
 	}
 	resp := &logical.Response{Data: map[string]any{
 		"authorize_url": client.authorizeURL(redirectURI, scopes, state, pending.Verifier),
 		"state":         state,
 		"expires_at":    pending.ExpiresAt.Format(time.RFC3339),
-		"completion":    pending.completion(req.MountPoint),
+		"completion":    pending.completion(cfg.CallbackURL),
 	}}
 	if replaced > 0 {
-		resp.AddWarning(fmt.Sprintf("user %s had %d pending authorization links, the most kept per user: this link replaced the oldest %d, which no longer work", user, maxPendingPerUser, replaced))
+		resp.AddWarning(fmt.Sprintf("user %s had %d pending authorization links, the most kept per user with connections waiting for a confirmation code: this link replaced the oldest %d, which no longer work", user, maxPendingPerUser, replaced))
 	}
 	return resp, nil
 }
@@ -151,7 +173,10 @@ func (b *backend) consumeAuthRequest(ctx context.Context, s logical.Storage, wan
 	if pending == nil || time.Now().After(pending.ExpiresAt) || (wantUser != "" && pending.User != wantUser) {
 		return nil, logical.CodedError(http.StatusBadRequest, "the state is unknown, expired, already used, replaced by a newer link or for another user: start again at auth-url")
 	}
-	return pending, s.Delete(ctx, key)
+	if err := s.Delete(ctx, key); err != nil || !pending.selfMade() {
+		return pending, err
+	}
+	return pending, b.selfMadeLinks.delete(ctx, s, state) // held from now on, if at all, and counted so
 }
 
 // completeAuthorization exchanges the code ev.energy gave for a pending authorization and keeps the grant.

@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"net/url"
 	"regexp"
 	"strconv"
@@ -152,7 +153,7 @@ func TestAuthURLKeepsFewPendingLinksPerUser(t *testing.T) {
 	var links []*logical.Response
 	for i := range maxPendingPerUser + 2 {
 		resp := newLink(t, b, s, "driver-1")
-		replaced := len(resp.Warnings) == 1 && strings.Contains(resp.Warnings[0], "user driver-1 had 5 pending authorization links, the most kept per user: this link replaced the oldest 1, which no longer work")
+		replaced := len(resp.Warnings) == 1 && strings.Contains(resp.Warnings[0], "user driver-1 had 5 pending authorization links, the most kept per user with connections waiting for a confirmation code: this link replaced the oldest 1, which no longer work")
 		if want := i >= maxPendingPerUser; replaced != want || len(resp.Warnings) > 1 {
 			t.Errorf("link %d: warnings %q, want the oldest replaced: %v", i+1, resp.Warnings, want)
 		}
@@ -188,18 +189,18 @@ func TestAuthURLKeepsFewPendingLinksPerUser(t *testing.T) {
 
 func TestAuthURLRecordsItsMakerAndSaysHowTheLinkCompletes(t *testing.T) {
 	b, s := newUnitBackend(t)
-	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": "app"}); err != nil {
+	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": "app", "callback_url": unitCallback}); err != nil {
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {
 		entity, user, redirectURI, completion string
 	}{
 		{"entity-a", "entity-a", unitCallback, completionConfirmationCode},
-		{"entity-a", "entity-a", appRedirect, completionApplication},
+		{"entity-a", "entity-a", "HTTPS://Vault.Example.COM/v1/evenergy/callback", completionConfirmationCode},
 		{"", "driver-1", unitCallback, completionCallback}, // a token without an entity, such as root
 		{"", "driver-1", appRedirect, completionApplication},
 		{"app-entity", "driver-1", unitCallback, completionCallback}, // an application, for its user
-		{"entity-a", "entity-a", "https://vault.example.com/v1/other/callback", completionApplication},
+		{"app-entity", "driver-1", appRedirect, completionApplication},
 	} {
 		resp, err := requestAs(t, b, s, tc.entity, logical.UpdateOperation, "auth-url/"+tc.user, map[string]any{"redirect_uri": tc.redirectURI})
 		if err != nil || resp.IsError() {
@@ -216,5 +217,66 @@ func TestAuthURLRecordsItsMakerAndSaysHowTheLinkCompletes(t *testing.T) {
 		if pending.MadeBy != tc.entity {
 			t.Errorf("entity %q: the pending authorization records its maker as %q", tc.entity, pending.MadeBy)
 		}
+	}
+}
+
+// TestAuthURLRefusesSelfMadeLinksElsewhere: a link an entity makes for itself goes to this mount's
+// callback, recognised by its whole URL, or is not made; without callback_url in the config, none is.
+func TestAuthURLRefusesSelfMadeLinksElsewhere(t *testing.T) {
+	b, s := newUnitBackend(t)
+	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": "app"}); err != nil {
+		t.Fatal(err)
+	}
+	selfMade := func(redirectURI string) (*logical.Response, error) {
+		return requestAs(t, b, s, "entity-a", logical.UpdateOperation, "auth-url/entity-a", map[string]any{"redirect_uri": redirectURI})
+	}
+	resp, err := selfMade(unitCallback)
+	wantCoded(t, resp, err, http.StatusBadRequest, "an operator writes callback_url=https://VAULT/v1/evenergy/callback")
+	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"callback_url": unitCallback}); err != nil {
+		t.Fatal(err)
+	}
+	for _, elsewhere := range []string{
+		appRedirect,
+		"https://app.example.com/v1/evenergy/callback",         // the callback's path on another host
+		"https://vault.example.com/v1/other/evenergy/callback", // a path ending as the callback's does
+		"https://vault.example.com:8200/v1/evenergy/callback",
+	} {
+		resp, err := selfMade(elsewhere)
+		wantCoded(t, resp, err, http.StatusBadRequest, "have a trusted application make the link with its own Vault token")
+	}
+	if n := storedPending(t, s); n != 0 {
+		t.Fatalf("%d refused links stored", n)
+	}
+	for _, bad := range []string{"https://vault.example.com/v1/other/callback", "https://vault.example.com/v1/evenergy/callback?x=1", "http://vault.example.com/v1/evenergy/callback"} {
+		if resp, err := requestAs(t, b, s, "", logical.UpdateOperation, "config", map[string]any{"callback_url": bad}); err != nil || !resp.IsError() || !strings.Contains(resp.Error().Error(), "callback_url must") {
+			t.Errorf("config callback_url=%s: %v %v, want it refused", bad, resp, err)
+		}
+	}
+}
+
+// TestSelfMadeLinksHeldCountWithPendingOnes: held grants count with pending links in one bound per
+// user; a newer link replaces the oldest, and a replaced held grant's tokens are revoked.
+func TestSelfMadeLinksHeldCountWithPendingOnes(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	const links = 50
+	for i := range links {
+		heldAtCallback(t, b, s, sv, "entity-a", fmt.Sprintf("driver-%d@example.com", i))
+		held, err := b.heldFor(t.Context(), s, "entity-a")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if stored, _ := s.List(t.Context(), unconfirmedGrantPrefix); len(held) > maxPendingPerUser || len(stored) != len(held) || len(held)+storedPending(t, s) > maxPendingPerUser {
+			t.Fatalf("after %d links: %d held in memory, %d stored, %d pending; at most %d together", i+1, len(held), len(stored), storedPending(t, s), maxPendingPerUser)
+		}
+	}
+	live := 0
+	for _, info := range sv.Tokens() {
+		if sv.Active(info.Value) {
+			live++
+		}
+	}
+	if live > 2*maxPendingPerUser {
+		t.Fatalf("%d tokens of %d links are live at ev.energy, want those of the %d held at most", live, links, maxPendingPerUser)
 	}
 }

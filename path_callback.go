@@ -2,10 +2,13 @@ package evenergy
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"html/template"
 	"net/http"
+	"strings"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -56,6 +59,47 @@ type callbackPageData struct {
 	// ConfirmationCode is shown with the outcome "confirm" only: to whoever opened the link, who
 	// is its maker unless the maker sent it to someone else.
 	ConfirmationCode string
+	VaultUser        string // with "confirm": who the account would be connected to, by names a person knows
+}
+
+// authorizationErrors are the errors RFC 6749 4.1.2.1 lets ev.energy send back, in the page's own
+// words: the page shows no other text from its URL, which anyone can write.
+var authorizationErrors = map[string]string{
+	"invalid_request":           "ev.energy found the link incomplete or malformed (invalid_request)",
+	"unauthorized_client":       "ev.energy does not let this application ask for access this way (unauthorized_client)",
+	"access_denied":             "access was not allowed at ev.energy (access_denied)",
+	"unsupported_response_type": "ev.energy does not support this kind of link (unsupported_response_type)",
+	"invalid_scope":             "the link asked for access ev.energy does not grant this application (invalid_scope)",
+	"server_error":              "ev.energy had an internal error (server_error)",
+	"temporarily_unavailable":   "ev.energy is busy or down for maintenance (temporarily_unavailable)",
+}
+
+// authorizationErrorDetails is the Details line for an OAuth error sent back to the callback.
+func authorizationErrorDetails(oauthErr string) string {
+	if words, ok := authorizationErrors[oauthErr]; ok {
+		return words
+	}
+	return "ev.energy sent back an error this page does not know"
+}
+
+// vaultUserName names the Vault entity entityID as a person knows it: the names of its aliases
+// with their kind of login, after the entity's own name unless Vault generated it.
+func (b *backend) vaultUserName(entityID string) string {
+	entity, err := b.System().EntityInfo(entityID)
+	if err != nil || entity == nil {
+		return "the Vault entity " + entityID
+	}
+	var names []string
+	if entity.Name != "" && !strings.HasPrefix(entity.Name, "entity_") {
+		names = append(names, entity.Name)
+	}
+	for _, alias := range entity.Aliases {
+		names = append(names, fmt.Sprintf("%s (%s login)", alias.Name, alias.MountType))
+	}
+	if len(names) == 0 {
+		return "the Vault entity " + entityID
+	}
+	return "the Vault user " + strings.Join(names, ", ")
 }
 
 // callbackPage is the one screen a driver sees: self-contained (no scripts, nothing fetched, not
@@ -102,10 +146,10 @@ p{margin:0 0 1rem}
 <p id="happened">Your ev.energy account is now connected to <span class="app">{{.App}}.</span></p>
 <p id="next" class="next">You can close this page and return to <span class="app">{{.App}}.</span></p>
 {{- else if $confirm}}
+<p id="who" class="next">This connects your ev.energy account to {{.VaultUser}}. If that is not you, close this page.</p>
 <p id="happened">ev.energy allowed <span class="app">{{.App}}</span> to access your account. To finish connecting it, enter this code in <span class="app">{{.App}}</span> yourself, within {{.LinkMinutes}} minutes:</p>
 <p id="confirmation-code" class="code">{{.ConfirmationCode}}</p>
-<p id="next" class="next">Never give this code to anyone, not even to someone who sent you the link: whoever enters it gets access to your ev.energy account.</p>
-<p id="unasked">If you did not start this connection in <span class="app">{{.App}}</span> yourself, close this page: without the code, nothing is connected.</p>
+<p id="next" class="next">Never give this code to anyone, not even to someone who sent you the link: whoever enters it gets access to your ev.energy account. Without the code, nothing is connected.</p>
 {{- else if eq .Outcome "bad-link"}}
 <p id="happened">This link has expired, has already been used or is not complete, so your ev.energy account was not connected. Each link works once, within {{.LinkMinutes}} minutes.</p>
 <p id="next" class="next">Ask <span class="app">{{.App}}</span> for a new link and try again.</p>
@@ -130,6 +174,7 @@ func (b *backend) pathCallbackRead(ctx context.Context, req *logical.Request, d 
 	state := trimmedField(d, "state")
 	pending, err := b.consumeAuthRequest(ctx, req.Storage, "", state)
 	var confirmation string // the code to show when the link waits for its maker
+	var details string      // the page's Details line, when not the error's
 	if err == nil {
 		switch oauthErr := d.Get("error").(string); {
 		case oauthErr != "":
@@ -137,11 +182,16 @@ func (b *backend) pathCallbackRead(ctx context.Context, req *logical.Request, d 
 			if oauthErr == "access_denied" {
 				outcome = accessDenied
 			}
-			err = &upstreamError{Op: "authorization", Status: http.StatusBadRequest, OAuthCode: oauthErr, Description: d.Get("error_description").(string)}
+			// Anyone can write this URL: its text goes to the log, the page says only what it knows.
+			b.Logger().Info("ev.energy sent a user back to the callback with an error", "error", truncated(oauthErr), "error_description", truncated(d.Get("error_description").(string)))
+			details = authorizationErrorDetails(oauthErr)
+			err = logical.CodedError(http.StatusBadRequest, details)
 		case pending.selfMade():
 			// Whoever opened the link may not be its maker: only the maker may keep what it gives.
-			outcome = exchangeFailed
-			confirmation, err = b.holdForConfirmation(ctx, req.Storage, state, pending, trimmedField(d, "code"))
+			if err = b.checkSelfMade(ctx, req, pending); err == nil {
+				outcome = exchangeFailed
+				confirmation, err = b.holdForConfirmation(ctx, req.Storage, state, pending, trimmedField(d, "code"))
+			}
 		default:
 			outcome = exchangeFailed
 			err = b.completeAuthorization(ctx, req.Storage, pending, trimmedField(d, "code"))
@@ -150,27 +200,35 @@ func (b *backend) pathCallbackRead(ctx context.Context, req *logical.Request, d 
 	var coded logical.HTTPCodedError
 	switch {
 	case err == nil && confirmation != "":
-		data := b.callbackPageData(ctx, req.Storage, toConfirm, "held for "+pending.User+" until the code is entered")
-		data.ConfirmationCode = confirmation
+		data := b.callbackPageData(ctx, req.Storage, toConfirm, "held until the code is entered")
+		data.ConfirmationCode, data.VaultUser = confirmation, b.vaultUserName(pending.MadeBy)
 		return callbackResponse(http.StatusOK, data)
 	case err == nil:
 		return callbackResponse(http.StatusOK, b.callbackPageData(ctx, req.Storage, connected, "connected as "+pending.User))
 	case errors.Is(err, logical.ErrReadOnly):
 		return nil, err // Vault forwards the request to the active node
 	case errors.As(err, &coded):
-		return callbackResponse(coded.Code(), b.callbackPageData(ctx, req.Storage, outcome, err.Error()))
+		return callbackResponse(coded.Code(), b.callbackPageData(ctx, req.Storage, outcome, cmp.Or(details, err.Error())))
 	default:
 		return nil, err
 	}
 }
 
-// callbackPageData names the application by the config's client_id.
+// callbackPageData names the application by the config's display_name, or else its client_id.
 func (b *backend) callbackPageData(ctx context.Context, s logical.Storage, outcome callbackOutcome, details string) callbackPageData {
 	data := callbackPageData{Outcome: outcome, App: "the application", LinkMinutes: int(authRequestTTL.Minutes()), Details: details}
 	if cfg, _, err := b.config(ctx, s); err == nil { // without a config the page still answers, naming no application
-		data.App = cfg.ClientID
+		data.App = cmp.Or(cfg.DisplayName, cfg.ClientID)
 	}
 	return data
+}
+
+// truncated is text from a URL cut to a length fit for one log line.
+func truncated(text string) string {
+	if len(text) > 200 {
+		return text[:200] + "…"
+	}
+	return text
 }
 
 func callbackResponse(status int, data callbackPageData) (*logical.Response, error) {

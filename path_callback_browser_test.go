@@ -300,7 +300,9 @@ func TestAccBrowserAuthorizationFlow(t *testing.T) {
 		"access_denied")
 	screenshotPage(t, browserCtx, shots, "not-connected")
 
-	// A link a Vault entity makes for itself: the page shows the code its maker writes back.
+	// A link a Vault entity makes for itself: the page names the Vault user it would connect the
+	// account to, and the application by its display name, above the code its maker writes back.
+	e.write(t, "config", map[string]any{"display_name": "Acme Fleet"})
 	maker, makerID := e.userpass(t, e.selfServicePolicy())("driver-9")
 	link, err := maker.Logical().Write(e.path("auth-url/"+makerID), map[string]any{"redirect_uri": callbackURL})
 	if err != nil {
@@ -311,15 +313,27 @@ func TestAccBrowserAuthorizationFlow(t *testing.T) {
 	if result != "Not connected yet" || status != 200 {
 		t.Fatalf("Vault's callback page answered HTTP %d %q for a link made for oneself, want 200 \"Not connected yet\"", status, result)
 	}
+	phone := screens[0]
+	step("emulate a phone", chromedp.EmulateViewport(phone.width, phone.height, chromedp.EmulateScale(phone.scale), chromedp.EmulateMobile, chromedp.EmulateTouch, chromedp.EmulatePortrait))
 	checkCallbackPage(t, browserCtx, location,
-		"To finish connecting it, enter this code in "+testClientID+" yourself, within 10 minutes:",
+		"This connects your ev.energy account to the Vault user driver-9 (userpass login). If that is not you, close this page.",
+		"To finish connecting it, enter this code in Acme Fleet yourself, within 10 minutes:",
 		"Never give this code to anyone, not even to someone who sent you the link: whoever enters it gets access to your ev.energy account.")
+	// On a phone the person reads who gets the account before scrolling, above the code.
+	place, err := chromedp.Run(browserCtx, chromedp.Evaluate[[]float64](
+		`[document.getElementById("who").getBoundingClientRect().bottom, document.getElementById("confirmation-code").getBoundingClientRect().top, window.innerHeight]`))
+	if err != nil {
+		t.Fatalf("browser: place #who: %v", err)
+	}
+	if whoBottom, codeTop, height := place[0], place[1], place[2]; whoBottom > height || whoBottom > codeTop {
+		t.Errorf("on a phone, who gets the account ends at %.0f pixels, below the screen (%.0f) or the code (%.0f)", whoBottom, height, codeTop)
+	}
 	screenshotPage(t, browserCtx, shots, "confirm")
 	code, err := chromedp.Run(browserCtx, chromedp.Text(chromedp.ID("confirmation-code")))
 	if err != nil {
 		t.Fatalf("browser: read #confirmation-code: %v", err)
 	}
-	if _, err := maker.Logical().Write(e.path("users/"+makerID), map[string]any{"state": link.Data["state"], "confirmation_code": code}); err != nil {
+	if _, err := maker.Logical().Write(e.path("users/"+makerID), map[string]any{"confirmation_code": code}); err != nil {
 		t.Fatalf("writing back the code the page showed: %v", err)
 	}
 	if status := e.read(t, "users/"+makerID).Data["status"]; status != "active" {

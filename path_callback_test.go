@@ -160,3 +160,55 @@ func TestCallbackRefusesMalformedStateWithAPage(t *testing.T) {
 		}
 	}
 }
+
+// TestCallbackPageShowsOnlyErrorsItKnows: anyone can write error and error_description into a
+// callback URL with a state of her own; the page names only RFC 6749's errors, in its own words.
+func TestCallbackPageShowsOnlyErrorsItKnows(t *testing.T) {
+	const planted = "Your account is locked, call +44 20 7946 0000"
+	for oauthErr, want := range map[string]string{
+		"invalid_scope":                  "the link asked for access ev.energy does not grant this application (invalid_scope)",
+		"access_denied":                  "You chose not to allow",
+		"account_locked_call_the_number": "ev.energy sent back an error this page does not know",
+	} {
+		b, s, _, state := newPendingBackend(t)
+		status, body := servePage(t, b, s, map[string]any{"state": state, "error": oauthErr, "error_description": planted})
+		if status != http.StatusBadRequest || !strings.Contains(body, want) {
+			t.Errorf("error %s: page %d does not say %q:\n%s", oauthErr, status, want, body)
+		}
+		for _, text := range []string{htmlText(t, planted), "locked", "account_locked"} {
+			if strings.Contains(body, text) {
+				t.Errorf("error %s: the page shows %q from its URL", oauthErr, text)
+			}
+		}
+	}
+}
+
+// TestConfirmationPageNamesWhoGetsTheAccount: the page of a self-made link names the Vault user
+// the account would be connected to, by its logins and a name a person gave it, and the
+// application by the config's display_name.
+func TestConfirmationPageNamesWhoGetsTheAccount(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	if _, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"display_name": "Acme Fleet"}); err != nil {
+		t.Fatal(err)
+	}
+	b.System().(*logical.StaticSystemView).EntityVal = &logical.Entity{ID: "entity-a", Name: "entity_1f2e3d4c", Aliases: []*logical.Alias{
+		{Name: "mallory", MountType: "userpass"}, {Name: "mallory@example.com", MountType: "oidc"},
+	}}
+	_, _, page := heldAtCallback(t, b, s, sv, "entity-a", "bob@example.com")
+	for _, want := range []string{
+		"This connects your ev.energy account to the Vault user mallory (userpass login), mallory@example.com (oidc login). If that is not you, close this page.",
+		`enter this code in <span class="app">Acme Fleet</span> yourself`,
+	} {
+		if !strings.Contains(page, want) {
+			t.Errorf("the page does not say %q:\n%s", want, page)
+		}
+	}
+	if strings.Contains(page, "entity_1f2e3d4c") {
+		t.Error("the page names the entity by the name Vault generated")
+	}
+	b.System().(*logical.StaticSystemView).EntityVal = &logical.Entity{ID: "entity-a", Name: "Mallory Jones", Aliases: []*logical.Alias{{Name: "mj", MountType: "userpass"}}}
+	if _, _, page = heldAtCallback(t, b, s, sv, "entity-a", "carol@example.com"); !strings.Contains(page, "to the Vault user Mallory Jones, mj (userpass login). If that is not you") {
+		t.Errorf("the page does not name the entity by the name a person gave it:\n%s", page)
+	}
+}

@@ -16,6 +16,7 @@ const (
 	defaultBaseURL        = "https://api.ev.energy"
 	defaultRequestTimeout = 30 * time.Second
 	defaultRefreshWindow  = 10 * time.Minute
+	maxDisplayName        = 100
 )
 
 // config is the ev.energy OAuth client the engine acts as.
@@ -29,6 +30,12 @@ type config struct {
 	// CheckGrantsBefore makes the active grants last refreshed before it due (check-grants).
 	CheckGrantsBefore time.Time `json:"check_grants_before,omitzero"`
 	CallBudget        int       `json:"call_budget"` // 0, as in configs stored before it existed: defaultCallBudget
+	// CallbackURL is this mount's callback as browsers reach it: a plugin sees neither Vault's
+	// address nor the request's host. "" until an operator writes it: no link goes to the callback.
+	CallbackURL string `json:"callback_url,omitempty"`
+	// MaxSelfServiceLinks bounds the self-made links pending or held on the mount; 0: the default.
+	MaxSelfServiceLinks int    `json:"max_self_service_links,omitempty"`
+	DisplayName         string `json:"display_name,omitempty"` // the application's name on the callback page; "": client_id
 }
 
 // callsPerSecond is the call_budget in force: how many calls a second refreshes and revocations
@@ -79,6 +86,20 @@ func pathConfig(b *backend) *framework.Path {
 				Description: "A user's access token is refreshed once less than this remains of it, fixed when the token is issued (a write applies to tokens issued after it); a window at least as long as a token's life counts as half of it.",
 				Default:     int(defaultRefreshWindow.Seconds()),
 			},
+			"callback_url": {
+				Type: framework.TypeString,
+				Description: "This mount's callback as users' browsers reach it, in full: https://VAULT/v1/<namespace/><mount>/callback. " +
+					"Links Vault entities make for themselves go only there; until it is set, auth-url refuses them.",
+			},
+			"display_name": {
+				Type:        framework.TypeString,
+				Description: "The application's name as ev.energy shows it on its consent page, for the callback page; empty shows client_id.",
+			},
+			"max_self_service_links": {
+				Type:        framework.TypeInt,
+				Description: "How many links Vault entities made for themselves the mount keeps, pending or waiting for a confirmation code; auth-url answers 429 beyond. 0 means the default, 10000.",
+				Default:     0,
+			},
 			"call_budget": {
 				Type: framework.TypeInt,
 				Description: "Calls a second this mount may make to ev.energy on each node for users' token refreshes and revocations, " +
@@ -127,12 +148,14 @@ func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, _ *f
 		return nil, err
 	}
 	return &logical.Response{Data: map[string]any{
-		"client_id":       cfg.ClientID,
-		"base_url":        cfg.BaseURL,
-		"scopes":          cfg.Scopes,
-		"request_timeout": int64(cfg.RequestTimeout.Seconds()),
-		"refresh_window":  int64(cfg.RefreshWindow.Seconds()),
-		"call_budget":     cfg.callsPerSecond(),
+		"client_id":              cfg.ClientID,
+		"base_url":               cfg.BaseURL,
+		"scopes":                 cfg.Scopes,
+		"request_timeout":        int64(cfg.RequestTimeout.Seconds()),
+		"refresh_window":         int64(cfg.RefreshWindow.Seconds()),
+		"call_budget":            cfg.callsPerSecond(),
+		"callback_url":           cfg.CallbackURL,
+		"max_self_service_links": cfg.maxSelfServiceLinks(),
 	}}, nil
 }
 
@@ -175,6 +198,15 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	if v, ok := fieldOnWrite(req, d, "call_budget"); ok {
 		cfg.CallBudget = v.(int)
 	}
+	if v, ok := fieldOnWrite(req, d, "display_name"); ok {
+		cfg.DisplayName = strings.TrimSpace(v.(string))
+	}
+	if v, ok := fieldOnWrite(req, d, "max_self_service_links"); ok {
+		cfg.MaxSelfServiceLinks = v.(int)
+	}
+	if v, ok := fieldOnWrite(req, d, "callback_url"); ok {
+		cfg.CallbackURL = strings.TrimSpace(v.(string))
+	}
 
 	if cfg.ClientID == "" {
 		return logical.ErrorResponse("client_id is required"), nil
@@ -187,6 +219,15 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 	}
 	if cfg.RefreshWindow <= 0 {
 		return logical.ErrorResponse("refresh_window must be a positive duration, e.g. 10m"), nil
+	}
+	if err := checkCallbackURL(cfg.CallbackURL, req.MountPoint); err != nil {
+		return logical.ErrorResponse(err.Error()), nil
+	}
+	if len(cfg.DisplayName) > maxDisplayName {
+		return logical.ErrorResponse("display_name must be at most %d bytes: the name ev.energy shows on its consent page", maxDisplayName), nil
+	}
+	if cfg.MaxSelfServiceLinks < 0 {
+		return logical.ErrorResponse("max_self_service_links must be a number of links, or 0 for the default (%d)", defaultMaxSelfServiceLinks), nil
 	}
 	if cfg.CallBudget < 0 || cfg.CallBudget > maxCallBudget {
 		return logical.ErrorResponse("call_budget must be a number of calls a second from 1 to %d, or 0 for the default (%d)", maxCallBudget, defaultCallBudget), nil

@@ -242,7 +242,7 @@ func unitConfig(t *testing.T, b *backend, s logical.Storage, handler http.Handle
 	t.Helper()
 	server := httptest.NewServer(handler)
 	t.Cleanup(server.Close)
-	resp, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": testClientID, "client_secret": testClientSecret, "base_url": server.URL})
+	resp, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": testClientID, "client_secret": testClientSecret, "base_url": server.URL, "callback_url": unitCallback})
 	if err != nil || resp.IsError() {
 		t.Fatalf("config: %v %v", err, resp)
 	}

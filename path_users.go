@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -26,7 +27,7 @@ func pathUsers(b *backend) []*framework.Path {
 				"code":              {Type: framework.TypeString, Description: "Authorization code from ev.energy's redirect; goes with state.", DisplayAttrs: &framework.DisplayAttributes{Sensitive: true}},
 				"state":             {Type: framework.TypeString, Description: "State from auth-url, as ev.energy's redirect returned it."},
 				"refresh_token":     {Type: framework.TypeString, Description: "A refresh token obtained elsewhere, to import instead of code and state.", DisplayAttrs: &framework.DisplayAttributes{Sensitive: true}},
-				"confirmation_code": {Type: framework.TypeString, Description: "The code the callback page showed for a link its maker made for itself; goes with state, written by the link's maker.", DisplayAttrs: &framework.DisplayAttributes{Sensitive: true}},
+				"confirmation_code": {Type: framework.TypeString, Description: "The code the callback page showed for a link its maker made for itself, written by the link's maker; alone, or with the link's state.", DisplayAttrs: &framework.DisplayAttributes{Sensitive: true}},
 			},
 			DisplayAttrs: &framework.DisplayAttributes{OperationPrefix: operationPrefix, OperationSuffix: "user"},
 			Operations: map[logical.Operation]framework.OperationHandler{
@@ -40,9 +41,9 @@ func pathUsers(b *backend) []*framework.Path {
 			},
 			HelpSynopsis: "Manage an ev.energy user's grant.",
 			HelpDescription: `Write code and state (from ev.energy's redirect to the application) to finish an authorization
-started at auth-url, state and confirmation_code (from the callback page of a link its maker made
-for itself), or refresh_token to import a grant obtained elsewhere. A link a Vault entity made for
-itself is finished only by that entity. Read shows the grant's status, never a token. Delete
+started at auth-url, confirmation_code (from the callback page of a link its maker made for
+itself; state is optional), or refresh_token to import a grant obtained elsewhere. A link a Vault entity made for
+itself is finished only by that entity, with the confirmation code, never with code and state. Read shows the grant's status, never a token. Delete
 revokes the grant at ev.energy and forgets it.`,
 		},
 		{
@@ -75,9 +76,9 @@ func (b *backend) pathUserWrite(ctx context.Context, req *logical.Request, d *fr
 	confirmation := trimmedField(d, "confirmation_code")
 	switch {
 	case refreshToken != "" && (code != "" || state != "" || confirmation != ""):
-		return logical.ErrorResponse("give either code and state, state and confirmation_code, or refresh_token alone"), nil
+		return logical.ErrorResponse("give either code and state, confirmation_code, or refresh_token alone"), nil
 	case code != "" && confirmation != "":
-		return logical.ErrorResponse("give state with either code or confirmation_code, not both"), nil
+		return logical.ErrorResponse("give either code and state, or confirmation_code, not both"), nil
 	case refreshToken != "":
 		if err := b.ensureWritable(); err != nil {
 			return nil, err
@@ -94,19 +95,20 @@ func (b *backend) pathUserWrite(ctx context.Context, req *logical.Request, d *fr
 			return nil, err
 		}
 		return nil, b.storeGrant(ctx, req.Storage, cfg, user, tok)
-	case state != "" && confirmation != "":
+	case confirmation != "":
 		return nil, b.confirmGrant(ctx, req, user, state, confirmation)
 	case state != "":
 		pending, err := b.consumeAuthRequest(ctx, req.Storage, user, state)
-		if err == nil {
-			err = pending.relayableBy(req.EntityID, req.MountPoint)
-		}
 		if err != nil {
 			return nil, err
 		}
+		if pending.selfMade() { // whoever wrote the code may have it from someone the maker sent the link to
+			return nil, logical.CodedError(http.StatusBadRequest, "this link was made by a Vault identity for itself: it completes only at the callback, "+
+				"whose page shows a confirmation code that the identity writes back as confirmation_code; start again at auth-url")
+		}
 		return nil, b.completeAuthorization(ctx, req.Storage, pending, code)
 	default:
-		return logical.ErrorResponse("give code and state from ev.energy's redirect, state and the confirmation_code the callback page showed, or refresh_token to import a grant"), nil
+		return logical.ErrorResponse("give code and state from ev.energy's redirect, the confirmation_code the callback page showed, or refresh_token to import a grant"), nil
 	}
 }
 

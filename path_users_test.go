@@ -281,7 +281,7 @@ func newUnitStandin(t testing.TB, b *backend, s logical.Storage) *standin.Server
 	sv.AddClient(standin.Client{ID: testClientID, Secret: testClientSecret, Scopes: testScopes})
 	server := httptest.NewServer(sv)
 	t.Cleanup(server.Close)
-	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": testClientID, "client_secret": testClientSecret, "base_url": server.URL}); err != nil {
+	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": testClientID, "client_secret": testClientSecret, "base_url": server.URL, "callback_url": unitCallback}); err != nil {
 		t.Fatal(err)
 	}
 	return sv
@@ -446,7 +446,7 @@ path "%[1]s/users/{{identity.entity.id}}/*" { capabilities = ["read"] }
 		client     *api.Client
 		own, other string
 	}{{alice, aliceID, bobID}, {bob, bobID, aliceID}} {
-		s, err := who.client.Logical().Write(e.path("auth-url/"+who.own), map[string]any{"redirect_uri": appRedirect})
+		s, err := who.client.Logical().Write(e.path("auth-url/"+who.own), map[string]any{"redirect_uri": e.callbackURL()})
 		if err != nil {
 			t.Fatalf("auth-url for one's own entity: %v", err)
 		}
@@ -454,7 +454,8 @@ path "%[1]s/users/{{identity.entity.id}}/*" { capabilities = ["read"] }
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := who.client.Logical().Write(e.path("users/"+who.own), map[string]any{"code": redirect.Query().Get("code"), "state": s.Data["state"]}); err != nil {
+		_, body := page(t, redirect.String())
+		if _, err := who.client.Logical().Write(e.path("users/"+who.own), map[string]any{"confirmation_code": pageConfirmationCode(t, body)}); err != nil {
 			t.Fatalf("finishing one's own authorization: %v", err)
 		}
 		tok, err := who.client.Logical().Read(e.path("users/" + who.own + "/token"))
@@ -467,7 +468,7 @@ path "%[1]s/users/{{identity.entity.id}}/*" { capabilities = ["read"] }
 		client *api.Client
 		other  string
 	}{{alice, bobID}, {bob, aliceID}} {
-		_, err := who.client.Logical().Write(e.path("auth-url/"+who.other), map[string]any{"redirect_uri": appRedirect})
+		_, err := who.client.Logical().Write(e.path("auth-url/"+who.other), map[string]any{"redirect_uri": e.callbackURL()})
 		wantStatus(t, err, http.StatusForbidden, "permission denied")
 		_, err = who.client.Logical().Read(e.path("users/" + who.other + "/token"))
 		wantStatus(t, err, http.StatusForbidden, "permission denied")
@@ -484,44 +485,46 @@ path "%[1]s/users/{{identity.entity.id}}/*" { capabilities = ["read"] }
 	}
 }
 
-func TestSelfMadeLinkCompletesThroughTheApplicationOnlyForItsMaker(t *testing.T) {
+// TestSelfMadeLinkIsNeverRelayed relays, as the maker, the code of self-made links another account
+// opened: one stored by the previous version with the application's redirect_uri (which that version
+// let its maker relay), and one to the callback. Neither gives the maker anything, at users/ or by
+// opening the callback with the code herself.
+func TestSelfMadeLinkIsNeverRelayed(t *testing.T) {
 	b, s := newUnitBackend(t)
 	sv := newUnitStandin(t, b, s)
-	link := func(redirectURI string) (state, code string) {
+	// opened stores a self-made link as the previous version did, and has bob's browser open it.
+	opened := func(redirectURI string) (state, code string) {
 		t.Helper()
-		resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "auth-url/entity-a", map[string]any{"redirect_uri": redirectURI})
-		if err != nil || resp.IsError() {
-			t.Fatalf("auth-url: %v %v", err, resp)
-		}
-		redirect, err := sv.Authorize(t.Context(), resp.Data["authorize_url"].(string), "bob@example.com", true)
+		pending := &authRequest{User: "entity-a", MadeBy: "entity-a", RedirectURI: redirectURI, Verifier: oauth2.GenerateVerifier(), ExpiresAt: time.Now().Add(authRequestTTL)}
+		state, _, err := b.putPending(t.Context(), s, pending)
 		if err != nil {
 			t.Fatal(err)
 		}
-		return resp.Data["state"].(string), redirect.Query().Get("code")
+		cfg, client, err := b.config(t.Context(), s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		redirect, err := sv.Authorize(t.Context(), client.authorizeURL(redirectURI, cfg.Scopes, state, pending.Verifier), "bob@example.com", true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return state, redirect.Query().Get("code")
 	}
-	issued := len(sv.Tokens())
-	// Another driver's session relaying the maker's state, by the application's own token or root.
-	for _, entity := range []string{"entity-b", ""} {
-		state, code := link(appRedirect)
-		resp, err := requestAs(t, b, s, entity, logical.UpdateOperation, "users/entity-a", map[string]any{"code": code, "state": state})
-		wantCoded(t, resp, err, http.StatusForbidden, "only that identity can finish it")
-		resp, err = requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"code": code, "state": state})
-		wantCoded(t, resp, err, http.StatusBadRequest, "already used")
+	for _, redirectURI := range []string{appRedirect, unitCallback} {
+		state, code := opened(redirectURI)
+		resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"code": code, "state": state})
+		wantCoded(t, resp, err, http.StatusBadRequest, "completes only at the callback")
 	}
-	// A code of a link to the callback is not relayed, even by its maker: its page gives a confirmation code.
-	state, code := link(unitCallback)
-	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"code": code, "state": state})
-	wantCoded(t, resp, err, http.StatusBadRequest, "write state and confirmation_code")
-	if len(sv.Tokens()) != issued {
-		t.Fatal("a refused relay exchanged its code at ev.energy")
+	state, code := opened(appRedirect) // the maker opens Vault's callback with the application's redirect
+	page, err := request(t, b, s, logical.ReadOperation, "callback", map[string]any{"state": state, "code": code})
+	if err != nil || page.Data[logical.HTTPStatusCode] != http.StatusBadRequest || strings.Contains(string(page.Data[logical.HTTPRawBody].([]byte)), "confirmation-code") {
+		t.Fatalf("the callback answered %v (%v) to a self-made link to the application, want 400 and no confirmation code", page.Data[logical.HTTPStatusCode], err)
 	}
-
-	state, code = link(appRedirect)
-	if resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"code": code, "state": state}); err != nil || resp.IsError() {
-		t.Fatalf("the maker relaying her own link: %v %v", err, resp)
+	if len(sv.Tokens()) != 0 {
+		t.Fatalf("ev.energy issued %d tokens for relayed codes of self-made links", len(sv.Tokens()))
 	}
-	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"entity-a"); g == nil || !sv.Active(g.AccessToken) {
-		t.Fatal("the maker's relay stored no live grant")
+	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"entity-a"); g != nil {
+		t.Fatal("the maker got a grant by relaying another account's code")
 	}
 }
 

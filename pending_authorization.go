@@ -21,7 +21,7 @@ import (
 // <user tag>-<expiry>-<random>. So the callback finds the entry by its state alone, auth-url
 // counts a user's links with one listing, and the periodic pass forgets expired ones without
 // reading them. Earlier versions stored them at auth-requests/<state>, a random state of 26 characters.
-const maxPendingPerUser = 5 // a user's newer links replace the oldest, so that nobody grows storage
+const maxPendingPerUser = 5 // a user's newer links replace the oldest, held grants included, so that nobody grows storage
 
 var (
 	statePattern    = regexp.MustCompile(`^([0-9a-f]{32})-([0-9]{1,19}-[A-Z2-7]{26})$`)
@@ -61,7 +61,8 @@ func pendingExpiry(name string) (time.Time, bool) {
 }
 
 // putPending stores p, a new pending authorization, and returns its state and how many of the
-// user's oldest pending authorizations it replaced to keep maxPendingPerUser.
+// user's oldest pending authorizations and unconfirmed grants (whose tokens are revoked) it
+// replaced to keep maxPendingPerUser of both.
 func (b *backend) putPending(ctx context.Context, s logical.Storage, p *authRequest) (state string, replaced int, err error) {
 	tag := pendingTag(p.User)
 	folder := authRequestPrefix + tag + "/"
@@ -82,8 +83,14 @@ func (b *backend) putPending(ctx context.Context, s logical.Storage, p *authRequ
 	type stored struct {
 		name      string
 		expiresAt time.Time
+		held      bool // an unconfirmed grant, named by its state
 	}
 	var live []stored
+	held, heldErr := b.heldFor(ctx, s, p.User)
+	for state, u := range held {
+		live = append(live, stored{state, u.ExpiresAt, true})
+	}
+	err = heldErr
 	for _, old := range names {
 		expiresAt, ok := pendingExpiry(old)
 		switch {
@@ -91,12 +98,16 @@ func (b *backend) putPending(ctx context.Context, s logical.Storage, p *authRequ
 		case time.Now().After(expiresAt):
 			err = errors.Join(err, s.Delete(ctx, folder+old))
 		default:
-			live = append(live, stored{old, expiresAt})
+			live = append(live, stored{old, expiresAt, false})
 		}
 	}
 	slices.SortFunc(live, func(a, b stored) int { return cmp.Or(a.expiresAt.Compare(b.expiresAt), cmp.Compare(a.name, b.name)) })
 	for _, old := range live[:max(0, len(live)-maxPendingPerUser+1)] {
-		err = errors.Join(err, s.Delete(ctx, folder+old.name))
+		if old.held {
+			err = errors.Join(err, b.revokeHeld(ctx, s, old.name, urgentRevocation()))
+		} else {
+			err = errors.Join(err, s.Delete(ctx, folder+old.name), b.selfMadeLinks.delete(ctx, s, tag+"-"+old.name))
+		}
 		replaced++
 	}
 	return tag + "-" + name, replaced, err

@@ -17,8 +17,8 @@ const refreshWorkers = 16
 // sent finish (within request_timeout), and the rest wait for the next pass.
 const passBudget = 2 * time.Second
 
-// periodic runs every minute on the active node only: it queues the revocation of unconfirmed
-// grants nobody claimed in time, retries queued revocations, starts the background refresh of the
+// periodic runs every minute on the active node only: it revokes unconfirmed grants nobody
+// claimed in time, retries queued revocations, starts the background refresh of the
 // held tokens due for a refresh, forgets expired pending authorizations and retired clients of
 // which nothing is left. What is due is known from memory, so a pass with nothing to do reads no
 // storage. The steps share one budget, the revocations first: they are a promise, the sweep is
@@ -28,11 +28,12 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 		return nil
 	}
 	s, end := req.Storage, time.Now().Add(passBudget)
-	unclaimed := b.revokeUnclaimedGrants(ctx, s)
+	unclaimed := b.revokeUnclaimedGrants(ctx, s, end)
 	_, revocations := b.retryRevocations(ctx, s, end, false, false)
 	firstRound, refresh := b.refreshDueTokens(ctx, s)
 	return errors.Join(unclaimed, revocations, refresh,
 		b.sweepPending(ctx, s, end),
+		b.forgetExpiredSelfMadeLinks(ctx, s, end),
 		awaitFirstRound(ctx, firstRound, end),
 		b.forgetSpentClients(ctx, s, time.Now()),
 	)

@@ -122,11 +122,16 @@ func (q *revocations) waiting(clientID string, now time.Time) bool {
 // revokeOrQueue revokes rec's tokens now, as the client that minted them; when ev.energy does not
 // confirm, the record is queued for the periodic pass. Only a record that cannot be written fails.
 func (b *backend) revokeOrQueue(ctx context.Context, s logical.Storage, rec revocation) error {
+	return b.revokeInTurnOrQueue(ctx, s, rec, urgentRevocation())
+}
+
+// revokeInTurnOrQueue is revokeOrQueue in turn under the call budget; without a turn, rec is queued.
+func (b *backend) revokeInTurnOrQueue(ctx context.Context, s logical.Storage, rec revocation, turn *budgetTurn) error {
 	rec.ClientID = b.recordClient(ctx, s, rec.ClientID)
 	if b.revocations.waiting(rec.ClientID, time.Now()) {
 		return b.queueRevocation(ctx, s, rec, nil) // ev.energy failed this client just now: no call per lease
 	}
-	switch err := b.revokeRecord(ctx, s, &rec, urgentRevocation()); {
+	switch err := b.revokeRecord(ctx, s, &rec, turn); {
 	case err == nil:
 		return nil
 	case errors.Is(err, errNoTurn) || errors.Is(err, errBudgetClosed):

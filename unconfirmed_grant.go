@@ -22,7 +22,7 @@ const unconfirmedGrantPrefix = "unconfirmed-grants/"
 
 const (
 	confirmationAttempts = 5   // wrong confirmation codes before the held tokens are revoked
-	unconfirmedPerPass   = 100 // expired unconfirmed grants a periodic pass hands to the revocation queue
+	unconfirmedPerPass   = 100 // expired unconfirmed grants a periodic pass revokes or queues
 )
 
 // unconfirmedGrant is an authorization exchanged at the callback and held for its link's maker.
@@ -66,9 +66,36 @@ func confirmationCode(typed string) string {
 	}, typed)
 }
 
-// lockUnconfirmed serializes the claims of one unconfirmed grant, so that each attempt counts.
+// lockUnconfirmed serializes the claims of a user's unconfirmed grants, named by the user's tag or
+// by the state of any of them (which begins with that tag), so that each attempt counts.
 func (b *backend) lockUnconfirmed(state string) func() {
-	return b.pendingLocks.lock(unconfirmedGrantPrefix + state)
+	tag, _, _ := strings.Cut(state, "-")
+	return b.pendingLocks.lock(unconfirmedGrantPrefix + tag)
+}
+
+// heldFor returns user's unexpired unconfirmed grants by state, as memory holds them: never to be changed in place.
+func (b *backend) heldFor(ctx context.Context, s logical.Storage, user string) (map[string]*unconfirmedGrant, error) {
+	all, err := b.unconfirmed.all(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	now, tag := b.tokens.refreshes.now(), pendingTag(user)+"-"
+	held := map[string]*unconfirmedGrant{}
+	for state, u := range all {
+		if strings.HasPrefix(state, tag) && u.User == user && !now.After(u.ExpiresAt) {
+			held[state] = u
+		}
+	}
+	return held, nil
+}
+
+// attemptsOf is how many wrong confirmation codes a user's held grants have counted: the most of any.
+func attemptsOf(held map[string]*unconfirmedGrant) int {
+	n := 0
+	for _, u := range held {
+		n = max(n, u.Attempts)
+	}
+	return n
 }
 
 // holdForConfirmation exchanges the code of a self-made link at once (it is valid for 60 seconds)
@@ -85,75 +112,109 @@ func (b *backend) holdForConfirmation(ctx context.Context, s logical.Storage, st
 		ExpiresAt: b.tokens.refreshes.now().Add(authRequestTTL).UTC(), ClientID: cfg.ClientID,
 		AccessToken: tok.AccessToken, TokenType: tok.Type(), RefreshToken: tok.RefreshToken, Scope: tokenScope(tok), TokenExpiresAt: tok.Expiry,
 	}
-	if err := b.unconfirmed.put(ctx, s, state, held); err != nil {
+	defer b.lockUnconfirmed(state)()
+	others, err := b.heldFor(ctx, s, pending.User)
+	if err == nil {
+		held.Attempts = attemptsOf(others) // wrong codes count per user: a new link starts none afresh
+		err = b.unconfirmed.put(ctx, s, state, held)
+	}
+	if err != nil {
 		b.disown(ctx, s, held.revocation()) // Vault could not hold the tokens, so ev.energy must not keep them either
 		return "", err
 	}
 	return shown, nil
 }
 
-// confirmGrant keeps the grant held under state for user when the writer is the link's maker and
-// the code is the one its callback page showed. Each wrong code counts; the last allowed one
-// revokes the held tokens through the queue.
+// confirmGrant keeps the grant held for user whose code typed is, when the writer is its maker;
+// state, when given, names the one grant to try. Each attempt counts against the user's held
+// grants, before its code is checked; the last allowed wrong one revokes their tokens.
 func (b *backend) confirmGrant(ctx context.Context, req *logical.Request, user, state, typed string) error {
 	if err := b.ensureWritable(); err != nil {
 		return err
 	}
-	defer b.lockUnconfirmed(state)()
-	var held *unconfirmedGrant
-	if statePattern.MatchString(state) { // anything else was never issued, and may not be a storage key
-		var err error
-		if held, err = getJSON[unconfirmedGrant](ctx, req.Storage, unconfirmedGrantPrefix+state); err != nil {
-			return err
+	defer b.lockUnconfirmed(pendingTag(user))()
+	held, err := b.heldFor(ctx, req.Storage, user)
+	if err != nil {
+		return err
+	}
+	if _, ok := held[state]; state != "" && !ok {
+		held = nil
+	}
+	if len(held) == 0 {
+		return logical.CodedError(http.StatusBadRequest, "no connection of this user waits for a confirmation code (none made, expired, already confirmed or for another user): start again at auth-url")
+	}
+	for _, u := range held {
+		if req.EntityID != u.MadeBy {
+			return logical.CodedError(http.StatusForbidden, "only the Vault identity that made this link can confirm it, in its own Vault session")
 		}
 	}
-	switch {
-	case held == nil || b.tokens.refreshes.now().After(held.ExpiresAt) || held.User != user:
-		return logical.CodedError(http.StatusBadRequest, "the state has no connection waiting for a confirmation code (unknown, expired, already confirmed or for another user): start again at auth-url")
-	case req.EntityID != held.MadeBy:
-		return logical.CodedError(http.StatusForbidden, "only the Vault identity that made this link can confirm it, in its own Vault session")
-	}
 	ctx = context.WithoutCancel(ctx) // what follows keeps or revokes tokens
-	if subtle.ConstantTimeCompare([]byte(confirmationCode(typed)), []byte(held.ConfirmationCode)) != 1 {
-		return b.wrongConfirmationCode(ctx, req.Storage, state, held)
+	attempts := attemptsOf(held) + 1
+	if attempts > confirmationAttempts { // the last wrong code's revocations could not all be queued
+		return b.wrongConfirmationCode(ctx, req.Storage, held)
+	}
+	// Counted before it is checked: an attempt that storage cannot count is refused unchecked.
+	counted := make(map[string]*unconfirmedGrant, len(held))
+	for st, u := range held {
+		c := *u
+		c.Attempts = attempts
+		if err := b.unconfirmed.put(ctx, req.Storage, st, &c); err != nil {
+			return err
+		}
+		counted[st] = &c
+	}
+	claimed := ""
+	for st, u := range counted {
+		if subtle.ConstantTimeCompare([]byte(confirmationCode(typed)), []byte(u.ConfirmationCode)) == 1 && (state == "" || st == state) {
+			claimed = st
+		}
+	}
+	if claimed == "" {
+		return b.wrongConfirmationCode(ctx, req.Storage, counted)
 	}
 	cfg, _, err := b.config(ctx, req.Storage)
 	if err != nil {
 		return err
 	}
-	if err := b.unconfirmed.delete(ctx, req.Storage, state); err != nil { // first: the tokens are claimed once
+	if err := b.unconfirmed.delete(ctx, req.Storage, claimed); err != nil { // first: the tokens are claimed once
 		return err
 	}
-	if held.ClientID != cfg.ClientID {
-		b.disown(ctx, req.Storage, held.revocation())
-		return logical.CodedError(http.StatusBadRequest, fmt.Sprintf("the connection was made for ev.energy client %s, not for the configured client %s: start again at auth-url", held.ClientID, cfg.ClientID))
+	for st, u := range held { // the right code counts against no other link; left counted should this write fail
+		if st != claimed {
+			_ = b.unconfirmed.put(ctx, req.Storage, st, u)
+		}
 	}
-	return b.storeGrant(ctx, req.Storage, cfg, user, held.token())
+	u := counted[claimed]
+	if u.ClientID != cfg.ClientID {
+		b.disown(ctx, req.Storage, u.revocation())
+		return logical.CodedError(http.StatusBadRequest, fmt.Sprintf("the connection was made for ev.energy client %s, not for the configured client %s: start again at auth-url", u.ClientID, cfg.ClientID))
+	}
+	return b.storeGrant(ctx, req.Storage, cfg, user, u.token())
 }
 
-// wrongConfirmationCode counts a wrong code against held; the last allowed one hands its tokens to
-// the revocation queue, which calls ev.energy outside the lock held here.
-func (b *backend) wrongConfirmationCode(ctx context.Context, s logical.Storage, state string, held *unconfirmedGrant) error {
-	held.Attempts++
-	if left := confirmationAttempts - held.Attempts; left > 0 {
-		if err := b.unconfirmed.put(ctx, s, state, held); err != nil {
-			return err
-		}
+// wrongConfirmationCode answers a wrong code, counted in held already; the last allowed one
+// revokes the tokens of every grant held for the user, now, or through the queue when ev.energy
+// does not confirm.
+func (b *backend) wrongConfirmationCode(ctx context.Context, s logical.Storage, held map[string]*unconfirmedGrant) error {
+	if left := confirmationAttempts - attemptsOf(held); left > 0 {
 		return logical.CodedError(http.StatusBadRequest, fmt.Sprintf("wrong confirmation code: %d attempts left", left))
 	}
-	b.Logger().Warn("too many wrong confirmation codes for a connection held at the callback: its ev.energy tokens are revoked", "user", held.User)
-	if err := b.queueRevocation(ctx, s, held.revocation(), nil); err != nil {
-		return err // the tokens stay held, and are revoked when they expire
-	}
-	if err := b.unconfirmed.delete(ctx, s, state); err != nil {
-		return err
+	b.Logger().Warn("too many wrong confirmation codes for connections held at the callback: their ev.energy tokens are revoked", "connections", len(held))
+	for state, u := range held {
+		if err := b.revokeOrQueue(ctx, s, u.revocation()); err != nil {
+			return err // the tokens stay held, and the next attempt or their expiry revokes them
+		}
+		if err := b.unconfirmed.delete(ctx, s, state); err != nil {
+			return err
+		}
 	}
 	return logical.CodedError(http.StatusBadRequest, "wrong confirmation code, and no attempts left: the connection is cancelled and its tokens revoked; start again at auth-url")
 }
 
-// revokeUnclaimedGrants hands the unconfirmed grants that expired unclaimed to the revocation
-// queue, at most unconfirmedPerPass of them: the pass's revocations then send them to ev.energy.
-func (b *backend) revokeUnclaimedGrants(ctx context.Context, s logical.Storage) error {
+// revokeUnclaimedGrants revokes the unconfirmed grants that expired unclaimed, at most
+// unconfirmedPerPass of them: directly while the pass has time and a turn under the call budget,
+// and through the revocation queue after that or when ev.energy does not confirm.
+func (b *backend) revokeUnclaimedGrants(ctx context.Context, s logical.Storage, deadline time.Time) error {
 	held, err := b.unconfirmed.all(ctx, s)
 	if err != nil {
 		return err
@@ -167,20 +228,30 @@ func (b *backend) revokeUnclaimedGrants(ctx context.Context, s logical.Storage) 
 		}
 		if now.After(u.ExpiresAt) {
 			handed++
-			errs = append(errs, b.revokeUnclaimed(ctx, s, state))
+			var turn *budgetTurn // none once the pass's time is out: queued
+			if time.Now().Before(deadline) {
+				turn = &budgetTurn{call: callRevocation, by: deadline}
+			}
+			errs = append(errs, b.revokeHeld(ctx, s, state, turn))
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// revokeUnclaimed queues the revocation of the unconfirmed grant under state, unless it was claimed meanwhile.
-func (b *backend) revokeUnclaimed(ctx context.Context, s logical.Storage, state string) error {
+// revokeHeld revokes the tokens of the unconfirmed grant under state in turn, or queues them
+// (turn nil: at once), and forgets the grant, unless it was claimed meanwhile.
+func (b *backend) revokeHeld(ctx context.Context, s logical.Storage, state string, turn *budgetTurn) error {
 	defer b.lockUnconfirmed(state)()
-	u, err := getJSON[unconfirmedGrant](ctx, s, unconfirmedGrantPrefix+state)
+	u, err := b.unconfirmed.get(ctx, s, state)
 	if err != nil || u == nil {
 		return err
 	}
-	if err := b.queueRevocation(ctx, s, u.revocation(), nil); err != nil {
+	if turn == nil {
+		err = b.queueRevocation(ctx, s, u.revocation(), nil)
+	} else {
+		err = b.revokeInTurnOrQueue(context.WithoutCancel(ctx), s, u.revocation(), turn)
+	}
+	if err != nil {
 		return err
 	}
 	return b.unconfirmed.delete(ctx, s, state)

@@ -2,12 +2,16 @@ package evenergy
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"golang.org/x/oauth2"
 	"net/http"
+	"net/url"
 	"os"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -41,11 +45,12 @@ path "evenergy/users/{{identity.entity.id}}/token" { capabilities = ["read"] }
 `, "evenergy/", e.mount+"/")
 }
 
-// TestAccSelfServiceLinkTakesNoOtherAccount is the takeover of issue 18 on a real Vault under the
-// README's self-service policy: Vault user A makes a link for herself to Vault's callback, with
-// approval_prompt=auto, and driver B, connected already, opens it. A must not get B's account,
-// neither from the callback nor by relaying B's code; A's own link still connects A, and a link
-// root makes for a user still connects in one visit.
+// TestAccSelfServiceLinkTakesNoOtherAccount is the takeover of issues 18 and 25 on a real Vault
+// under the README's self-service policy, with approval_prompt=auto: Vault user A makes a link for
+// herself and driver B, connected already, opens it. A must not get B's account, neither from the
+// callback, nor by relaying B's code, nor through a link to the application's redirect_uri (which
+// auth-url refuses, and which an earlier version stored). A's own link still connects A with its
+// confirmation code, and links root or a trusted application make for a user connect in one visit.
 func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
 	t.Parallel()
 	e := newAccEnv(t)
@@ -54,17 +59,35 @@ func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
 	bob, bobID := login("bob")
 	const aliceAccount, bobAccount = "alice@example.com", "bob@example.com"
 
-	// link has an entity make a link for itself.
-	link := func(c *api.Client, id, redirectURI, completion string) (state, authorizeURL string) {
+	// link has an entity make a link for itself to the callback.
+	link := func(c *api.Client, id string) (state, authorizeURL string) {
 		t.Helper()
-		s, err := c.Logical().Write(e.path("auth-url/"+id), map[string]any{"redirect_uri": redirectURI})
+		s, err := c.Logical().Write(e.path("auth-url/"+id), map[string]any{"redirect_uri": e.callbackURL()})
 		if err != nil {
 			t.Fatalf("auth-url for one's own entity: %v", err)
 		}
-		if s.Data["completion"] != completion {
-			t.Errorf("auth-url says the link completes by %v, want %s", s.Data["completion"], completion)
+		if s.Data["completion"] != completionConfirmationCode {
+			t.Errorf("auth-url says the link completes by %v, want %s", s.Data["completion"], completionConfirmationCode)
 		}
 		return s.Data["state"].(string), s.Data["authorize_url"].(string)
+	}
+	// confirm opens the entity's own link in browser as account, and writes back the page's code.
+	confirm := func(c *api.Client, id string, browser *standin.Browser, account string) string {
+		t.Helper()
+		_, authorizeURL := link(c, id)
+		redirect, err := browser.Authorize(t.Context(), authorizeURL, account, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		status, body := page(t, redirect.String())
+		if status != http.StatusOK {
+			t.Fatalf("the callback page of %s's own link answered %d", account, status)
+		}
+		code := pageConfirmationCode(t, body)
+		if _, err := c.Logical().Write(e.path("users/"+id), map[string]any{"confirmation_code": code}); err != nil {
+			t.Fatalf("%s confirming her own link with the code alone: %v", account, err)
+		}
+		return code
 	}
 	// readAccount reads the entity's token, and the ev.energy account it is of ("" when none).
 	readAccount := func(c *api.Client, id string) string {
@@ -77,42 +100,69 @@ func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
 		return info.User
 	}
 
-	// B connects through the application in her own session, and stays logged in at ev.energy.
+	// A self-made link to the application's redirect URI is refused.
+	_, err := alice.Logical().Write(e.path("auth-url/"+aliceID), map[string]any{"redirect_uri": appRedirect})
+	wantStatus(t, err, http.StatusBadRequest, "have a trusted application make the link with its own Vault token")
+
+	// B connects with her own link and its code, and stays logged in at ev.energy.
 	bobBrowser := standin.NewBrowser()
-	state, authorizeURL := link(bob, bobID, appRedirect, "application")
-	redirect, err := bobBrowser.Authorize(t.Context(), authorizeURL, bobAccount, true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := bob.Logical().Write(e.path("users/"+bobID), map[string]any{"code": redirect.Query().Get("code"), "state": state}); err != nil {
-		t.Fatalf("B finishing her own link through the application: %v", err)
-	}
+	bobsCode := confirm(bob, bobID, bobBrowser, bobAccount)
 	if account := readAccount(bob, bobID); account != bobAccount {
 		t.Fatalf("B's token is of account %q", account)
 	}
 
-	// A's link, opened in B's browser: B clicks nothing (were a consent page shown, allow=false
-	// would deny), and her browser follows ev.energy's redirect to Vault's callback.
-	state, authorizeURL = link(alice, aliceID, e.callbackURL(), "confirmation_code")
+	// A self-made link to the application, stored as version 0.3 stored it, opened by B: the
+	// application in B's session is refused, and so is A relaying the code, at users/ or at the callback.
+	stored := func() (state string, redirect *url.URL) {
+		t.Helper()
+		verifier := oauth2.GenerateVerifier()
+		expiresAt := time.Now().Add(authRequestTTL).UTC()
+		name := strconv.FormatInt(expiresAt.UnixNano(), 10) + "-" + rand.Text()
+		e.putStored(t, authRequestPrefix+pendingTag(aliceID)+"/"+name, authRequest{User: aliceID, RedirectURI: appRedirect, Verifier: verifier, ExpiresAt: expiresAt, MadeBy: aliceID})
+		state = pendingTag(aliceID) + "-" + name
+		app := oauth2.Config{ClientID: testClientID, Endpoint: oauth2.Endpoint{AuthURL: e.url + "/o/authorize/"}, RedirectURL: appRedirect}
+		redirect, _ = bobBrowser.Authorize(t.Context(), app.AuthCodeURL(state, oauth2.S256ChallengeOption(verifier))+"&approval_prompt=auto", bobAccount, false)
+		if redirect == nil || !redirect.Query().Has("code") {
+			t.Fatal("ev.energy showed B a consent page for approval_prompt=auto")
+		}
+		return state, redirect
+	}
+	state, redirect := stored()
+	_, err = bob.Logical().Write(e.path("users/"+aliceID), map[string]any{"code": redirect.Query().Get("code"), "state": state})
+	wantStatus(t, err, http.StatusForbidden, "permission denied")
+	_, err = alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"code": redirect.Query().Get("code"), "state": state})
+	wantStatus(t, err, http.StatusBadRequest, "completes only at the callback")
+	state, redirect = stored()
+	status, body := page(t, e.callbackURL()+"?"+redirect.RawQuery)
+	if status != http.StatusBadRequest || confirmationCodeOnPage.MatchString(body) {
+		t.Errorf("the callback answered %d to A's self-made application link, want 400 and no confirmation code", status)
+	}
+	if account := readAccount(alice, aliceID); account != "" {
+		t.Fatalf("A reads a token of account %q after relaying B's code of a self-made application link", account)
+	}
+
+	// A's link to the callback, opened in B's browser: B clicks nothing (were a consent page shown,
+	// allow=false would deny), and her browser follows ev.energy's redirect to Vault's callback.
+	state, authorizeURL := link(alice, aliceID)
 	redirect, _ = bobBrowser.Authorize(t.Context(), authorizeURL+"&approval_prompt=auto", bobAccount, false)
 	if redirect == nil || !redirect.Query().Has("code") {
 		t.Fatal("ev.energy showed B a consent page for approval_prompt=auto")
 	}
-	status, body := page(t, redirect.String())
+	status, body = page(t, redirect.String())
 	if account := readAccount(alice, aliceID); account != "" {
 		t.Fatalf("A reads a token of account %q after B opened her link (callback page %d)", account, status)
 	}
 	if status != http.StatusOK || !strings.Contains(body, "Never give this code to anyone") {
-		t.Errorf("B's callback page %d does not tell her to keep the code:\n%s", status, body)
+		t.Errorf("B's callback page %d does not tell her to keep the code", status)
 	}
-	bobsCode := pageConfirmationCode(t, body)
+	bobsHeldCode := pageConfirmationCode(t, body)
 	_, err = alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"code": redirect.Query().Get("code"), "state": state})
 	wantStatus(t, err, http.StatusBadRequest, "already used")
 	_, err = alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"confirmation_code": "AAAA-AAAA", "state": state})
 	wantStatus(t, err, http.StatusBadRequest, "wrong confirmation code")
 
 	// A, handed B's redirect before B's browser reached the callback, relays its code herself.
-	state, authorizeURL = link(alice, aliceID, e.callbackURL(), "confirmation_code")
+	state, authorizeURL = link(alice, aliceID)
 	redirect, _ = bobBrowser.Authorize(t.Context(), authorizeURL+"&approval_prompt=auto", bobAccount, false)
 	if redirect == nil || !redirect.Query().Has("code") {
 		t.Fatal("ev.energy showed B a consent page for approval_prompt=auto")
@@ -124,19 +174,7 @@ func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
 	wantStatus(t, err, http.StatusBadRequest, "confirmation_code")
 
 	// Control: A's own link, opened by A, connects A once she writes back the code her page shows.
-	state, authorizeURL = link(alice, aliceID, e.callbackURL(), "confirmation_code")
-	redirect, err = standin.NewBrowser().Authorize(t.Context(), authorizeURL, aliceAccount, true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	status, body = page(t, redirect.String())
-	if status != http.StatusOK {
-		t.Fatalf("A's callback page %d:\n%s", status, body)
-	}
-	alicesCode := pageConfirmationCode(t, body)
-	if _, err := alice.Logical().Write(e.path("users/"+aliceID), map[string]any{"state": state, "confirmation_code": alicesCode}); err != nil {
-		t.Fatalf("A confirming her own link: %v", err)
-	}
+	alicesCode := confirm(alice, aliceID, standin.NewBrowser(), aliceAccount)
 	if account := readAccount(alice, aliceID); account != aliceAccount {
 		t.Fatalf("A's token is of account %q, want %s", account, aliceAccount)
 	}
@@ -147,27 +185,66 @@ func TestAccSelfServiceLinkTakesNoOtherAccount(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, code := range []string{bobsCode, alicesCode, confirmationCode(bobsCode), confirmationCode(alicesCode)} {
+	for _, code := range []string{bobsCode, bobsHeldCode, alicesCode, confirmationCode(bobsCode), confirmationCode(bobsHeldCode), confirmationCode(alicesCode)} {
 		if strings.Contains(string(logged), code) {
 			t.Error("a confirmation code is in Vault's log")
 		}
 	}
 
-	// A link root makes for a user connects in one visit, as before.
-	s := e.write(t, "auth-url/carol", map[string]any{"redirect_uri": e.callbackURL()})
-	if s.Data["completion"] != "callback" {
-		t.Errorf("auth-url by root says the link completes by %v, want callback", s.Data["completion"])
+	// Links root and a trusted application make for a user connect in one visit, as before.
+	appPolicy := fmt.Sprintf("path %q { capabilities = [\"update\"] }\npath %q { capabilities = [\"read\"] }\n", e.path("auth-url/*"), e.path("users/+/token"))
+	app := e.trustedApplication(t, appPolicy)
+	for _, maker := range []struct {
+		client     *api.Client
+		user       string
+		completion string
+	}{{e.vault, "carol", completionCallback}, {app, "dave", completionCallback}} {
+		s, err := maker.client.Logical().Write(e.path("auth-url/"+maker.user), map[string]any{"redirect_uri": e.callbackURL()})
+		if err != nil {
+			t.Fatalf("auth-url for %s: %v", maker.user, err)
+		}
+		if s.Data["completion"] != maker.completion {
+			t.Errorf("auth-url for %s says the link completes by %v, want %s", maker.user, s.Data["completion"], maker.completion)
+		}
+		account := maker.user + "@example.com"
+		redirect, err := standin.NewBrowser().Authorize(t.Context(), s.Data["authorize_url"].(string), account, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if status, body := page(t, redirect.String()); status != http.StatusOK || !strings.Contains(body, ">Connected<") {
+			t.Fatalf("the link for %s: callback page %d", maker.user, status)
+		}
+		tok, err := maker.client.Logical().Read(e.path("users/" + maker.user + "/token"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info, _ := e.standin.Token(e.standinToken(t, tok)); info.User != account {
+			t.Fatalf("%s's token is of account %q", maker.user, info.User)
+		}
 	}
-	redirect, err = standin.NewBrowser().Authorize(t.Context(), s.Data["authorize_url"].(string), "carol@example.com", true)
+}
+
+// trustedApplication logs in a Vault entity of this test under policy, as an application that
+// makes links for its users with its own token: a userpass login beside those of userpass.
+func (e *accEnv) trustedApplication(t *testing.T, policy string) *api.Client {
+	t.Helper()
+	auth := "userpass-" + strings.TrimPrefix(e.mount, "evenergy-")
+	if err := e.vault.Sys().PutPolicy(e.mount+"-app", policy); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.vault.Logical().Write("auth/"+auth+"/users/app", map[string]any{"password": "pw-app", "token_policies": e.mount + "-app"}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := e.vault.Clone()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if status, body := page(t, redirect.String()); status != http.StatusOK || !strings.Contains(body, ">Connected<") {
-		t.Fatalf("root's link: callback page %d:\n%s", status, body)
+	s, err := c.Logical().Write("auth/"+auth+"/login/app", map[string]any{"password": "pw-app"})
+	if err != nil {
+		t.Fatal(err)
 	}
-	if info, _ := e.standin.Token(e.standinToken(t, e.read(t, "users/carol/token"))); info.User != "carol@example.com" {
-		t.Fatalf("carol's token is of account %q", info.User)
-	}
+	c.SetToken(s.Auth.ClientToken)
+	return c
 }
 
 // unitCallback is the callback of the mount evenergy/, on which requestAs runs requests.
@@ -264,7 +341,7 @@ func TestSelfMadeLinkIsHeldForItsMakerOnly(t *testing.T) {
 		wantCoded(t, resp, err, http.StatusForbidden, "only the Vault identity that made this link")
 	}
 	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-b", claim)
-	wantCoded(t, resp, err, http.StatusBadRequest, "no connection waiting for a confirmation code")
+	wantCoded(t, resp, err, http.StatusBadRequest, "waits for a confirmation code")
 
 	typed := " " + strings.ToLower(strings.ReplaceAll(code, "-", " ")) + " " // as a person may type it
 	if resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": typed}); err != nil || resp.IsError() {
@@ -295,26 +372,66 @@ func TestWrongConfirmationCodesRevokeTheHeldTokens(t *testing.T) {
 	}
 	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", wrong)
 	wantCoded(t, resp, err, http.StatusBadRequest, "no attempts left")
-	heldTokens(t, sv, "bob@example.com") // queued, not yet sent
-	queued := pendingRevocations(t, s)
-	if len(queued) != 1 || queued[0].Reason != reasonUnconfirmed || queued[0].ClientID != testClientID ||
-		queued[0].AccessToken != tokens[0] || queued[0].RefreshToken != tokens[1] {
-		t.Fatalf("want the held tokens queued for revocation as %s, reason %s; %d records queued", testClientID, reasonUnconfirmed, len(queued))
-	}
-	resp, err = requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": code})
-	wantCoded(t, resp, err, http.StatusBadRequest, "no connection waiting")
-
-	if _, err := request(t, b, s, logical.UpdateOperation, "revocations", nil); err != nil {
-		t.Fatal(err)
-	}
 	for _, tok := range tokens {
 		if sv.Active(tok) {
-			t.Fatal("a held token is live after the queue was retried")
+			t.Fatal("a held token is live after the last wrong code")
 		}
 	}
+	resp, err = requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": code})
+	wantCoded(t, resp, err, http.StatusBadRequest, "waits for a confirmation code")
 	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"entity-a"); g != nil || len(pendingRevocations(t, s)) != 0 {
 		t.Fatalf("after the revocation: a grant stored %v, %d records queued", g != nil, len(pendingRevocations(t, s)))
 	}
+}
+
+// TestConfirmationCodeAloneFindsTheHeldGrant: the maker writes the code alone, as a person types
+// it; it is matched among the user's held grants, and wrong codes count per user, whichever link
+// they were meant for, a newer link included.
+func TestConfirmationCodeAloneFindsTheHeldGrant(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	_, _, first := heldAtCallback(t, b, s, sv, "entity-a", "first@example.com")
+	_, _, second := heldAtCallback(t, b, s, sv, "entity-a", "second@example.com")
+	firstTokens, secondTokens := heldTokens(t, sv, "first@example.com"), heldTokens(t, sv, "second@example.com")
+	confirm := func(entity, code string) (*logical.Response, error) {
+		return requestAs(t, b, s, entity, logical.UpdateOperation, "users/"+entity, map[string]any{"confirmation_code": code})
+	}
+	if resp, err := confirm("entity-a", strings.ToLower(pageConfirmationCode(t, second))); err != nil || resp.IsError() {
+		t.Fatalf("the code alone: %v %v", err, resp)
+	}
+	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"entity-a"); g == nil || g.AccessToken != secondTokens[0] {
+		t.Fatal("the code alone did not connect the grant it was shown for")
+	}
+	resp, err := confirm("entity-b", pageConfirmationCode(t, first))
+	wantCoded(t, resp, err, http.StatusBadRequest, "waits for a confirmation code")
+
+	for left := confirmationAttempts - 1; left > 0; left-- { // a newer link starts with the attempts counted
+		if left == confirmationAttempts-2 {
+			heldAtCallback(t, b, s, sv, "entity-a", "third@example.com")
+		}
+		resp, err := confirm("entity-a", "AAAA-AAAA")
+		wantCoded(t, resp, err, http.StatusBadRequest, fmt.Sprintf("wrong confirmation code: %d attempts left", left))
+	}
+	resp, err = confirm("entity-a", "AAAA-AAAA")
+	wantCoded(t, resp, err, http.StatusBadRequest, "no attempts left")
+	for _, tok := range append(firstTokens, heldTokensAnyState(sv, "third@example.com")...) {
+		if sv.Active(tok) {
+			t.Fatal("a token held for the user is live after the user's last wrong code")
+		}
+	}
+	resp, err = confirm("entity-a", pageConfirmationCode(t, first))
+	wantCoded(t, resp, err, http.StatusBadRequest, "waits for a confirmation code")
+}
+
+// heldTokensAnyState are the stand-in's tokens of account, live or not.
+func heldTokensAnyState(sv *standin.Server, account string) []string {
+	var values []string
+	for _, info := range sv.Tokens() {
+		if info.User == account {
+			values = append(values, info.Value)
+		}
+	}
+	return values
 }
 
 func TestUnclaimedGrantIsRevokedOnceItExpires(t *testing.T) {
@@ -328,7 +445,7 @@ func TestUnclaimedGrantIsRevokedOnceItExpires(t *testing.T) {
 	runPeriodic(t, b, s)
 	heldTokens(t, sv, "bob@example.com")
 	clock.Advance(2 * time.Second)
-	runPeriodic(t, b, s) // queues the revocation, which the same pass sends
+	runPeriodic(t, b, failingStorage{Storage: s, prefix: revocationPrefix}) // revoked directly: nothing queued
 	for _, tok := range tokens {
 		if sv.Active(tok) {
 			t.Fatal("an unclaimed token is live after its grant expired")
@@ -338,7 +455,7 @@ func TestUnclaimedGrantIsRevokedOnceItExpires(t *testing.T) {
 		t.Fatalf("%d unconfirmed grants and %d revocations left", len(keys), len(pendingRevocations(t, s)))
 	}
 	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": pageConfirmationCode(t, page)})
-	wantCoded(t, resp, err, http.StatusBadRequest, "no connection waiting")
+	wantCoded(t, resp, err, http.StatusBadRequest, "waits for a confirmation code")
 }
 
 func TestPeriodicPassBoundsUnclaimedGrants(t *testing.T) {
@@ -402,8 +519,8 @@ func TestConfirmationCodesAndHeldTokensStayOutOfLogsAndErrors(t *testing.T) {
 	write("entity-a", "entity-a", map[string]any{"state": confirmed, "confirmation_code": confirmedCode})
 	clock.Advance(authRequestTTL + time.Second)
 	_ = b.periodic(t.Context(), &logical.Request{Storage: s})
-	if len(pendingRevocations(t, s)) != 2 {
-		t.Fatalf("want the exhausted and the unclaimed grants queued, got %d records", len(pendingRevocations(t, s)))
+	if len(pendingRevocations(t, s)) != 3 { // the last wrong code revokes every grant held for the user
+		t.Fatalf("want the three held grants queued, got %d records", len(pendingRevocations(t, s)))
 	}
 
 	logged := logs.buf.String()
@@ -443,5 +560,29 @@ func TestUnconfirmedGrantOfARetiredClientIsRevokedAsThatClient(t *testing.T) {
 	}
 	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"entity-a"); g != nil {
 		t.Fatal("a grant of the retired client was stored as the configured client's")
+	}
+}
+
+// TestConfirmationAttemptStorageCannotCountIsRefused: an attempt is counted before its code is
+// checked, so while storage refuses to count it, even the right code connects nothing.
+func TestConfirmationAttemptStorageCannotCountIsRefused(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	state, _, page := heldAtCallback(t, b, s, sv, "entity-a", "bob@example.com")
+	right := map[string]any{"state": state, "confirmation_code": pageConfirmationCode(t, page)}
+	failing := failingStorage{Storage: s, prefix: unconfirmedGrantPrefix}
+	for _, claim := range []map[string]any{{"state": state, "confirmation_code": "AAAA-AAAA"}, right} {
+		resp, err := b.HandleRequest(t.Context(), &logical.Request{Operation: logical.UpdateOperation, Path: "users/entity-a", Storage: failing, Data: claim, EntityID: "entity-a", MountPoint: "evenergy/"})
+		if err == nil || !strings.Contains(err.Error(), "storage unavailable") {
+			t.Fatalf("an attempt storage could not count answered %v %v, want the storage error", resp, err)
+		}
+	}
+	if g, _ := getJSON[grant](t.Context(), s, userPrefix+"entity-a"); g != nil {
+		t.Fatal("an attempt storage could not count connected the held grant")
+	}
+	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"state": state, "confirmation_code": "AAAA-AAAA"})
+	wantCoded(t, resp, err, http.StatusBadRequest, fmt.Sprintf("wrong confirmation code: %d attempts left", confirmationAttempts-1))
+	if resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", right); err != nil || resp.IsError() {
+		t.Fatalf("the right code once storage counts again: %v %v", err, resp)
 	}
 }
