@@ -112,6 +112,15 @@ func (g *grant) refreshAt(cfg *config) time.Time {
 	return at
 }
 
+// leasesEnd is when every lease handed out for the grant's access token has ended: its stored refresh
+// point, which check-grants does not move (it only makes the grant due earlier).
+func (g *grant) leasesEnd(cfg *config) time.Time {
+	if g.RefreshAt.IsZero() {
+		return g.windowOpens(cfg)
+	}
+	return g.RefreshAt
+}
+
 // refreshable reports whether a refresh may go to the grant: it is not revoked, and of cfg's client.
 func (g *grant) refreshable(cfg *config) bool {
 	return g.Status != grantRevoked && !g.ofOtherClient(cfg)
@@ -189,7 +198,7 @@ func (b *backend) storeGrant(ctx context.Context, s logical.Storage, cfg *config
 		return err
 	}
 	if old != nil && old.Status == grantActive {
-		b.revokeAfterLeases(ctx, s, old.revocation(old.refreshAt(cfg), reasonReplacedGrant))
+		b.revokeAfterLeases(ctx, s, old.revocation(old.leasesEnd(cfg), reasonReplacedGrant))
 	}
 	return nil
 }

@@ -95,7 +95,7 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 	b.metrics.sharedTokens.WithLabelValues(sharedMinted).Inc()
 	if old != nil {
 		b.metrics.sharedTokens.WithLabelValues(sharedReplaced).Inc()
-		b.revokeAfterLeases(ctx, t.s, old.revocation(old.refreshAt(cfg), reasonReplacedShared))
+		b.revokeAfterLeases(ctx, t.s, old.revocation(old.leasesEnd(cfg), reasonReplacedShared))
 	}
 	return next, nil
 }

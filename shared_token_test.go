@@ -465,7 +465,8 @@ func TestSharedTokenReplacedWhenTheSecretChanges(t *testing.T) {
 }
 
 // TestCheckGrantsReplacesSharedTokensMintedBefore: after a restore, a shared token stored in the
-// snapshot may have been replaced and revoked since; check-grants replaces the ones minted before it.
+// snapshot may have been replaced and revoked since; check-grants replaces the ones minted before it,
+// and revokes each once the leases handed out for it have ended.
 func TestCheckGrantsReplacesSharedTokensMintedBefore(t *testing.T) {
 	b, s := newUnitBackend(t)
 	sv := newUnitStandin(t, b, s)
@@ -480,9 +481,10 @@ func TestCheckGrantsReplacesSharedTokensMintedBefore(t *testing.T) {
 	if next == nil || next.AccessToken == minted.AccessToken || !sv.Active(next.AccessToken) {
 		t.Fatal("the background refresh after check-grants did not replace the shared token minted before it")
 	}
+	// Its leases run until its stored point: revoking it at the check's time would end them early.
 	queued := pendingRevocations(t, s)
-	if len(queued) != 1 || queued[0].AccessToken != minted.AccessToken || queued[0].NotBefore.After(clock.Now()) {
-		t.Fatalf("want the token minted before the check queued for revocation now, got %s", describeRecords(queued))
+	if len(queued) != 1 || queued[0].AccessToken != minted.AccessToken || !queued[0].NotBefore.Equal(minted.RefreshAt) || !minted.RefreshAt.After(clock.Now()) {
+		t.Fatalf("want the token minted before the check queued for revocation at its stored point %v, got %s", minted.RefreshAt, describeRecords(queued))
 	}
 }
 
