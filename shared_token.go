@@ -149,8 +149,9 @@ func (b *backend) revokeSharedLease(ctx context.Context, req *logical.Request, _
 	return nil, b.tokens.put(ctx, req.Storage, key, nil) // revoked: the role's other leases find nothing left to revoke
 }
 
-// endSharedToken forgets the role's shared token and revokes it: now (an operator's rotation, the
-// role's delete), or once its leases have ended (the role no longer shares).
+// endSharedToken revokes the role's shared token and then forgets it: now (an operator's rotation,
+// the role's delete), or once its leases have ended (the role no longer shares). The revocation is
+// queued first: when storage refuses it the token stays stored, owned, and the caller gets the error.
 // It answers the warning an operator needs when leases still point at a token revoked now.
 func (b *backend) endSharedToken(ctx context.Context, s logical.Storage, name string, now bool) ([]string, error) {
 	key := sharedTokenPrefix + name
@@ -159,16 +160,20 @@ func (b *backend) endSharedToken(ctx context.Context, s logical.Storage, name st
 	if err != nil || g == nil {
 		return nil, err
 	}
-	if err := b.tokens.put(ctx, s, key, nil); err != nil {
+	if now {
+		err = b.revokeOrQueue(context.WithoutCancel(ctx), s, g.revocation(time.Time{}, reasonRevokedShared))
+	} else {
+		err = b.queueRevocation(ctx, s, g.revocation(g.RefreshAt, reasonReplacedShared), nil)
+	}
+	if err != nil {
 		return nil, err
+	}
+	if err := b.tokens.put(ctx, s, key, nil); err != nil {
+		return nil, err // its revocation is queued or done: a retry queues it again, which costs one more call
 	}
 	if !now {
 		b.metrics.sharedTokens.WithLabelValues(sharedReplaced).Inc()
-		b.revokeAfterLeases(ctx, s, g.revocation(g.RefreshAt, reasonReplacedShared))
 		return nil, nil
-	}
-	if err := b.revokeOrQueue(context.WithoutCancel(ctx), s, g.revocation(time.Time{}, reasonRevokedShared)); err != nil {
-		return nil, err
 	}
 	return []string{"the shared token of role " + name + " is revoked, but Vault's leases for it run until " +
 		g.RefreshAt.UTC().Format(time.RFC3339) + " at the latest, and Vault Agents keep rendering it until they read the role again: restart them"}, nil

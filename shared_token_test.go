@@ -558,3 +558,31 @@ func lockRefs(m *keyedMutex, key string) int {
 	}
 	return 0
 }
+
+// TestRefusedQueueWriteKeepsTheSharedToken: ending a shared token queues its revocation before it
+// forgets it, so a queue write storage refuses leaves the token stored and the caller gets the error;
+// a retry then ends it. Forgotten first, it was owned by nothing for up to its 10 hours.
+func TestRefusedQueueWriteKeepsTheSharedToken(t *testing.T) {
+	b, s, sw := newSwitchableUnit(t)
+	writeSharedRole(t, b, s, "fleet")
+	tok := readShared(t, b, s, "fleet")
+	sw.down.Store(true) // no revocation now: each must be queued
+	refusing := failingStorage{Storage: s, prefix: revocationPrefix}
+	for _, write := range []struct {
+		path string
+		data map[string]any
+	}{{"rotate-role/fleet", nil}, {rolePrefix + "fleet", map[string]any{"shared": false}}} {
+		resp, err := request(t, b, refusing, logical.UpdateOperation, write.path, write.data)
+		if err == nil && !resp.IsError() {
+			t.Fatalf("%s answered success while its token's revocation could not be queued", write.path)
+		}
+		if st := storedShared(t, s, "fleet"); st == nil || st.AccessToken != tok {
+			t.Fatalf("%s forgot the token it could not queue for revocation", write.path)
+		}
+	}
+	mustWrite(t, b, s, rolePrefix+"fleet", map[string]any{"shared": false})
+	queued := pendingRevocations(t, s)
+	if storedShared(t, s, "fleet") != nil || len(queued) != 1 || queued[0].AccessToken != tok {
+		t.Fatalf("the retried write: want the token forgotten and queued, got %s", describeRecords(queued))
+	}
+}
