@@ -36,6 +36,8 @@ type grant struct {
 	Status          string    `json:"status"`
 	LastRefreshedAt time.Time `json:"last_refreshed_at"`
 	LastError       string    `json:"last_error"`
+	// MintedWith fingerprints what a shared role's token was minted with (see mintedWith); "" for a user's.
+	MintedWith string `json:"minted_with,omitempty"`
 	// RevokedAt is when ev.energy was found to refuse the refresh token; a pointer costs a cached
 	// grant 16 bytes, a time.Time 32.
 	RevokedAt *time.Time `json:"revoked_at,omitempty"`
@@ -45,7 +47,7 @@ type grant struct {
 func getGrant(ctx context.Context, s logical.Storage, key string) (*grant, error) {
 	g, err := getJSON[grant](ctx, s, key)
 	if g != nil {
-		g.ClientID, g.TokenType, g.Scope, g.Status = intern(g.ClientID), intern(g.TokenType), intern(g.Scope), intern(g.Status)
+		g.ClientID, g.TokenType, g.Scope, g.Status, g.MintedWith = intern(g.ClientID), intern(g.TokenType), intern(g.Scope), intern(g.Status), intern(g.MintedWith)
 	}
 	return g, err
 }

@@ -125,5 +125,5 @@ func (b *backend) heldTokenAt(ctx context.Context, s logical.Storage, cfg *confi
 	if err != nil || !r.Shared {
 		return nil, nil
 	}
-	return sharedRole{b, s, cfg, name}, nil
+	return sharedRole{b, s, cfg, name, r}, nil
 }

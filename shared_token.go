@@ -2,8 +2,11 @@ package evenergy
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -23,13 +26,23 @@ type sharedRole struct {
 	s    logical.Storage
 	cfg  *config
 	name string
+	role *role
+}
+
+// mintedWith fingerprints what a shared token minted now would be minted with: the client, a hash
+// of its secret (never the secret itself) and the scopes. A stored token of another fingerprint is
+// not served, whatever writes did or failed to set it aside.
+func mintedWith(cfg *config, r *role) string {
+	secret := sha256.Sum256([]byte(cfg.ClientSecret))
+	sum := sha256.Sum256([]byte(cfg.ClientID + "\x00" + hex.EncodeToString(secret[:]) + "\x00" + strings.Join(r.tokenScopes(cfg), " ")))
+	return hex.EncodeToString(sum[:])
 }
 
 func (t sharedRole) key() string      { return sharedTokenPrefix + t.name }
 func (t sharedRole) describe() string { return "the shared token of role " + t.name }
 
-// current is the role's stored token, or the zero grant, due at once, when it has none of the
-// configured client.
+// current is the role's stored token, or the zero grant, due at once, when it has none minted with
+// the configured client, secret and scopes.
 func (t sharedRole) current(ctx context.Context) (*grant, error) {
 	g, _, err := t.stored(ctx)
 	return g, err
@@ -38,13 +51,13 @@ func (t sharedRole) current(ctx context.Context) (*grant, error) {
 // stored is current, and the token stored whatever its client (nil if none).
 func (t sharedRole) stored(ctx context.Context) (current, stored *grant, err error) {
 	stored, err = t.b.tokens.get(ctx, t.s, t.key())
-	if err != nil || stored == nil || stored.ClientID != t.cfg.ClientID {
+	if err != nil || stored == nil || stored.MintedWith != mintedWith(t.cfg, t.role) {
 		return &grant{}, stored, err
 	}
 	return stored, stored, nil
 }
 
-// renew mints the role's next token, under its lock, if the stored one is due or of another client,
+// renew mints the role's next token, under its lock, if the stored one is due or minted otherwise,
 // with the role and the config in force now: a write of either that changes what the token is
 // minted with ends the stored one, and a read that started before must not mint it again. It
 // returns refresh's outcomes, a failed first mint as the zero grant and the failure, held back as a
@@ -63,7 +76,7 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 	if !r.Shared {
 		return nil, logical.CodedError(http.StatusConflict, "role "+t.name+" no longer shares its token: read it again")
 	}
-	t.cfg = cfg
+	t.cfg, t.role = cfg, r
 	current, old, err := t.stored(ctx)
 	if err != nil {
 		return nil, err
@@ -87,7 +100,7 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 		return &held, err
 	}
 	b.retired.minted(tok.Expiry)
-	next := grant{ClientID: cfg.ClientID}.refreshed(tok, cfg)
+	next := grant{ClientID: cfg.ClientID, MintedWith: intern(mintedWith(cfg, r))}.refreshed(tok, cfg)
 	if err := b.tokens.put(ctx, t.s, t.key(), next); err != nil {
 		b.disown(ctx, t.s, revocation{ClientID: cfg.ClientID, AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry, Reason: reasonUnowned})
 		return nil, err
@@ -104,7 +117,7 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 // lease that ends by its refresh point and cannot be renewed (see currentToken). The lease names
 // only the role: what crosses to Vault and into each lease entry is what Vault needs.
 func (b *backend) readSharedToken(ctx context.Context, s logical.Storage, cfg *config, name string, r *role) (*logical.Response, error) {
-	g, lease, err := b.currentToken(ctx, cfg, sharedRole{b, s, cfg, name})
+	g, lease, err := b.currentToken(ctx, cfg, sharedRole{b, s, cfg, name, r})
 	if err != nil {
 		return nil, err
 	}

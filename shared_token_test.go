@@ -586,3 +586,78 @@ func TestRefusedQueueWriteKeepsTheSharedToken(t *testing.T) {
 		t.Fatalf("the retried write: want the token forgotten and queued, got %s", describeRecords(queued))
 	}
 }
+
+// sharedScope reads token/<role> and returns the scope of the token it got.
+func sharedScope(t *testing.T, b *backend, s logical.Storage, name string) string {
+	t.Helper()
+	resp, err := request(t, b, s, logical.ReadOperation, "token/"+name, nil)
+	if err != nil || resp.IsError() {
+		t.Fatalf("token/%s: %v %v", name, err, resp)
+	}
+	return resp.Data["scope"].(string)
+}
+
+// TestSharedTokenOfOtherScopesIsNeverServed: what a shared read serves depends on what the stored
+// token was minted with, not on write events: a role write retried after its set-aside failed, and
+// a config delete then create, change the scopes without setting the token aside, and the next read
+// still gets a token of the new scopes.
+func TestSharedTokenOfOtherScopesIsNeverServed(t *testing.T) {
+	b, s, sw := newSwitchableUnit(t)
+	writeSharedRole(t, b, s, "fleet", testScopes[0])
+	writeSharedRole(t, b, s, "plain") // the config's scopes
+	old := readShared(t, b, s, "fleet")
+	readShared(t, b, s, "plain")
+
+	sw.down.Store(true)
+	refusing := failingStorage{Storage: s, prefix: revocationPrefix}
+	if _, err := request(t, b, refusing, logical.UpdateOperation, rolePrefix+"fleet", map[string]any{"scopes": testScopes[1]}); err == nil {
+		t.Fatal("the role write whose set-aside could not be queued answered success")
+	}
+	sw.down.Store(false)
+	mustWrite(t, b, s, rolePrefix+"fleet", map[string]any{"scopes": testScopes[1]}) // the retry: the stored role has these scopes already
+	if got := sharedScope(t, b, s, "fleet"); got != testScopes[1] {
+		t.Fatalf("after a retried role write: a token of scope %q, want %q", got, testScopes[1])
+	}
+	if rec := pendingRevocations(t, s); len(rec) != 1 || rec[0].AccessToken != old {
+		t.Fatalf("the token of the former scopes is not queued alone: %s", describeRecords(rec))
+	}
+
+	cfg, err := getConfig(t.Context(), s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := request(t, b, s, logical.DeleteOperation, configPath, nil); err != nil {
+		t.Fatal(err)
+	}
+	mustWrite(t, b, s, configPath, map[string]any{"client_id": testClientID, "client_secret": testClientSecret, "base_url": cfg.BaseURL, "scopes": testScopes[1]})
+	if got := sharedScope(t, b, s, "plain"); got != testScopes[1] {
+		t.Fatalf("after a config delete and create: a token of scope %q, want %q", got, testScopes[1])
+	}
+}
+
+// TestConfigWriteDuringAFirstMintLeavesNoTokenOfTheOldScopes: a config write changing the scopes
+// while a role's first mint is in flight finds no token to set aside; the token that mint stores,
+// of the old scopes, is not served after the write.
+func TestConfigWriteDuringAFirstMintLeavesNoTokenOfTheOldScopes(t *testing.T) {
+	b, s := newUnitBackend(t)
+	gate := &gatedMint{Server: newTestStandin(), arrived: make(chan struct{}, 1), release: make(chan struct{})}
+	unitConfig(t, b, s, gate)
+	var releaseOnce sync.Once
+	releaseMint := func() { releaseOnce.Do(func() { close(gate.release) }) }
+	t.Cleanup(releaseMint) // before the server closes, which waits for held requests
+	writeSharedRole(t, b, s, "fleet")
+	read := make(chan error, 1)
+	go func() {
+		_, err := request(t, b, s, logical.ReadOperation, "token/fleet", nil)
+		read <- err
+	}()
+	<-gate.arrived
+	mustWrite(t, b, s, configPath, map[string]any{"scopes": testScopes[1]})
+	releaseMint()
+	if err := <-read; err != nil {
+		t.Fatal(err)
+	}
+	if got := sharedScope(t, b, s, "fleet"); got != testScopes[1] {
+		t.Fatalf("the read after the config write got a token of scope %q, want %q", got, testScopes[1])
+	}
+}
