@@ -661,3 +661,31 @@ func TestConfigWriteDuringAFirstMintLeavesNoTokenOfTheOldScopes(t *testing.T) {
 		t.Fatalf("the read after the config write got a token of scope %q, want %q", got, testScopes[1])
 	}
 }
+
+// TestSharedTokenLeftAfterItsRoleStopsSharingIsRevoked: a token left stored after its role stopped
+// sharing (the set-aside could not be queued) is queued by the background refresh once due, for when
+// its leases end, and forgotten; the background refresh then stops instead of a round every second.
+func TestSharedTokenLeftAfterItsRoleStopsSharingIsRevoked(t *testing.T) {
+	b, s, sw := newSwitchableUnit(t)
+	writeSharedRole(t, b, s, "fleet")
+	readShared(t, b, s, "fleet")
+	sw.down.Store(true)
+	if _, err := request(t, b, failingStorage{Storage: s, prefix: revocationPrefix}, logical.UpdateOperation, rolePrefix+"fleet", map[string]any{"shared": false}); err == nil {
+		t.Fatal("the role write whose set-aside could not be queued answered success")
+	}
+	sw.down.Store(false)
+	left := storedShared(t, s, "fleet")
+	useFakeClock(b, left.RefreshAt)
+	runPeriodic(t, b, s)
+	queued := pendingRevocations(t, s)
+	if storedShared(t, s, "fleet") != nil || len(queued) != 1 || queued[0].AccessToken != left.AccessToken || !queued[0].NotBefore.Equal(left.RefreshAt) {
+		t.Fatalf("want the left token forgotten and queued until %v, got %s", left.RefreshAt, describeRecords(queued))
+	}
+	eventually(t, 20*time.Second, "the background refresh to stop, with nothing due", func() bool {
+		if !b.refreshing.TryLock() {
+			return false
+		}
+		b.refreshing.Unlock()
+		return true
+	})
+}
