@@ -29,11 +29,16 @@ type tokenStore struct {
 	stale    map[string]bool   // keys whose token changed underneath since it was cached
 	unsaved  map[string]bool   // keys whose rotated token storage refused: only memory holds it
 	loaded   bool              // tokens holds every stored token
+	forgets  uint64            // how many times stale outgrew staleSlack and was forgotten with loaded
 	schedule refreshSchedule   // the tokens by when they come due; built by the first periodic pass
 
 	locks     keyedMutex // one refresh, mint, replacement or delete of a token at a time: ev.energy rotates refresh tokens
 	refreshes *refreshes // beside the tokens, what only this node knows of their refreshes
 }
+
+// staleSlack bounds the keys a node keeps to read again beyond its cached tokens: a standby learns
+// of deleted users only through Invalidate, and would otherwise keep their keys for good.
+const staleSlack = 1024
 
 // heldPrefixes are the storage prefixes of the held tokens.
 var heldPrefixes = []string{userPrefix, sharedTokenPrefix}
@@ -159,6 +164,13 @@ func (t *tokenStore) invalidate(key string) {
 	if !t.unsaved[key] {
 		t.drop(key)
 	}
+	if len(t.stale) > staleSlack {
+		// Mostly deleted users' keys: forget them all, and read storage for every key not in memory
+		// until the next load of every token.
+		clear(t.stale)
+		t.loaded = false
+		t.forgets++
+	}
 }
 
 // set keeps g (nil: none) as the token at key; call it with mu held.
@@ -172,6 +184,7 @@ func (t *tokenStore) set(key string, g *grant) {
 	t.tally.count(key, g, 1)
 	if g == nil {
 		delete(t.tokens, key)
+		t.refreshes.forget(key)
 		return
 	}
 	t.schedule.add(key, g)
@@ -205,7 +218,7 @@ func (t *tokenStore) loadAllLocked(ctx context.Context, s logical.Storage) error
 	defer load.end()
 	t.mu.RLock()
 	keys := slices.Collect(maps.Keys(t.stale))
-	loaded := t.loaded
+	loaded, forgets := t.loaded, t.forgets
 	t.mu.RUnlock()
 
 	if !loaded {
@@ -231,8 +244,9 @@ func (t *tokenStore) loadAllLocked(ctx context.Context, s logical.Storage) error
 			t.set(key, tokens[i])
 		}
 	}
-	// A token stored after the listing was invalidated, and so is stale: it is read when asked for.
-	t.loaded = true
+	// A token stored after the listing was invalidated, and so is stale: it is read when asked for;
+	// unless stale was forgotten meanwhile.
+	t.loaded = t.loaded || forgets == t.forgets
 	return nil
 }
 
