@@ -137,10 +137,7 @@ func (b *backend) initialize(ctx context.Context, req *logical.InitializationReq
 	b.tokens.loadingAll.Lock() // before the start returns, so that a periodic pass finds the load under way
 	go func() {
 		defer close(b.grantsLoaded)
-		defer b.tokens.loadingAll.Unlock()
-		if err := b.tokens.loadAllLocked(b.loadingGrants, req.Storage); err != nil && b.loadingGrants.Err() == nil {
-			b.Logger().Error("could not load the held tokens at start; the periodic pass loads them", "error", err)
-		}
+		_ = b.loadEveryHeldToken(req.Storage) // logged; the periodic pass tries again
 	}()
 	return nil
 }

@@ -127,7 +127,8 @@ func (t *tokenStore) putRotated(ctx context.Context, s logical.Storage, key stri
 }
 
 // storeUnsaved stores the rotated tokens that storage refused before, which until then live only in
-// this node's memory.
+// this node's memory. It skips a token whose lock someone holds (a refresh, a delete waiting on a
+// revocation), as the periodic pass must not wait: a later pass stores it.
 func (t *tokenStore) storeUnsaved(ctx context.Context, s logical.Storage) error {
 	t.mu.RLock()
 	keys := slices.Collect(maps.Keys(t.unsaved))
@@ -142,7 +143,11 @@ func (t *tokenStore) storeUnsaved(ctx context.Context, s logical.Storage) error 
 }
 
 func (t *tokenStore) storeOneUnsaved(ctx context.Context, s logical.Storage, key string) error {
-	defer t.lock(key)()
+	unlock, ok := t.locks.tryLock(key)
+	if !ok {
+		return nil
+	}
+	defer unlock()
 	t.mu.RLock()
 	g, unsaved := t.tokens[key], t.unsaved[key]
 	t.mu.RUnlock()
@@ -197,6 +202,13 @@ func (t *tokenStore) drop(key string) {
 	t.tally.count(key, t.tokens[key], -1)
 	delete(t.tokens, key)
 	t.stale[key] = true
+}
+
+// isLoaded reports whether memory holds every stored token, but for those invalidated since.
+func (t *tokenStore) isLoaded() bool {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.loaded
 }
 
 // errTokensLoading says that another load of every held token (the start-up load) is under way.
