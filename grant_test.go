@@ -664,3 +664,32 @@ func TestHungRefreshDelaysOnlyItsUser(t *testing.T) {
 		t.Fatal("the hung refresh ended before the others completed")
 	}
 }
+
+// TestStepDownSettlesUnsavedGrants: a grant only memory holds (storage refused its rotated tokens)
+// is stored as the node steps down, when storage takes it; when storage still refuses, as Raft does
+// once the node lost its quorum, its tokens are revoked at ev.energy as the client that minted them.
+func TestStepDownSettlesUnsavedGrants(t *testing.T) {
+	for _, refused := range []bool{false, true} {
+		s := &refusingStorage{Storage: &logical.InmemStorage{}}
+		b, _, _ := newCountedBackend(t, s)
+		sv := newUnitStandin(t, b, s)
+		connectDueUser(t, b, s, sv, "driver")
+		s.refuse.Store(true)
+		rotated, _, err := readUserToken(t, b, s, "driver")
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.refuse.Store(refused)
+		b.Cleanup(t.Context())
+		stored, err := getJSON[grant](t.Context(), s, userPrefix+"driver")
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch live := liveRefreshTokens(sv, "driver"); {
+		case !refused && (stored.AccessToken != rotated || len(live) != 1 || live[0] != stored.RefreshToken):
+			t.Fatal("the step-down did not store the unsaved grant while storage took writes")
+		case refused && (len(live) != 0 || sv.Active(rotated)):
+			t.Fatalf("the step-down left the unsaved grant's tokens alive at ev.energy (%d refresh tokens) with storage refusing", len(live))
+		}
+	}
+}
