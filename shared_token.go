@@ -103,7 +103,9 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 	next := grant{ClientID: cfg.ClientID, MintedWith: intern(mintedWith(cfg, r))}.refreshed(tok, cfg)
 	if err := b.tokens.put(ctx, t.s, t.key(), next); err != nil {
 		b.disown(ctx, t.s, revocation{ClientID: cfg.ClientID, AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry, Reason: reasonUnowned})
-		return nil, err
+		// Held back as a failed mint, or every read would mint and revoke a token while storage refuses.
+		b.tokens.refreshes.failed(t.key(), current, err)
+		return current, err
 	}
 	b.metrics.sharedTokens.WithLabelValues(sharedMinted).Inc()
 	if old != nil {

@@ -689,3 +689,28 @@ func TestSharedTokenLeftAfterItsRoleStopsSharingIsRevoked(t *testing.T) {
 		return true
 	})
 }
+
+// TestRefusedStorageHoldsSharedMintsBack: while storage refuses the shared token's write, the mint's
+// token is revoked and the next attempt is held back as after a failed mint, so reads in the same
+// instant send one token request, not one each.
+func TestRefusedStorageHoldsSharedMintsBack(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	useFakeClock(b, time.Now())
+	refusing := failingStorage{Storage: s, prefix: sharedTokenPrefix}
+	requests := sv.TokenRequests()
+	for range 10 {
+		if _, err := request(t, b, refusing, logical.ReadOperation, "token/fleet", nil); err == nil {
+			t.Fatal("a read got a token storage refused to keep")
+		}
+	}
+	if n := sv.TokenRequests() - requests; n != 1 {
+		t.Fatalf("10 reads in the same instant while storage refuses sent %d token requests, want 1", n)
+	}
+	for _, info := range sv.Tokens() {
+		if sv.Active(info.Value) {
+			t.Fatal("a token minted while storage refused is alive at ev.energy")
+		}
+	}
+}
