@@ -29,6 +29,11 @@ type sharedRole struct {
 	role *role
 }
 
+// unreadLead is how long before its expiry a shared token comes due at the latest, whatever the
+// refresh_window: one periodic pass (a minute, Vault's default) and its budget, so that the pass after
+// its point replaces a token nobody reads while it lives.
+const unreadLead = time.Minute + passBudget
+
 // mintedWith fingerprints what a shared token minted now would be minted with: the client, a hash
 // of its secret (never the secret itself) and the scopes. A stored token of another fingerprint is
 // not served, whatever writes did or failed to set it aside.
@@ -101,6 +106,9 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 	}
 	b.retired.minted(tok.Expiry)
 	next := grant{ClientID: cfg.ClientID, MintedWith: intern(mintedWith(cfg, r))}.refreshed(tok, cfg)
+	if latest := next.ExpiresAt.Add(-min(unreadLead, next.ExpiresAt.Sub(next.LastRefreshedAt)/2)); latest.Before(next.RefreshAt) {
+		next.RefreshAt = latest
+	}
 	if err := b.tokens.put(ctx, t.s, t.key(), next); err != nil {
 		b.disown(ctx, t.s, revocation{ClientID: cfg.ClientID, AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry, Reason: reasonUnowned})
 		// Held back as a failed mint, or every read would mint and revoke a token while storage refuses.

@@ -714,3 +714,25 @@ func TestRefusedStorageHoldsSharedMintsBack(t *testing.T) {
 		}
 	}
 }
+
+// TestSharedTokenWithAShortWindowIsReplacedBeforeItExpires: with refresh_window under the periodic
+// pass's minute, a shared token nobody reads comes due at least a pass before it expires, so the
+// pass after its point replaces it while it lives.
+func TestSharedTokenWithAShortWindowIsReplacedBeforeItExpires(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	mustWrite(t, b, s, configPath, map[string]any{"refresh_window": "30s"})
+	writeSharedRole(t, b, s, "fleet")
+	readShared(t, b, s, "fleet")
+	st := storedShared(t, s, "fleet")
+	clock := useFakeClock(b, st.RefreshAt.Add(-time.Second))
+	runPeriodic(t, b, s) // the last pass before the point
+	clock.Advance(time.Minute + passBudget)
+	if !clock.Now().Before(st.ExpiresAt) {
+		t.Fatalf("the token's point (%v before its expiry) leaves the next pass after it past its expiry", st.ExpiresAt.Sub(st.RefreshAt))
+	}
+	runPeriodic(t, b, s)
+	if next := storedShared(t, s, "fleet"); next.AccessToken == st.AccessToken || !sv.Active(next.AccessToken) {
+		t.Fatal("the pass after the point did not replace the shared token")
+	}
+}
