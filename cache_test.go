@@ -2,6 +2,7 @@ package evenergy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http/httptest"
 	"strings"
@@ -225,14 +226,20 @@ func TestStartLoadsEveryGrant(t *testing.T) {
 	}
 }
 
-// blockedListing holds the listing of users' grants until release is closed, as a slow load would.
+// blockedListing holds the listing of users' grants until release is closed, as a slow load would;
+// with failFirst set, the first one fails instead (a failed start-up load).
 type blockedListing struct {
 	logical.Storage
-	release chan struct{}
+	release   chan struct{}
+	failFirst bool
+	lists     atomic.Int64
 }
 
 func (s *blockedListing) List(ctx context.Context, prefix string) ([]string, error) {
 	if prefix == userPrefix {
+		if s.lists.Add(1) == 1 && s.failFirst {
+			return nil, errors.New("storage unavailable")
+		}
 		<-s.release
 	}
 	return s.Storage.List(ctx, prefix)

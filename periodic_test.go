@@ -2,10 +2,8 @@ package evenergy
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -324,31 +322,13 @@ func TestPeriodicPassWaitsOnNoTokensLock(t *testing.T) {
 	}
 }
 
-// failedThenHeldListing fails the first listing of users' grants (a failed start-up load), and holds
-// the later ones until release is closed, as a load of many grants takes long.
-type failedThenHeldListing struct {
-	logical.Storage
-	lists   atomic.Int64
-	release chan struct{}
-}
-
-func (s *failedThenHeldListing) List(ctx context.Context, prefix string) ([]string, error) {
-	if prefix == userPrefix {
-		if s.lists.Add(1) == 1 {
-			return nil, errors.New("storage unavailable")
-		}
-		<-s.release
-	}
-	return s.Storage.List(ctx, prefix)
-}
-
 // TestPeriodicPassAfterAFailedStartLoadKeepsItsBudget: after the start-up load failed, the pass
 // starts the load of every token in the background instead of making it within the pass.
 func TestPeriodicPassAfterAFailedStartLoadKeepsItsBudget(t *testing.T) {
 	b, inmem := newUnitBackend(t)
 	sv := newUnitStandin(t, b, inmem)
 	connectUnitUser(t, b, inmem, sv, "driver")
-	s := &failedThenHeldListing{Storage: inmem, release: make(chan struct{})}
+	s := &blockedListing{Storage: inmem, release: make(chan struct{}), failFirst: true}
 	restarted, _, _ := newCountedBackend(t, s)
 	var releaseOnce sync.Once
 	release := func() { releaseOnce.Do(func() { close(s.release) }) }

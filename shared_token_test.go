@@ -415,18 +415,26 @@ func TestFailedFirstMintBacksOff(t *testing.T) {
 	clock := useFakeClock(b, time.Now())
 	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
 	requests := sv.TokenRequests()
-	for range 10 {
-		if _, err := request(t, b, s, logical.ReadOperation, "token/fleet", nil); err == nil {
-			t.Fatal("a read got a token while ev.energy fails every token request")
-		}
-	}
-	if n := sv.TokenRequests() - requests; n != 1 {
-		t.Fatalf("10 reads in the same instant after a failed mint sent %d token requests, want 1", n)
-	}
+	tenFailedReadsMintOnce(t, b, s, sv, "after a failed mint")
 	sv.SetFault(standin.Fault{})
 	clock.Advance(refusedBackoff + refusedBackoff/2) // past the longest wait with refused readers, ±20%
 	if tok := readShared(t, b, s, "fleet"); tok == "" || sv.TokenRequests()-requests != 2 {
 		t.Fatalf("the read after the backoff: %d token requests in all, want 2", sv.TokenRequests()-requests)
+	}
+}
+
+// tenFailedReadsMintOnce reads token/fleet 10 times in the same instant, when each must fail, and
+// checks that they sent one token request.
+func tenFailedReadsMintOnce(t *testing.T, b *backend, s logical.Storage, sv *standin.Server, when string) {
+	t.Helper()
+	requests := sv.TokenRequests()
+	for range 10 {
+		if _, err := request(t, b, s, logical.ReadOperation, "token/fleet", nil); err == nil {
+			t.Fatalf("a read %s got a token", when)
+		}
+	}
+	if n := sv.TokenRequests() - requests; n != 1 {
+		t.Fatalf("10 reads in the same instant %s sent %d token requests, want 1", when, n)
 	}
 }
 
@@ -504,16 +512,23 @@ func (g *gatedMint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	g.Server.ServeHTTP(w, r)
 }
 
+// newGatedUnit is a unit backend configured against a stand-in whose mints wait for releaseMint.
+func newGatedUnit(t *testing.T) (b *backend, s logical.Storage, gate *gatedMint, releaseMint func()) {
+	t.Helper()
+	b, s = newUnitBackend(t)
+	gate = &gatedMint{Server: newTestStandin(), arrived: make(chan struct{}, 1), release: make(chan struct{})}
+	unitConfig(t, b, s, gate)
+	var releaseOnce sync.Once
+	releaseMint = func() { releaseOnce.Do(func() { close(gate.release) }) }
+	t.Cleanup(releaseMint) // before the server closes, which waits for held requests
+	return b, s, gate, releaseMint
+}
+
 // TestRoleWriteDuringAMintLeavesNoTokenOfTheOldScopes: a role write changing the scopes while a
 // read's mint with the old ones is in flight ends the token that mint stores; the next read gets a
 // token of the new scopes.
 func TestRoleWriteDuringAMintLeavesNoTokenOfTheOldScopes(t *testing.T) {
-	b, s := newUnitBackend(t)
-	gate := &gatedMint{Server: newTestStandin(), arrived: make(chan struct{}, 1), release: make(chan struct{})}
-	unitConfig(t, b, s, gate)
-	var releaseOnce sync.Once
-	releaseMint := func() { releaseOnce.Do(func() { close(gate.release) }) }
-	t.Cleanup(releaseMint) // before the server closes, which waits for held requests
+	b, s, gate, releaseMint := newGatedUnit(t)
 	writeSharedRole(t, b, s, "fleet", testScopes[0])
 	read := make(chan string, 1)
 	go func() {
@@ -639,12 +654,7 @@ func TestSharedTokenOfOtherScopesIsNeverServed(t *testing.T) {
 // while a role's first mint is in flight finds no token to set aside; the token that mint stores,
 // of the old scopes, is not served after the write.
 func TestConfigWriteDuringAFirstMintLeavesNoTokenOfTheOldScopes(t *testing.T) {
-	b, s := newUnitBackend(t)
-	gate := &gatedMint{Server: newTestStandin(), arrived: make(chan struct{}, 1), release: make(chan struct{})}
-	unitConfig(t, b, s, gate)
-	var releaseOnce sync.Once
-	releaseMint := func() { releaseOnce.Do(func() { close(gate.release) }) }
-	t.Cleanup(releaseMint) // before the server closes, which waits for held requests
+	b, s, gate, releaseMint := newGatedUnit(t)
 	writeSharedRole(t, b, s, "fleet")
 	read := make(chan error, 1)
 	go func() {
@@ -699,15 +709,7 @@ func TestRefusedStorageHoldsSharedMintsBack(t *testing.T) {
 	writeSharedRole(t, b, s, "fleet")
 	useFakeClock(b, time.Now())
 	refusing := failingStorage{Storage: s, prefix: sharedTokenPrefix}
-	requests := sv.TokenRequests()
-	for range 10 {
-		if _, err := request(t, b, refusing, logical.ReadOperation, "token/fleet", nil); err == nil {
-			t.Fatal("a read got a token storage refused to keep")
-		}
-	}
-	if n := sv.TokenRequests() - requests; n != 1 {
-		t.Fatalf("10 reads in the same instant while storage refuses sent %d token requests, want 1", n)
-	}
+	tenFailedReadsMintOnce(t, b, refusing, sv, "while storage refuses")
 	for _, info := range sv.Tokens() {
 		if sv.Active(info.Value) {
 			t.Fatal("a token minted while storage refused is alive at ev.energy")
