@@ -2,8 +2,6 @@ package evenergy
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"net/http"
 	"strings"
@@ -34,13 +32,32 @@ type sharedRole struct {
 // its point replaces a token nobody reads while it lives.
 const unreadLead = time.Minute + passBudget
 
-// mintedWith fingerprints what a shared token minted now would be minted with: the client, a hash
-// of its secret (never the secret itself) and the scopes. A stored token of another fingerprint is
-// not served, whatever writes did or failed to set it aside.
+// mintedWith fingerprints what a shared token minted now is minted with: the client, a hash of its
+// secret (never the secret itself) and the scopes. A stored token of another fingerprint is not
+// served, whatever writes did or failed to set it aside.
 func mintedWith(cfg *config, r *role) string {
-	secret := sha256.Sum256([]byte(cfg.ClientSecret))
-	sum := sha256.Sum256([]byte(cfg.ClientID + "\x00" + hex.EncodeToString(secret[:]) + "\x00" + strings.Join(r.tokenScopes(cfg), " ")))
-	return hex.EncodeToString(sum[:])
+	return cfg.ClientID + "\x00" + cfg.secretDigest() + "\x00" + strings.Join(r.tokenScopes(cfg), " ")
+}
+
+// mintedAs reports whether fingerprint is mintedWith(cfg, r), without building it: a shared read
+// checks it every time.
+func mintedAs(fingerprint string, cfg *config, r *role) bool {
+	rest, ok := strings.CutPrefix(fingerprint, cfg.ClientID)
+	for _, part := range [...]string{"\x00", cfg.secretDigest(), "\x00"} {
+		if !ok {
+			return false
+		}
+		rest, ok = strings.CutPrefix(rest, part)
+	}
+	for i, scope := range r.tokenScopes(cfg) {
+		if i > 0 && ok {
+			rest, ok = strings.CutPrefix(rest, " ")
+		}
+		if ok {
+			rest, ok = strings.CutPrefix(rest, scope)
+		}
+	}
+	return ok && rest == ""
 }
 
 func (t sharedRole) key() string      { return sharedTokenPrefix + t.name }
@@ -56,7 +73,7 @@ func (t sharedRole) current(ctx context.Context) (*grant, error) {
 // stored is current, and the token stored whatever its client (nil if none).
 func (t sharedRole) stored(ctx context.Context) (current, stored *grant, err error) {
 	stored, err = t.b.tokens.get(ctx, t.s, t.key())
-	if err != nil || stored == nil || stored.MintedWith != mintedWith(t.cfg, t.role) {
+	if err != nil || stored == nil || !mintedAs(stored.MintedWith, t.cfg, t.role) {
 		return &grant{}, stored, err
 	}
 	return stored, stored, nil

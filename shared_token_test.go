@@ -738,3 +738,28 @@ func TestSharedTokenWithAShortWindowIsReplacedBeforeItExpires(t *testing.T) {
 		t.Fatal("the pass after the point did not replace the shared token")
 	}
 }
+
+// TestSharedTokenFingerprint: a shared token's fingerprint matches the role and config it was minted
+// with and no other client, secret or scopes, and holds no secret.
+func TestSharedTokenFingerprint(t *testing.T) {
+	cfg := &config{ClientID: "c", ClientSecret: "the-secret", Scopes: []string{"a", "b"}}
+	for _, r := range []*role{{}, {Scopes: []string{"a"}}, {Scopes: []string{"a", "bc"}}} {
+		fp := mintedWith(cfg, r)
+		if !mintedAs(fp, cfg, r) || strings.Contains(fp, cfg.ClientSecret) {
+			t.Fatalf("the fingerprint of scopes %v does not match itself, or holds the secret", r.tokenScopes(cfg))
+		}
+		for _, other := range []*role{{Scopes: []string{"a"}}, {Scopes: []string{"a", "b", "c"}}, {Scopes: []string{"b"}}, {Scopes: []string{"ab"}}} {
+			if !slices.Equal(other.tokenScopes(cfg), r.tokenScopes(cfg)) && mintedAs(fp, cfg, other) {
+				t.Fatalf("the fingerprint of scopes %v matches scopes %v", r.tokenScopes(cfg), other.Scopes)
+			}
+		}
+		for _, other := range []*config{{ClientID: "c", ClientSecret: "rotated", Scopes: cfg.Scopes}, {ClientID: "d", ClientSecret: cfg.ClientSecret, Scopes: cfg.Scopes}} {
+			if mintedAs(fp, other, r) {
+				t.Fatalf("the fingerprint of client %s matches client %s with its secret changed=%v", cfg.ClientID, other.ClientID, other.ClientSecret != cfg.ClientSecret)
+			}
+		}
+	}
+	if public := (&config{ClientID: "c"}); !mintedAs(mintedWith(public, &role{}), public, &role{}) || mintedAs("", public, &role{}) {
+		t.Fatal("a public client with no scopes: its fingerprint does not match itself, or nothing matches it")
+	}
+}
