@@ -91,6 +91,9 @@ func (t *tokenStore) put(ctx context.Context, s logical.Storage, key string, g *
 	case err == nil:
 		t.set(key, g)
 		delete(t.unsaved, key)
+		if g == nil {
+			t.refreshes.forget(key) // a deleted token's failures in a row are nobody's now
+		}
 	case !t.unsaved[key]:
 		// What storage holds now is unknown: read it again next time.
 		t.drop(key)
@@ -189,7 +192,6 @@ func (t *tokenStore) set(key string, g *grant) {
 	t.tally.count(key, g, 1)
 	if g == nil {
 		delete(t.tokens, key)
-		t.refreshes.forget(key)
 		return
 	}
 	t.schedule.add(key, g)
