@@ -134,28 +134,32 @@ func (b *backend) settleUnsaved(ctx context.Context) {
 	if b.storage == nil {
 		return
 	}
+	for _, key := range b.tokens.unsavedKeys() {
+		b.settleUnsavedToken(ctx, key)
+	}
+}
+
+// settleUnsavedToken stores or revokes the unsaved token at key (see settleUnsaved), under its
+// lock: a refresh or a delete holding it finishes first, within request_timeout.
+func (b *backend) settleUnsavedToken(ctx context.Context, key string) {
+	defer b.tokens.lock(key)()
 	b.tokens.mu.RLock()
-	unsaved := map[string]*grant{}
-	for key := range b.tokens.unsaved {
-		unsaved[key] = b.tokens.tokens[key]
-	}
+	g := b.tokens.tokens[key]
 	b.tokens.mu.RUnlock()
-	for key, g := range unsaved {
-		stored := b.tokens.storeOneUnsaved(ctx, b.storage, key)
-		if stored == nil {
-			continue
-		}
-		rec := g.revocation(time.Time{}, reasonUnowned)
-		client, err := b.clientFor(ctx, b.storage, rec.ClientID)
-		if err == nil {
-			err = rec.revokeWith(ctx, client)
-		}
-		if err != nil {
-			b.Logger().Error("a rotated ev.energy grant that storage refused dies with this node's memory, and could not be revoked", "key", key, "storage_error", stored, "error", err)
-			continue
-		}
-		b.Logger().Warn("storage refused a rotated ev.energy grant as the node stepped down: its tokens are revoked, and the user must connect again", "key", key, "storage_error", stored)
+	stored := b.tokens.storeUnsavedLocked(ctx, b.storage, key)
+	if stored == nil || g == nil {
+		return
 	}
+	rec := g.revocation(time.Time{}, reasonUnowned)
+	client, err := b.clientFor(ctx, b.storage, rec.ClientID)
+	if err == nil {
+		err = rec.revokeWith(ctx, client)
+	}
+	if err != nil {
+		b.Logger().Error("a rotated ev.energy grant that storage refused dies with this node's memory, and could not be revoked", "key", key, "storage_error", stored, "error", err)
+		return
+	}
+	b.Logger().Warn("storage refused a rotated ev.energy grant as the node stepped down: its tokens are revoked, and the user must connect again", "key", key, "storage_error", stored)
 }
 
 // initialize loads the revocation queue, records on the active node the client of records from

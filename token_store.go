@@ -133,16 +133,20 @@ func (t *tokenStore) putRotated(ctx context.Context, s logical.Storage, key stri
 // this node's memory. It skips a token whose lock someone holds (a refresh, a delete waiting on a
 // revocation), as the periodic pass must not wait: a later pass stores it.
 func (t *tokenStore) storeUnsaved(ctx context.Context, s logical.Storage) error {
-	t.mu.RLock()
-	keys := slices.Collect(maps.Keys(t.unsaved))
-	t.mu.RUnlock()
 	var errs []error
-	for _, key := range keys {
+	for _, key := range t.unsavedKeys() {
 		if err := t.storeOneUnsaved(ctx, s, key); err != nil {
 			errs = append(errs, fmt.Errorf("storing the rotated token at %s: %w", key, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// unsavedKeys are the keys of the tokens only memory holds.
+func (t *tokenStore) unsavedKeys() []string {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return slices.Collect(maps.Keys(t.unsaved))
 }
 
 func (t *tokenStore) storeOneUnsaved(ctx context.Context, s logical.Storage, key string) error {
@@ -151,6 +155,11 @@ func (t *tokenStore) storeOneUnsaved(ctx context.Context, s logical.Storage, key
 		return nil
 	}
 	defer unlock()
+	return t.storeUnsavedLocked(ctx, s, key)
+}
+
+// storeUnsavedLocked stores the token at key if only memory holds it; call it holding key's lock.
+func (t *tokenStore) storeUnsavedLocked(ctx context.Context, s logical.Storage, key string) error {
 	t.mu.RLock()
 	g, unsaved := t.tokens[key], t.unsaved[key]
 	t.mu.RUnlock()
