@@ -2,6 +2,8 @@ package evenergy
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"net/http"
 	"slices"
 	"strings"
@@ -36,6 +38,18 @@ type config struct {
 	// MaxSelfServiceLinks bounds the self-made links pending or held on the mount; 0: the default.
 	MaxSelfServiceLinks int    `json:"max_self_service_links,omitempty"`
 	DisplayName         string `json:"display_name,omitempty"` // the application's name on the callback page; "": client_id
+
+	digest string // secretDigest, kept by the cached config: a shared read checks it every time
+}
+
+// secretDigest is the hex SHA-256 of the client secret, which a shared token's fingerprint holds in
+// place of the secret.
+func (c *config) secretDigest() string {
+	if c.digest != "" {
+		return c.digest
+	}
+	sum := sha256.Sum256([]byte(c.ClientSecret))
+	return hex.EncodeToString(sum[:])
 }
 
 // callsPerSecond is the call_budget in force: how many calls a second refreshes and revocations
