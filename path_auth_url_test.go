@@ -257,6 +257,7 @@ func TestAuthURLRefusesSelfMadeLinksElsewhere(t *testing.T) {
 // TestSelfMadeLinksHeldCountWithPendingOnes: held grants count with pending links in one bound per
 // user; a newer link replaces the oldest, and a replaced held grant's tokens are revoked.
 func TestSelfMadeLinksHeldCountWithPendingOnes(t *testing.T) {
+	t.Parallel()
 	b, s := newUnitBackend(t)
 	sv := newUnitStandin(t, b, s)
 	const links = 50

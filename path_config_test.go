@@ -162,6 +162,7 @@ func (s *stalledConfigRead) Get(ctx context.Context, key string) (*logical.Stora
 // TestConcurrentConfigWritesEachRetireWhatTheyReplace: A->C reads config A; meanwhile A->B is
 // written; A->C then stores C. Both A and B must stay revocable, each with its own secret.
 func TestConcurrentConfigWritesEachRetireWhatTheyReplace(t *testing.T) {
+	t.Parallel()
 	b, s := newUnitBackend(t)
 	write := func(s logical.Storage, id, secret string) error {
 		resp, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"client_id": id, "client_secret": secret})

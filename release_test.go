@@ -16,6 +16,7 @@ import (
 // and name the binary's own sum, and the binary must carry the version without VCS stamp or cgo.
 // For a release, the SHA256SUMS recorded in the repository must hold that sum.
 func TestReleaseBuildIsReproducible(t *testing.T) {
+	t.Parallel()
 	version := "v" + releaseVersion(t)
 	name := pluginName + "_" + version + "_linux_amd64"
 	var sums [2][]byte

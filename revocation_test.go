@@ -197,6 +197,7 @@ func TestTokenMintedForAGoneCallerIsQueuedWhenEvenergyCannotRevoke(t *testing.T)
 }
 
 func TestReauthorizedUserKeepsLeasedTokenUntilItsLeaseEnds(t *testing.T) {
+	t.Parallel()
 	b, s := newUnitBackend(t)
 	sv := newUnitStandin(t, b, s)
 	sv.SetTokenLifetime(5 * time.Second)

@@ -127,6 +127,7 @@ func TestSharedTokenReadIsACachedRead(t *testing.T) {
 }
 
 func TestSharedTokenReplacedByThePassWithNoReader(t *testing.T) {
+	t.Parallel()
 	b, s := newUnitBackend(t)
 	sv := newUnitStandin(t, b, s)
 	sv.SetTokenLifetime(12 * time.Second)

@@ -459,6 +459,7 @@ func TestUnclaimedGrantIsRevokedOnceItExpires(t *testing.T) {
 }
 
 func TestPeriodicPassBoundsUnclaimedGrants(t *testing.T) {
+	t.Parallel()
 	b, s := newUnitBackend(t)
 	newUnitStandin(t, b, s)
 	const extra = 5
