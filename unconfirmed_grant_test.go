@@ -655,3 +655,43 @@ func TestCallbacksInFlightKeepTheHeldBound(t *testing.T) {
 		t.Fatalf("one maker holds %d grants (%d live refresh tokens at ev.energy), want at most %d", len(held), live, maxPendingPerUser)
 	}
 }
+
+// TestLastWrongCodeWithEvenergyDownQueuesTheHeldTokens: when ev.energy does not answer the
+// revocation of the last wrong code, the held tokens are queued (not left held, nor lost), and the
+// pass revokes them once ev.energy answers again.
+func TestLastWrongCodeWithEvenergyDownQueuesTheHeldTokens(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	heldAtCallback(t, b, s, sv, "entity-a", "bob@example.com")
+	tokens := heldTokens(t, sv, "bob@example.com")
+	cfg, err := getConfig(t.Context(), s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead, err := freeLoopbackAddr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"base_url": "http://" + dead}); err != nil || resp.IsError() {
+		t.Fatalf("config: %v %v", err, resp)
+	}
+	for range confirmationAttempts - 1 {
+		requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"confirmation_code": "AAAA-AAAA"})
+	}
+	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"confirmation_code": "AAAA-AAAA"})
+	wantCoded(t, resp, err, http.StatusBadRequest, "no attempts left")
+	if keys, _ := s.List(t.Context(), unconfirmedGrantPrefix); len(keys) != 0 {
+		t.Fatalf("%d grants still held after the last wrong code", len(keys))
+	}
+	queued := pendingRevocations(t, s)
+	if len(queued) != 1 || queued[0].AccessToken != tokens[0] || queued[0].RefreshToken != tokens[1] || queued[0].Reason != reasonUnconfirmed {
+		t.Fatalf("queued %d records, want the held access and refresh token", len(queued))
+	}
+	if resp, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"base_url": cfg.BaseURL}); err != nil || resp.IsError() {
+		t.Fatalf("config: %v %v", err, resp)
+	}
+	eventually(t, time.Minute, "the queued held tokens revoked", func() bool {
+		runPeriodicTolerant(b, s)
+		return !sv.Active(tokens[0]) && !sv.Active(tokens[1]) && len(pendingRevocations(t, s)) == 0
+	})
+}
