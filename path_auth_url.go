@@ -141,11 +141,6 @@ func (b *backend) pathAuthURLWrite(ctx context.Context, req *logical.Request, d 
 	if err != nil {
 		return nil, err
 	}
-	if pending.selfMade() {
-		if err := b.selfMadeLinks.put(ctx, req.Storage, state, &selfMadeLink{ExpiresAt: pending.ExpiresAt}); err != nil {
-			return nil, err
-		}
-	}
 	resp := &logical.Response{Data: map[string]any{
 		"authorize_url": client.authorizeURL(redirectURI, scopes, state, pending.Verifier),
 		"state":         state,

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -279,5 +280,41 @@ func TestSelfMadeLinksHeldCountWithPendingOnes(t *testing.T) {
 	}
 	if live > 2*maxPendingPerUser {
 		t.Fatalf("%d tokens of %d links are live at ev.energy, want those of the %d held at most", live, links, maxPendingPerUser)
+	}
+}
+
+// TestAuthURLRefusesSelfMadeLinksToLookalikes: an attacker's redirect_uri that a browser could take
+// somewhere other than the configured callback, or that an application may serve, is refused in every
+// written form; only case in scheme and host, which no browser tells apart, is allowed.
+func TestAuthURLRefusesSelfMadeLinksToLookalikes(t *testing.T) {
+	b, s := newUnitBackend(t)
+	if _, err := request(t, b, s, logical.CreateOperation, "config", map[string]any{"client_id": "app", "callback_url": unitCallback}); err != nil {
+		t.Fatal(err)
+	}
+	for _, lookalike := range []string{
+		"https://vault.example.com/v1/evenergy/callback/",
+		"https://vault.example.com/v1/evenergy/Callback",
+		"https://vault.example.com/v1/evenergy/callback?next=https://app.example.com",
+		"https://vault.example.com/v1/evenergy/callback#x",
+		"https://vault.example.com/v1/evenergy/%63allback",
+		"https://vault.example.com/v1/evenergy%2Fcallback",
+		"https://vault.example.com/v1/app/../evenergy/callback",
+		"https://vault.example.com/v1/evenergy/callback/../../app/cb",
+		"https://user@vault.example.com/v1/evenergy/callback",
+		"https://vault.example.com@app.example.com/v1/evenergy/callback",
+		"https://vault.example.com:443/v1/evenergy/callback",
+		"https://vault.example.com./v1/evenergy/callback",
+		"http://vault.example.com/v1/evenergy/callback",
+		"https://vault.example.com/v1/ns1/evenergy/callback",
+		"https://vault.example.com/v1//evenergy/callback",
+	} {
+		resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "auth-url/entity-a", map[string]any{"redirect_uri": lookalike})
+		var coded logical.HTTPCodedError
+		if !(err != nil && errors.As(err, &coded) && coded.Code() == http.StatusBadRequest) && !(err == nil && resp.IsError()) && !errors.Is(err, logical.ErrInvalidRequest) {
+			t.Errorf("self-made link to %s: %v %v, want 400", lookalike, resp, err)
+		}
+	}
+	if n := storedPending(t, s); n != 0 {
+		t.Fatalf("%d lookalike links stored", n)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"html/template"
 	"net/http"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
@@ -225,10 +226,14 @@ func (b *backend) callbackPageData(ctx context.Context, s logical.Storage, outco
 
 // truncated is text from a URL cut to a length fit for one log line.
 func truncated(text string) string {
-	if len(text) > 200 {
-		return text[:200] + "…"
+	if len(text) <= 200 {
+		return text
 	}
-	return text
+	cut := 200
+	for cut > 0 && !utf8.RuneStart(text[cut]) { // on a character boundary: the log line stays valid UTF-8
+		cut--
+	}
+	return strings.ToValidUTF8(text[:cut], "") + "…"
 }
 
 func callbackResponse(status int, data callbackPageData) (*logical.Response, error) {

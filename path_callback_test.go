@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -210,5 +211,18 @@ func TestConfirmationPageNamesWhoGetsTheAccount(t *testing.T) {
 	b.System().(*logical.StaticSystemView).EntityVal = &logical.Entity{ID: "entity-a", Name: "Mallory Jones", Aliases: []*logical.Alias{{Name: "mj", MountType: "userpass"}}}
 	if _, _, page = heldAtCallback(t, b, s, sv, "entity-a", "carol@example.com"); !strings.Contains(page, "to the Vault user Mallory Jones, mj (userpass login). If that is not you") {
 		t.Errorf("the page does not name the entity by the name a person gave it:\n%s", page)
+	}
+}
+
+// TestCallbackLogCutsURLTextOnARune: error_description from the callback's URL is cut for the log
+// on a character boundary, so the log line stays valid UTF-8.
+func TestCallbackLogCutsURLTextOnARune(t *testing.T) {
+	for _, text := range []string{strings.Repeat("é", 150), "a" + strings.Repeat("€", 100), strings.Repeat("x", 300)} {
+		if got := truncated(text); !utf8.ValidString(got) || len(got) > 200+len("…") {
+			t.Errorf("truncated(%d bytes) = %d bytes, valid UTF-8: %v", len(text), len(got), utf8.ValidString(got))
+		}
+	}
+	if got := truncated("short"); got != "short" {
+		t.Errorf("truncated(short) = %q", got)
 	}
 }

@@ -170,6 +170,7 @@ func (b *backend) pathConfigRead(ctx context.Context, req *logical.Request, _ *f
 		"call_budget":            cfg.callsPerSecond(),
 		"callback_url":           cfg.CallbackURL,
 		"max_self_service_links": cfg.maxSelfServiceLinks(),
+		"display_name":           cfg.DisplayName,
 	}}, nil
 }
 

@@ -192,3 +192,22 @@ func TestConcurrentConfigWritesEachRetireWhatTheyReplace(t *testing.T) {
 		}
 	}
 }
+
+// TestConfigReadShowsTheCallbackPageFields: an operator reads back every field the callback page
+// depends on, display_name included (docs/api.md's sample response shows it).
+func TestConfigReadShowsTheCallbackPageFields(t *testing.T) {
+	b, s := newUnitBackend(t)
+	written := map[string]any{"client_id": "app", "callback_url": unitCallback, "display_name": "Acme Fleet", "max_self_service_links": 7}
+	if resp, err := requestAs(t, b, s, "", logical.CreateOperation, "config", written); err != nil || resp.IsError() {
+		t.Fatalf("write: %v %v", err, resp)
+	}
+	resp, err := requestAs(t, b, s, "", logical.ReadOperation, "config", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range written {
+		if resp.Data[k] != v {
+			t.Errorf("config read: %s = %v, want %v", k, resp.Data[k], v)
+		}
+	}
+}

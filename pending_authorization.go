@@ -60,7 +60,7 @@ func pendingExpiry(name string) (time.Time, bool) {
 	return time.Unix(0, nanos), err == nil
 }
 
-// putPending stores p, a new pending authorization, and returns its state and how many of the
+// putPending stores p, a new pending authorization (with its mark when self-made), and returns its state and how many of the
 // user's oldest pending authorizations and unconfirmed grants (whose tokens are revoked) it
 // replaced to keep maxPendingPerUser of both.
 func (b *backend) putPending(ctx context.Context, s logical.Storage, p *authRequest) (state string, replaced int, err error) {
@@ -75,6 +75,11 @@ func (b *backend) putPending(ctx context.Context, s logical.Storage, p *authRequ
 	// Stored before any is replaced: a failure below leaves the user no fewer links than before.
 	if err := putJSON(ctx, s, folder+name, p); err != nil {
 		return "", 0, err
+	}
+	if p.selfMade() { // marked under the lock, so that no newer link replaces it before its mark exists
+		if err := b.selfMadeLinks.put(ctx, s, tag+"-"+name, &selfMadeLink{ExpiresAt: p.ExpiresAt}); err != nil {
+			return "", 0, errors.Join(err, s.Delete(ctx, folder+name))
+		}
 	}
 	b.cache.mu.Lock()
 	b.cache.notePending(p.ExpiresAt)

@@ -1,8 +1,13 @@
 package evenergy
 
 import (
+	"context"
+	"errors"
 	"net/http"
+	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
 )
@@ -37,4 +42,78 @@ func TestSelfMadeLinksAreBoundedMountWide(t *testing.T) {
 	}
 	resp, err = selfMade("entity-e")
 	wantCoded(t, resp, err, http.StatusTooManyRequests, "max_self_service_links")
+}
+
+// markBlockingStorage runs block before the first write of a self-made link's mark.
+type markBlockingStorage struct {
+	logical.Storage
+	once  *sync.Once
+	block func()
+}
+
+func (m markBlockingStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
+	if strings.HasPrefix(e.Key, selfMadeLinkPrefix) {
+		m.once.Do(m.block)
+	}
+	return m.Storage.Put(ctx, e)
+}
+
+// lockWaiters is how many hold or wait for key's lock among b's pending locks.
+func lockWaiters(b *backend, key string) int {
+	b.pendingLocks.mu.Lock()
+	defer b.pendingLocks.mu.Unlock()
+	if e := b.pendingLocks.entries[key]; e != nil {
+		return e.refs
+	}
+	return 0
+}
+
+// TestReplacedSelfMadeLinksLeaveNoMark: a maker whose newer links replace one before its mark is
+// written leaves no mark of the replaced link, which would count against the mount-wide bound for
+// its 10 minutes: one entity's concurrent auth-url calls could fill max_self_service_links.
+func TestReplacedSelfMadeLinksLeaveNoMark(t *testing.T) {
+	b, s := newUnitBackend(t)
+	newUnitStandin(t, b, s)
+	folder := authRequestPrefix + pendingTag("entity-a") + "/"
+	selfMade := func(s logical.Storage) error {
+		resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "auth-url/entity-a", map[string]any{"redirect_uri": unitCallback})
+		if err == nil && resp.IsError() {
+			err = resp.Error()
+		}
+		return err
+	}
+	reached, newer := make(chan struct{}), make(chan error, 1)
+	slow := markBlockingStorage{Storage: s, once: &sync.Once{}, block: func() {
+		close(reached)
+		for { // until the newer links are made, or wait for a lock this write holds
+			select {
+			case err := <-newer:
+				newer <- err
+				return
+			default:
+			}
+			if lockWaiters(b, folder) > 1 {
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}}
+	first := make(chan error, 1)
+	go func() { first <- selfMade(slow) }()
+	<-reached
+	go func() {
+		var errs []error
+		for range maxPendingPerUser {
+			errs = append(errs, selfMade(s))
+		}
+		newer <- errors.Join(errs...)
+	}()
+	if err := errors.Join(<-first, <-newer); err != nil {
+		t.Fatal(err)
+	}
+	marks, _ := s.List(t.Context(), selfMadeLinkPrefix)
+	pending, _ := s.List(t.Context(), folder)
+	if len(marks) != len(pending) || len(marks) > maxPendingPerUser {
+		t.Fatalf("%d marks of self-made links stored for %d pending links, at most %d per user", len(marks), len(pending), maxPendingPerUser)
+	}
 }

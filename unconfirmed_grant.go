@@ -1,12 +1,15 @@
 package evenergy
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/subtle"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 	"unicode"
@@ -122,7 +125,38 @@ func (b *backend) holdForConfirmation(ctx context.Context, s logical.Storage, st
 		b.disown(ctx, s, held.revocation()) // Vault could not hold the tokens, so ev.energy must not keep them either
 		return "", err
 	}
+	if err := b.keepHeldBound(ctx, s, pending.User, others); err != nil {
+		b.Logger().Warn("a user's oldest held connections beyond the per-user bound could not be revoked: they are revoked when they expire", "error", err)
+	}
 	return shown, nil
+}
+
+// keepHeldBound revokes the oldest of others, the user's grants held before a new one, so that the
+// user keeps at most maxPendingPerUser pending and held: links exchanged meanwhile were neither when
+// auth-url counted them. Call it with the user's unconfirmed lock held.
+func (b *backend) keepHeldBound(ctx context.Context, s logical.Storage, user string, others map[string]*unconfirmedGrant) error {
+	names, err := s.List(ctx, authRequestPrefix+pendingTag(user)+"/")
+	if err != nil {
+		return err
+	}
+	pending := 0
+	for _, name := range names {
+		if expiresAt, ok := pendingExpiry(name); ok && time.Now().Before(expiresAt) {
+			pending++
+		}
+	}
+	excess := len(others) + 1 + pending - maxPendingPerUser
+	if excess <= 0 {
+		return nil
+	}
+	oldest := slices.SortedFunc(maps.Keys(others), func(a, c string) int {
+		return cmp.Or(others[a].ExpiresAt.Compare(others[c].ExpiresAt), cmp.Compare(a, c))
+	})
+	var errs []error
+	for _, state := range oldest[:min(excess, len(oldest))] {
+		errs = append(errs, b.revokeHeldLocked(ctx, s, state, urgentRevocation()))
+	}
+	return errors.Join(errs...)
 }
 
 // confirmGrant keeps the grant held for user whose code typed is, when the writer is its maker;
@@ -242,6 +276,11 @@ func (b *backend) revokeUnclaimedGrants(ctx context.Context, s logical.Storage, 
 // (turn nil: at once), and forgets the grant, unless it was claimed meanwhile.
 func (b *backend) revokeHeld(ctx context.Context, s logical.Storage, state string, turn *budgetTurn) error {
 	defer b.lockUnconfirmed(state)()
+	return b.revokeHeldLocked(ctx, s, state, turn)
+}
+
+// revokeHeldLocked is revokeHeld with the user's unconfirmed lock held.
+func (b *backend) revokeHeldLocked(ctx context.Context, s logical.Storage, state string, turn *budgetTurn) error {
 	u, err := b.unconfirmed.get(ctx, s, state)
 	if err != nil || u == nil {
 		return err

@@ -587,3 +587,112 @@ func TestConfirmationAttemptStorageCannotCountIsRefused(t *testing.T) {
 		t.Fatalf("the right code once storage counts again: %v %v", err, resp)
 	}
 }
+
+// holdingStorage blocks every write of an unconfirmed grant until release is closed, as a slow
+// storage backend or ev.energy's slow token endpoint keeps a callback between consuming its link
+// and holding its tokens.
+type holdingStorage struct {
+	logical.Storage
+	release chan struct{}
+}
+
+func (h holdingStorage) Put(ctx context.Context, e *logical.StorageEntry) error {
+	if strings.HasPrefix(e.Key, unconfirmedGrantPrefix) {
+		<-h.release
+	}
+	return h.Storage.Put(ctx, e)
+}
+
+// TestCallbacksInFlightKeepTheHeldBound: a maker who opens her links at the callback faster than
+// they are held, and makes new links meanwhile, keeps no more than the per-user bound held: a link
+// being exchanged is neither pending nor held, so auth-url alone cannot see it.
+func TestCallbacksInFlightKeepTheHeldBound(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	slow := holdingStorage{Storage: s, release: make(chan struct{})}
+	folder := authRequestPrefix + pendingTag("entity-a") + "/"
+	const rounds = 3
+	done := make(chan error, rounds*maxPendingPerUser)
+	for round := range rounds {
+		for i := range maxPendingPerUser {
+			resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "auth-url/entity-a", map[string]any{"redirect_uri": unitCallback})
+			if err != nil || resp.IsError() {
+				t.Fatalf("auth-url: %v %v", err, resp)
+			}
+			back, err := sv.Authorize(t.Context(), resp.Data["authorize_url"].(string), fmt.Sprintf("r%d-%d@example.com", round, i), true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			go func() {
+				callback, err := request(t, b, slow, logical.ReadOperation, "callback", map[string]any{"state": back.Query().Get("state"), "code": back.Query().Get("code")})
+				if err == nil && callback.Data[logical.HTTPStatusCode] != http.StatusOK {
+					err = fmt.Errorf("callback answered %v", callback.Data[logical.HTTPStatusCode])
+				}
+				done <- err
+			}()
+		}
+		eventually(t, time.Minute, "the round's links consumed at the callback", func() bool {
+			names, err := s.List(t.Context(), folder)
+			return err == nil && len(names) == 0
+		})
+	}
+	close(slow.release)
+	for range rounds * maxPendingPerUser {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	held, err := b.heldFor(t.Context(), s, "entity-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	live := 0
+	for _, info := range sv.Tokens() {
+		if info.Kind == "refresh" && sv.Active(info.Value) {
+			live++
+		}
+	}
+	if len(held) > maxPendingPerUser || live > maxPendingPerUser {
+		t.Fatalf("one maker holds %d grants (%d live refresh tokens at ev.energy), want at most %d", len(held), live, maxPendingPerUser)
+	}
+}
+
+// TestLastWrongCodeWithEvenergyDownQueuesTheHeldTokens: when ev.energy does not answer the
+// revocation of the last wrong code, the held tokens are queued (not left held, nor lost), and the
+// pass revokes them once ev.energy answers again.
+func TestLastWrongCodeWithEvenergyDownQueuesTheHeldTokens(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	heldAtCallback(t, b, s, sv, "entity-a", "bob@example.com")
+	tokens := heldTokens(t, sv, "bob@example.com")
+	cfg, err := getConfig(t.Context(), s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead, err := freeLoopbackAddr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"base_url": "http://" + dead}); err != nil || resp.IsError() {
+		t.Fatalf("config: %v %v", err, resp)
+	}
+	for range confirmationAttempts - 1 {
+		requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"confirmation_code": "AAAA-AAAA"})
+	}
+	resp, err := requestAs(t, b, s, "entity-a", logical.UpdateOperation, "users/entity-a", map[string]any{"confirmation_code": "AAAA-AAAA"})
+	wantCoded(t, resp, err, http.StatusBadRequest, "no attempts left")
+	if keys, _ := s.List(t.Context(), unconfirmedGrantPrefix); len(keys) != 0 {
+		t.Fatalf("%d grants still held after the last wrong code", len(keys))
+	}
+	queued := pendingRevocations(t, s)
+	if len(queued) != 1 || queued[0].AccessToken != tokens[0] || queued[0].RefreshToken != tokens[1] || queued[0].Reason != reasonUnconfirmed {
+		t.Fatalf("queued %d records, want the held access and refresh token", len(queued))
+	}
+	if resp, err := request(t, b, s, logical.UpdateOperation, "config", map[string]any{"base_url": cfg.BaseURL}); err != nil || resp.IsError() {
+		t.Fatalf("config: %v %v", err, resp)
+	}
+	eventually(t, time.Minute, "the queued held tokens revoked", func() bool {
+		runPeriodicTolerant(b, s)
+		return !sv.Active(tokens[0]) && !sv.Active(tokens[1]) && len(pendingRevocations(t, s)) == 0
+	})
+}
