@@ -288,14 +288,19 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 		return nil, &revokedGrantError{user: user, lastError: revoked.LastError}
 	}
 	retryAt := b.tokens.refreshes.failed(userPrefix+user, g, err)
-	if lost {
-		// Whether the access token still lives is unknown: no lease on it, and no point moved for it.
-		return g, err
-	}
 	// The next attempt becomes the grant's refresh point, in storage so that every node, and a node
 	// taking over, ends the leases it hands out by then and sends no attempt before.
 	held := *g
 	held.RefreshAt = retryAt
+	if lost {
+		// Whether the access token still lives is unknown: stored as expired, no later passing
+		// failure leases it again, on this node or another.
+		held.ExpiresAt = b.tokens.refreshes.now().UTC().Round(0)
+		if stored := b.putGrant(ctx, s, user, &held); stored != nil {
+			return g, errors.Join(err, stored) // the point stays where it was, passed: no lease either
+		}
+		return &held, err
+	}
 	if stored := b.putGrant(ctx, s, user, &held); stored != nil {
 		b.Logger().Warn("could not refresh an ev.energy user token nor store when to try again; readers get the failure until then", "user", user, "error", err, "storage_error", stored)
 		return g, err

@@ -732,3 +732,24 @@ func storedGrantOf(t *testing.T, s logical.Storage, user string) *grant {
 	}
 	return g
 }
+
+// TestPassingFailureAfterALostAnswerLeasesNoDeadToken: why: once a refresh's answer was lost and the
+// retry settled nothing, a later passing failure (ev.energy answers 500) must not move the point and
+// lease the old access token, which ev.energy may have ended (here it did).
+func TestPassingFailureAfterALostAnswerLeasesNoDeadToken(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	g, clock := connectDueUser(t, b, s, sv, "driver")
+	sv.SetFault(standin.Fault{Kind: standin.FaultIssueThenHangUp, Count: 2}) // the refresh and its retry: both answers lost
+	if _, _, err := readUserToken(t, b, s, "driver"); err == nil {
+		t.Fatal("a read whose refresh and retry lost their answers got a token")
+	}
+	if sv.Active(g.AccessToken) {
+		t.Fatal("setup: ev.energy did not rotate the grant on the lost refresh")
+	}
+	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
+	clock.Advance(time.Minute) // past the backoff
+	if tok, lease, err := readUserToken(t, b, s, "driver"); err == nil && !sv.Active(tok) {
+		t.Fatalf("a reader got a lease of %v on the access token ev.energy ended with the lost refresh", lease)
+	}
+}
