@@ -753,3 +753,67 @@ func TestPassingFailureAfterALostAnswerLeasesNoDeadToken(t *testing.T) {
 		t.Fatalf("a reader got a lease of %v on the access token ev.energy ended with the lost refresh", lease)
 	}
 }
+
+// gatedRefresh holds refresh requests (/o/token without Basic auth) while gating is on, until release.
+type gatedRefresh struct {
+	*standin.Server
+	gating  atomic.Bool
+	arrived chan struct{}
+	release chan struct{}
+}
+
+func (g *gatedRefresh) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if g.gating.Load() && r.URL.Path == "/o/token" && r.Header.Get("Authorization") == "" {
+		g.arrived <- struct{}{}
+		<-g.release
+	}
+	g.Server.ServeHTTP(w, r)
+}
+
+// TestStepDownSettlesAReadersRefreshInFlight: why: a reader's refresh sent before the step-down and
+// answered after it, whose rotated grant storage then refuses, must be stored or revoked too, not
+// left live at ev.energy with storage holding the dead refresh token.
+func TestStepDownSettlesAReadersRefreshInFlight(t *testing.T) {
+	s := &refusingStorage{Storage: &logical.InmemStorage{}}
+	b, _, _ := newCountedBackend(t, s)
+	gate := &gatedRefresh{Server: newTestStandin(), arrived: make(chan struct{}, 1), release: make(chan struct{})}
+	var releaseOnce sync.Once
+	release := func() { releaseOnce.Do(func() { close(gate.release) }) }
+	unitConfig(t, b, s, gate)
+	t.Cleanup(release) // before the server closes, which waits for held requests
+	connectDueUser(t, b, s, gate.Server, "driver")
+	gate.gating.Store(true)
+	read := make(chan error, 1)
+	go func() { _, _, err := readUserToken(t, b, s, "driver"); read <- err }()
+	<-gate.arrived
+	s.refuse.Store(true) // the node loses its quorum and steps down
+	cleaned := make(chan struct{})
+	go func() { b.Cleanup(t.Context()); close(cleaned) }()
+	eventually(t, time.Minute, "the step-down waits for the reader's refresh, or ends", func() bool {
+		b.tokens.refreshes.mu.Lock()
+		defer b.tokens.refreshes.mu.Unlock()
+		return b.tokens.refreshes.landing || isClosed(cleaned)
+	})
+	if isClosed(cleaned) {
+		t.Fatal("the step-down ended with a reader's refresh in flight: what it rotates, storage refusing, is neither stored nor revoked")
+	}
+	release()
+	<-cleaned
+	<-read
+	stored := storedGrantOf(t, s, "driver")
+	for _, live := range liveRefreshTokens(gate.Server, "driver") {
+		if live != stored.RefreshToken {
+			t.Fatal("a refresh token rotated by a reader's refresh in flight at the step-down is neither stored nor revoked")
+		}
+	}
+}
+
+// isClosed reports whether ch is closed.
+func isClosed(ch chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
