@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 	"time"
 	"unique"
 
@@ -264,7 +265,9 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 		tok, err = client.refresh(ctx, g.RefreshToken)
 	}
 	outcome := refreshOutcome(err)
-	if lost && outcome == refreshRevoked {
+	// An earlier lost answer whose retry settled nothing is kept in LastError until a refresh goes
+	// through: a refusal then is that loss too.
+	if outcome == refreshRevoked && (lost || strings.HasPrefix(g.LastError, answerLostSince)) {
 		outcome = refreshLost
 		err = fmt.Errorf("the answer to a refresh was lost after ev.energy rotated the grant, which has no grace period for the previous refresh token: %w", err)
 	}
@@ -296,6 +299,7 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 		// Whether the access token still lives is unknown: stored as expired, no later passing
 		// failure leases it again, on this node or another.
 		held.ExpiresAt = b.tokens.refreshes.now().UTC().Round(0)
+		held.LastError = answerLostSince + held.ExpiresAt.Format(time.RFC3339) + ": " + err.Error()
 		if stored := b.putGrant(ctx, s, user, &held); stored != nil {
 			return g, errors.Join(err, stored) // the point stays where it was, passed: no lease either
 		}
@@ -308,6 +312,9 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 	b.Logger().Warn("could not refresh an ev.energy user token; readers get the current one until the next attempt", "user", user, "error", err, "next_attempt", held.RefreshAt)
 	return &held, err
 }
+
+// answerLostSince begins the LastError of a grant whose refresh's outcome is unknown.
+const answerLostSince = "the answer to a refresh was lost, and the retry settled nothing, at "
 
 // answerLost reports whether a refresh's outcome is unknown: the request may have reached ev.energy,
 // which may have rotated the grant, but its answer was lost (a hang-up, a timeout).

@@ -817,3 +817,28 @@ func isClosed(ch chan struct{}) bool {
 		return false
 	}
 }
+
+// TestLostAnswerThenUnsettledRetryThenRefusalSaysWhy: why: a lost answer whose retry also failed
+// without word, then refused at the next attempt, must end the grant saying the answer was lost,
+// counted as lost, not as a plain invalid_grant.
+func TestLostAnswerThenUnsettledRetryThenRefusalSaysWhy(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	_, clock := connectDueUser(t, b, s, sv, "driver")
+	sv.SetFault(standin.Fault{Kind: standin.FaultIssueThenHangUp, Count: 2}) // the refresh and its retry: both answers lost
+	if _, _, err := readUserToken(t, b, s, "driver"); err == nil {
+		t.Fatal("a read whose refresh and retry lost their answers got a token")
+	}
+	clock.Advance(time.Minute) // past the backoff; ev.energy answers again, and refuses the dead refresh token
+	if _, _, err := readUserToken(t, b, s, "driver"); err == nil {
+		t.Fatal("a read of a grant ev.energy refuses got a token")
+	}
+	g := storedGrantOf(t, s, "driver")
+	if g.Status != grantRevoked || !strings.Contains(g.LastError, "answer to a refresh was lost") {
+		t.Fatalf("status %s, last error %q; want revoked, saying the answer was lost", g.Status, g.LastError)
+	}
+	var counted dto.Metric
+	if err := b.metrics.refreshes.WithLabelValues(refreshLost).Write(&counted); err != nil || counted.GetCounter().GetValue() != 1 {
+		t.Fatalf("%v lost refresh answers counted, want 1: %v", counted.GetCounter().GetValue(), err)
+	}
+}
