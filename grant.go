@@ -317,10 +317,12 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 const answerLostSince = "the answer to a refresh was lost, and the retry settled nothing, at "
 
 // answerLost reports whether a refresh's outcome is unknown: the request may have reached ev.energy,
-// which may have rotated the grant, but its answer was lost (a hang-up, a timeout).
+// which may have rotated the grant, but its answer was lost (a hang-up, a timeout, or a proxy's
+// 502 or 504 in its place).
 func answerLost(err error) bool {
 	var upstream *upstreamError
-	return errors.As(err, &upstream) && (upstream.Fault == faultTimeout || upstream.Fault == faultBroken)
+	return errors.As(err, &upstream) && (upstream.Fault == faultTimeout || upstream.Fault == faultBroken ||
+		upstream.Status == http.StatusBadGateway || upstream.Status == http.StatusGatewayTimeout)
 }
 
 // refreshOutcome says what a refresh's error means for the grant: ev.energy's invalid_grant ends it.

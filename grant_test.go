@@ -842,3 +842,37 @@ func TestLostAnswerThenUnsettledRetryThenRefusalSaysWhy(t *testing.T) {
 		t.Fatalf("%v lost refresh answers counted, want 1: %v", counted.GetCounter().GetValue(), err)
 	}
 }
+
+// gatewayAfterWork passes token requests to ev.energy, which does the work, and while failing is
+// set answers the client 504 in its place, as a proxy in front of ev.energy that timed out would.
+type gatewayAfterWork struct {
+	*standin.Server
+	failing atomic.Bool
+}
+
+func (g *gatewayAfterWork) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !g.failing.Load() || r.URL.Path != "/o/token" {
+		g.Server.ServeHTTP(w, r)
+		return
+	}
+	g.Server.ServeHTTP(httptest.NewRecorder(), r)
+	w.Header().Set("Content-Type", "text/html")
+	w.WriteHeader(http.StatusGatewayTimeout)
+	_, _ = w.Write([]byte("<html><body><h1>504 Gateway Time-out</h1></body></html>"))
+}
+
+// TestGatewayTimeoutAfterTheRotationLeasesNoDeadToken: why: a 504 from a proxy may come after
+// ev.energy rotated the grant, so its outcome is unknown as a hang-up's is: no reader may get a
+// lease on the old access token, which the rotation ended.
+func TestGatewayTimeoutAfterTheRotationLeasesNoDeadToken(t *testing.T) {
+	b, s := newUnitBackend(t)
+	gate := &gatewayAfterWork{Server: newTestStandin()}
+	unitConfig(t, b, s, gate)
+	connectDueUser(t, b, s, gate.Server, "driver")
+	gate.failing.Store(true)
+	for range 4 {
+		if tok, lease, err := readUserToken(t, b, s, "driver"); err == nil && !gate.Active(tok) {
+			t.Fatalf("a reader got a lease of %v on the access token ev.energy ended behind a 504", lease)
+		}
+	}
+}
