@@ -123,7 +123,8 @@ func (b *backend) clean(ctx context.Context) {
 		b.stopLoading()
 		b.stopBackground()
 		b.budget.close()
-		b.refreshing.Lock() // held for good: no background refresh starts again
+		b.refreshing.Lock()                  // held for good: no background refresh starts again
+		b.tokens.refreshes.awaitLanding(ctx) // a reader's refresh sent before, whose rotated grant storage may refuse
 		b.settleUnsaved(ctx)
 	})
 }

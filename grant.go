@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 	"time"
 	"unique"
 
@@ -264,7 +265,9 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 		tok, err = client.refresh(ctx, g.RefreshToken)
 	}
 	outcome := refreshOutcome(err)
-	if lost && outcome == refreshRevoked {
+	// An earlier lost answer whose retry settled nothing is kept in LastError until a refresh goes
+	// through: a refusal then is that loss too.
+	if outcome == refreshRevoked && (lost || strings.HasPrefix(g.LastError, answerLostSince)) {
 		outcome = refreshLost
 		err = fmt.Errorf("the answer to a refresh was lost after ev.energy rotated the grant, which has no grace period for the previous refresh token: %w", err)
 	}
@@ -288,14 +291,20 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 		return nil, &revokedGrantError{user: user, lastError: revoked.LastError}
 	}
 	retryAt := b.tokens.refreshes.failed(userPrefix+user, g, err)
-	if lost {
-		// Whether the access token still lives is unknown: no lease on it, and no point moved for it.
-		return g, err
-	}
 	// The next attempt becomes the grant's refresh point, in storage so that every node, and a node
 	// taking over, ends the leases it hands out by then and sends no attempt before.
 	held := *g
 	held.RefreshAt = retryAt
+	if lost {
+		// Whether the access token still lives is unknown: stored as expired, no later passing
+		// failure leases it again, on this node or another.
+		held.ExpiresAt = b.tokens.refreshes.now().UTC().Round(0)
+		held.LastError = answerLostSince + held.ExpiresAt.Format(time.RFC3339) + ": " + err.Error()
+		if stored := b.putGrant(ctx, s, user, &held); stored != nil {
+			return g, errors.Join(err, stored) // the point stays where it was, passed: no lease either
+		}
+		return &held, err
+	}
 	if stored := b.putGrant(ctx, s, user, &held); stored != nil {
 		b.Logger().Warn("could not refresh an ev.energy user token nor store when to try again; readers get the failure until then", "user", user, "error", err, "storage_error", stored)
 		return g, err
@@ -304,11 +313,16 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 	return &held, err
 }
 
+// answerLostSince begins the LastError of a grant whose refresh's outcome is unknown.
+const answerLostSince = "the answer to a refresh was lost, and the retry settled nothing, at "
+
 // answerLost reports whether a refresh's outcome is unknown: the request may have reached ev.energy,
-// which may have rotated the grant, but its answer was lost (a hang-up, a timeout).
+// which may have rotated the grant, but its answer was lost (a hang-up, a timeout, or a proxy's
+// 502 or 504 in its place).
 func answerLost(err error) bool {
 	var upstream *upstreamError
-	return errors.As(err, &upstream) && (upstream.Fault == faultTimeout || upstream.Fault == faultBroken)
+	return errors.As(err, &upstream) && (upstream.Fault == faultTimeout || upstream.Fault == faultBroken ||
+		upstream.Status == http.StatusBadGateway || upstream.Status == http.StatusGatewayTimeout)
 }
 
 // refreshOutcome says what a refresh's error means for the grant: ev.energy's invalid_grant ends it.

@@ -732,3 +732,147 @@ func storedGrantOf(t *testing.T, s logical.Storage, user string) *grant {
 	}
 	return g
 }
+
+// TestPassingFailureAfterALostAnswerLeasesNoDeadToken: why: once a refresh's answer was lost and the
+// retry settled nothing, a later passing failure (ev.energy answers 500) must not move the point and
+// lease the old access token, which ev.energy may have ended (here it did).
+func TestPassingFailureAfterALostAnswerLeasesNoDeadToken(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	g, clock := connectDueUser(t, b, s, sv, "driver")
+	sv.SetFault(standin.Fault{Kind: standin.FaultIssueThenHangUp, Count: 2}) // the refresh and its retry: both answers lost
+	if _, _, err := readUserToken(t, b, s, "driver"); err == nil {
+		t.Fatal("a read whose refresh and retry lost their answers got a token")
+	}
+	if sv.Active(g.AccessToken) {
+		t.Fatal("setup: ev.energy did not rotate the grant on the lost refresh")
+	}
+	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
+	clock.Advance(time.Minute) // past the backoff
+	if tok, lease, err := readUserToken(t, b, s, "driver"); err == nil && !sv.Active(tok) {
+		t.Fatalf("a reader got a lease of %v on the access token ev.energy ended with the lost refresh", lease)
+	}
+}
+
+// gatedRefresh holds refresh requests (/o/token without Basic auth) while gating is on, until release.
+type gatedRefresh struct {
+	*standin.Server
+	gating  atomic.Bool
+	arrived chan struct{}
+	release chan struct{}
+}
+
+func (g *gatedRefresh) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if g.gating.Load() && r.URL.Path == "/o/token" && r.Header.Get("Authorization") == "" {
+		g.arrived <- struct{}{}
+		<-g.release
+	}
+	g.Server.ServeHTTP(w, r)
+}
+
+// TestStepDownSettlesAReadersRefreshInFlight: why: a reader's refresh sent before the step-down and
+// answered after it, whose rotated grant storage then refuses, must be stored or revoked too, not
+// left live at ev.energy with storage holding the dead refresh token.
+func TestStepDownSettlesAReadersRefreshInFlight(t *testing.T) {
+	s := &refusingStorage{Storage: &logical.InmemStorage{}}
+	b, _, _ := newCountedBackend(t, s)
+	gate := &gatedRefresh{Server: newTestStandin(), arrived: make(chan struct{}, 1), release: make(chan struct{})}
+	var releaseOnce sync.Once
+	release := func() { releaseOnce.Do(func() { close(gate.release) }) }
+	unitConfig(t, b, s, gate)
+	t.Cleanup(release) // before the server closes, which waits for held requests
+	connectDueUser(t, b, s, gate.Server, "driver")
+	gate.gating.Store(true)
+	read := make(chan error, 1)
+	go func() { _, _, err := readUserToken(t, b, s, "driver"); read <- err }()
+	<-gate.arrived
+	s.refuse.Store(true) // the node loses its quorum and steps down
+	cleaned := make(chan struct{})
+	go func() { b.Cleanup(t.Context()); close(cleaned) }()
+	eventually(t, time.Minute, "the step-down waits for the reader's refresh, or ends", func() bool {
+		b.tokens.refreshes.mu.Lock()
+		defer b.tokens.refreshes.mu.Unlock()
+		return b.tokens.refreshes.landing || isClosed(cleaned)
+	})
+	if isClosed(cleaned) {
+		t.Fatal("the step-down ended with a reader's refresh in flight: what it rotates, storage refusing, is neither stored nor revoked")
+	}
+	release()
+	<-cleaned
+	<-read
+	stored := storedGrantOf(t, s, "driver")
+	for _, live := range liveRefreshTokens(gate.Server, "driver") {
+		if live != stored.RefreshToken {
+			t.Fatal("a refresh token rotated by a reader's refresh in flight at the step-down is neither stored nor revoked")
+		}
+	}
+}
+
+// isClosed reports whether ch is closed.
+func isClosed(ch chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+// TestLostAnswerThenUnsettledRetryThenRefusalSaysWhy: why: a lost answer whose retry also failed
+// without word, then refused at the next attempt, must end the grant saying the answer was lost,
+// counted as lost, not as a plain invalid_grant.
+func TestLostAnswerThenUnsettledRetryThenRefusalSaysWhy(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	_, clock := connectDueUser(t, b, s, sv, "driver")
+	sv.SetFault(standin.Fault{Kind: standin.FaultIssueThenHangUp, Count: 2}) // the refresh and its retry: both answers lost
+	if _, _, err := readUserToken(t, b, s, "driver"); err == nil {
+		t.Fatal("a read whose refresh and retry lost their answers got a token")
+	}
+	clock.Advance(time.Minute) // past the backoff; ev.energy answers again, and refuses the dead refresh token
+	if _, _, err := readUserToken(t, b, s, "driver"); err == nil {
+		t.Fatal("a read of a grant ev.energy refuses got a token")
+	}
+	g := storedGrantOf(t, s, "driver")
+	if g.Status != grantRevoked || !strings.Contains(g.LastError, "answer to a refresh was lost") {
+		t.Fatalf("status %s, last error %q; want revoked, saying the answer was lost", g.Status, g.LastError)
+	}
+	var counted dto.Metric
+	if err := b.metrics.refreshes.WithLabelValues(refreshLost).Write(&counted); err != nil || counted.GetCounter().GetValue() != 1 {
+		t.Fatalf("%v lost refresh answers counted, want 1: %v", counted.GetCounter().GetValue(), err)
+	}
+}
+
+// gatewayAfterWork passes token requests to ev.energy, which does the work, and while failing is
+// set answers the client 504 in its place, as a proxy in front of ev.energy that timed out would.
+type gatewayAfterWork struct {
+	*standin.Server
+	failing atomic.Bool
+}
+
+func (g *gatewayAfterWork) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !g.failing.Load() || r.URL.Path != "/o/token" {
+		g.Server.ServeHTTP(w, r)
+		return
+	}
+	g.Server.ServeHTTP(httptest.NewRecorder(), r)
+	w.Header().Set("Content-Type", "text/html")
+	w.WriteHeader(http.StatusGatewayTimeout)
+	_, _ = w.Write([]byte("<html><body><h1>504 Gateway Time-out</h1></body></html>"))
+}
+
+// TestGatewayTimeoutAfterTheRotationLeasesNoDeadToken: why: a 504 from a proxy may come after
+// ev.energy rotated the grant, so its outcome is unknown as a hang-up's is: no reader may get a
+// lease on the old access token, which the rotation ended.
+func TestGatewayTimeoutAfterTheRotationLeasesNoDeadToken(t *testing.T) {
+	b, s := newUnitBackend(t)
+	gate := &gatewayAfterWork{Server: newTestStandin()}
+	unitConfig(t, b, s, gate)
+	connectDueUser(t, b, s, gate.Server, "driver")
+	gate.failing.Store(true)
+	for range 4 {
+		if tok, lease, err := readUserToken(t, b, s, "driver"); err == nil && !gate.Active(tok) {
+			t.Fatalf("a reader got a lease of %v on the access token ev.energy ended behind a 504", lease)
+		}
+	}
+}

@@ -34,6 +34,7 @@ type refreshes struct {
 	random    func() float64                               // uniform in [0, 1), spreads the backoff; tests set their own
 	mu        sync.Mutex
 	byKey     map[string]*grantRefresh // held tokens with a refresh in flight or failures, by storage key; others have none
+	landing   bool                     // a step-down waits for the flights in flight to land (awaitLanding); tests look
 }
 
 // grantRefresh is the refresh call in flight for one held token, if any, and the failures before it.
@@ -109,6 +110,27 @@ func (r *refreshes) fly(key string, f *flight, refresh func() (*grant, error)) {
 		return
 	}
 	r.byKey[key].flight = nil
+}
+
+// awaitLanding waits until every refresh in flight has landed, or ctx ends: a step-down settles
+// what they rotated and storage refused, which the flights record before they land.
+func (r *refreshes) awaitLanding(ctx context.Context) {
+	r.mu.Lock()
+	var flights []*flight
+	for _, u := range r.byKey {
+		if u.flight != nil {
+			flights = append(flights, u.flight)
+		}
+	}
+	r.landing = true
+	r.mu.Unlock()
+	for _, f := range flights {
+		select {
+		case <-f.done:
+		case <-ctx.Done():
+			return
+		}
+	}
 }
 
 // forget drops what is known of the refreshes of the held token at key, which is gone; a flight in
