@@ -77,6 +77,26 @@ func testVault(t *testing.T) *api.Client {
 	return c
 }
 
+// server is what VAULT_BIN's `version` says it is, asked once.
+var server struct {
+	once    sync.Once
+	version string
+}
+
+// openBao reports whether VAULT_BIN is OpenBao's server, for the checks only Vault or only OpenBao
+// can make.
+func openBao(t testing.TB) bool {
+	t.Helper()
+	server.once.Do(func() {
+		out, err := exec.Command(os.Getenv("VAULT_BIN"), "version").Output()
+		if err != nil {
+			t.Fatalf("%s version: %v", os.Getenv("VAULT_BIN"), err)
+		}
+		server.version = string(out)
+	})
+	return strings.HasPrefix(server.version, "OpenBao ")
+}
+
 func startDevVault() error {
 	bin := os.Getenv("VAULT_BIN")
 	if bin == "" {
