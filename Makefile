@@ -5,7 +5,7 @@ VAULT   := $(CURDIR)/bin/vault
 VERSION := v$(shell cat VERSION)
 LDFLAGS := -X github.com/evenergy/vault-plugin-secrets-evenergy.Version=$(VERSION)
 
-.PHONY: build release vault chromium test bench bench-scale bench-plugins fuzz dev dev-stop
+.PHONY: build release vault bao chromium test test-openbao bench bench-scale bench-plugins fuzz dev dev-stop
 
 build:
 	go build -ldflags "$(LDFLAGS)" -o bin/plugins/$(PLUGIN) ./cmd/$(PLUGIN)
@@ -26,6 +26,30 @@ chromium:
 test: vault chromium
 	go vet ./...
 	VAULT_BIN=$(VAULT) go test -count=1 -timeout 30m ./...
+
+# OpenBao's server: BAO_BIN, or bin/bao from shared/openbao beside the checkout (the Go module proxy
+# does not serve OpenBao, so it cannot be built here), checked against its SHA256SUMS.
+OPENBAO := $(CURDIR)/../shared/openbao
+BAO     := $(or $(BAO_BIN),$(CURDIR)/bin/bao)
+
+bao:
+ifdef BAO_BIN
+	@test -x "$(BAO_BIN)" || { echo "BAO_BIN=$(BAO_BIN) is not an executable OpenBao server" >&2; exit 1; }
+else
+	@test -f "$(OPENBAO)/bao.gz" || { echo "No OpenBao server: $(OPENBAO)/bao.gz is missing. Put shared/openbao beside the checkout, or set BAO_BIN." >&2; exit 1; }
+	mkdir -p bin
+	gunzip -c "$(OPENBAO)/bao.gz" > bin/bao.tmp
+	cd bin && echo "$$(awk '$$2 == "bao" { print $$1 }' "$(OPENBAO)/SHA256SUMS")  bao.tmp" | sha256sum --check --quiet || \
+		{ echo "bin/bao.tmp, from $(OPENBAO)/bao.gz, does not match the bao line of its SHA256SUMS" >&2; exit 1; }
+	chmod +x bin/bao.tmp && mv bin/bao.tmp bin/bao
+endif
+	"$(BAO)" version
+
+# The acceptance tests on OpenBao, but for those whose check only Vault can make (docs/development.md).
+VAULT_ONLY :=
+
+test-openbao: bao chromium
+	VAULT_BIN=$(BAO) go test -count=1 -timeout 30m -run '^TestAcc' $(if $(VAULT_ONLY),-skip '$(VAULT_ONLY)') .
 
 # The engine's Go benchmarks, then the table on a dev Vault and on a single-node Raft Vault, each
 # with the engine and a no-op leased plugin (bench/noop) from bin/bench-plugins; see bench/main.go.
