@@ -81,6 +81,7 @@ func testVault(t *testing.T) *api.Client {
 var server struct {
 	once    sync.Once
 	version string
+	err     error
 }
 
 // openBao reports whether VAULT_BIN is OpenBao's server, for the checks only Vault or only OpenBao
@@ -89,11 +90,11 @@ func openBao(t testing.TB) bool {
 	t.Helper()
 	server.once.Do(func() {
 		out, err := exec.Command(os.Getenv("VAULT_BIN"), "version").Output()
-		if err != nil {
-			t.Fatalf("%s version: %v", os.Getenv("VAULT_BIN"), err)
-		}
-		server.version = string(out)
+		server.version, server.err = string(out), err
 	})
+	if server.err != nil {
+		t.Fatalf("%q version: %v", os.Getenv("VAULT_BIN"), server.err)
+	}
 	return strings.HasPrefix(server.version, "OpenBao ")
 }
 
