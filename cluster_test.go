@@ -251,7 +251,8 @@ func readEventually(t *testing.T, client *api.Client, path string) *api.Secret {
 	return s
 }
 
-// TestAccRaftFailover kills the active node of a 3-node Raft cluster: the new active node must hand
+// TestAccRaftFailover reads every kind of leased token through each standby of a 3-node Raft cluster
+// with the server's default settings, then kills the active node: the new active node must hand
 // out the user's rotated token, refresh it once when due, and revoke the leases the old one issued.
 // Not parallel: three Vault servers are as much as a loaded 2-core machine should run beside others.
 func TestAccRaftFailover(t *testing.T) {
@@ -386,8 +387,8 @@ func readThroughStandbys(t *testing.T, c *raftCluster, e *accEnv, leader *raftNo
 		}
 		// Whether the standby serves reads itself shows in its metrics, which return no lease: its own
 		// (no token minted there) on OpenBao, the leader's on Vault, whose standbys forward everything.
-		const minted = `evenergy_tokens_minted_total{grant_type="client_credentials"}`
-		if servesReads := (&accEnv{vault: n.client, mount: e.mount}).metricsJSON(t)[minted] == 0; servesReads != openBao(t) {
+		const mintedSeries = `evenergy_tokens_minted_total{grant_type="client_credentials"}`
+		if servesReads := (&accEnv{vault: n.client, mount: e.mount}).metricsJSON(t)[mintedSeries] == 0; servesReads != openBao(t) {
 			t.Fatalf("the standby %s serves reads itself: %v; want it to on OpenBao (its default) and not on Vault", n.name, servesReads)
 		}
 		requests := e.standin.TokenRequests()
