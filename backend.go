@@ -57,10 +57,10 @@ type backend struct {
 	stopLoading   context.CancelFunc
 	grantsLoaded  chan struct{}
 
-	// writable is whether this node may mint and write: read once, as Vault builds its mounts anew
-	// when a node's replication role changes.
-	writable    sync.Once
-	writableErr error
+	// replication is this node's replication state: read once, as Vault builds its mounts anew when
+	// a node's replication role changes.
+	replication      sync.Once
+	replicationState consts.ReplicationState
 }
 
 // Factory returns a configured ev.energy secrets engine.
@@ -186,16 +186,29 @@ func (b *backend) initialize(ctx context.Context, req *logical.InitializationReq
 	return nil
 }
 
+// replicationRole is this node's replication state, asked of Vault once per backend instance.
+func (b *backend) replicationRole() consts.ReplicationState {
+	b.replication.Do(func() { b.replicationState = b.System().ReplicationState() })
+	return b.replicationState
+}
+
 // ensureWritable sends a request that will call ev.energy and then write (a lease or a rotated
 // token) on to the active node, before anything is minted that a read-only node could not keep.
-// It is framework.Backend's WriteSafeReplicationState, asked of Vault once per backend instance.
+// It is framework.Backend's WriteSafeReplicationState.
 func (b *backend) ensureWritable() error {
-	b.writable.Do(func() {
-		state := b.System().ReplicationState()
-		if state.HasState(consts.ReplicationPerformanceStandby|consts.ReplicationDRSecondary) ||
-			(state.HasState(consts.ReplicationPerformanceSecondary) && !b.System().LocalMount()) {
-			b.writableErr = logical.ErrReadOnly
-		}
-	})
-	return b.writableErr
+	state := b.replicationRole()
+	if state.HasState(consts.ReplicationPerformanceStandby|consts.ReplicationDRSecondary) ||
+		(state.HasState(consts.ReplicationPerformanceSecondary) && !b.System().LocalMount()) {
+		return logical.ErrReadOnly
+	}
+	return nil
+}
+
+// ensureLeasable sends a read that returns a lease on to the active node from a performance standby
+// (Vault Enterprise's, or an OpenBao standby serving reads), which cannot register the lease.
+func (b *backend) ensureLeasable() error {
+	if b.replicationRole().HasState(consts.ReplicationPerformanceStandby) {
+		return logical.ErrReadOnly
+	}
+	return nil
 }

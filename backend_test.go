@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -21,6 +22,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/vault/api"
+	"github.com/hashicorp/vault/sdk/helper/consts"
 	"github.com/hashicorp/vault/sdk/logical"
 
 	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
@@ -74,6 +76,27 @@ func testVault(t *testing.T) *api.Client {
 	}
 	c.SetToken("root")
 	return c
+}
+
+// server is what VAULT_BIN's `version` says it is, asked once.
+var server struct {
+	once    sync.Once
+	version string
+	err     error
+}
+
+// openBao reports whether VAULT_BIN is OpenBao's server, for the checks only Vault or only OpenBao
+// can make.
+func openBao(t testing.TB) bool {
+	t.Helper()
+	server.once.Do(func() {
+		out, err := exec.Command(os.Getenv("VAULT_BIN"), "version").Output()
+		server.version, server.err = string(out), err
+	})
+	if server.err != nil {
+		t.Fatalf("%q version: %v", os.Getenv("VAULT_BIN"), server.err)
+	}
+	return strings.HasPrefix(server.version, "OpenBao ")
 }
 
 func startDevVault() error {
@@ -304,6 +327,39 @@ func newUnitBackend(t testing.TB) (*backend, logical.Storage) {
 func request(t testing.TB, b *backend, s logical.Storage, op logical.Operation, path string, data map[string]any) (*logical.Response, error) {
 	t.Helper()
 	return b.HandleRequest(context.Background(), &logical.Request{Operation: op, Path: path, Storage: s, Data: data})
+}
+
+// TestPerformanceStandbyForwardsLeasedReads: a node that reports itself a performance standby
+// (Vault Enterprise's, or an OpenBao standby serving reads) cannot register a lease, so every read
+// that returns one is forwarded (logical.ErrReadOnly) before any work, even for a token held fresh
+// in its memory; reads that return no lease are answered there.
+func TestPerformanceStandbyForwardsLeasedReads(t *testing.T) {
+	active, standby, s, sv := twoNodes(t)
+	connectUnitUser(t, active, s, sv, "driver")
+	writeSharedRole(t, active, s, "fleet")
+	readShared(t, active, s, "fleet")
+	if _, err := request(t, active, s, logical.CreateOperation, rolePrefix+"brief", map[string]any{"ttl": "20s"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := standby.tokens.loadAll(t.Context(), s); err != nil {
+		t.Fatal(err)
+	}
+	standby.System().(*logical.StaticSystemView).ReplicationStateVal = consts.ReplicationPerformanceStandby
+	requests := sv.TokenRequests()
+
+	for _, path := range []string{"token", "token/brief", "token/fleet", "users/driver/token"} {
+		if resp, err := request(t, standby, s, logical.ReadOperation, path, nil); !errors.Is(err, logical.ErrReadOnly) {
+			t.Errorf("%s on a performance standby: %v, lease %v; want it forwarded (logical.ErrReadOnly)", path, err, resp != nil && resp.Secret != nil)
+		}
+	}
+	if n := sv.TokenRequests() - requests; n != 0 {
+		t.Errorf("a performance standby sent %d token requests to ev.energy", n)
+	}
+	for _, path := range []string{"users/driver", "roles/fleet", "config"} {
+		if resp, err := request(t, standby, s, logical.ReadOperation, path, nil); err != nil || resp == nil || resp.IsError() {
+			t.Errorf("%s, which returns no lease, on a performance standby: %v %v; want it answered there", path, err, resp)
+		}
+	}
 }
 
 // get is an HTTP GET without redirects, as a browser's first hop.

@@ -251,7 +251,8 @@ func readEventually(t *testing.T, client *api.Client, path string) *api.Secret {
 	return s
 }
 
-// TestAccRaftFailover kills the active node of a 3-node Raft cluster: the new active node must hand
+// TestAccRaftFailover reads every kind of leased token through each standby of a 3-node Raft cluster
+// with the server's default settings, then kills the active node: the new active node must hand
 // out the user's rotated token, refresh it once when due, and revoke the leases the old one issued.
 // Not parallel: three Vault servers are as much as a loaded 2-core machine should run beside others.
 func TestAccRaftFailover(t *testing.T) {
@@ -291,6 +292,7 @@ func TestAccRaftFailover(t *testing.T) {
 	// A shared role's token, minted on the leader and stored.
 	e.write(t, "roles/fleet", map[string]any{"shared": true})
 	shared := e.standinToken(t, e.read(t, "token/fleet"))
+	readThroughStandbys(t, c, e, leader, user, rotated, shared)
 
 	// 4. The leader dies as a crashed machine would; the survivors elect another.
 	c.kill(t, leader)
@@ -370,6 +372,40 @@ func TestAccRaftFailover(t *testing.T) {
 	t.Logf("leases issued before the failover revoked %v after it", time.Since(killed).Round(time.Second))
 
 	stepDownDuringPass(t, c, e, active)
+}
+
+// readThroughStandbys reads every kind of leased token through each standby of a cluster with the
+// server's default settings: Vault's standbys forward every request, OpenBao's serve reads and
+// report themselves performance standbys, from which the engine forwards every leased read to the
+// leader. Each read gets a lease and a live token; the user's and the shared role's are the
+// leader's, and only the per-read and role reads mint.
+func readThroughStandbys(t *testing.T, c *raftCluster, e *accEnv, leader *raftNode, user, userToken, shared string) {
+	t.Helper()
+	for _, n := range c.running() {
+		if n == leader {
+			continue
+		}
+		// Whether the standby serves reads itself shows in its metrics, which return no lease: its own
+		// (no token minted there) on OpenBao, the leader's on Vault, whose standbys forward everything.
+		const mintedSeries = `evenergy_tokens_minted_total{grant_type="client_credentials"}`
+		if servesReads := (&accEnv{vault: n.client, mount: e.mount}).metricsJSON(t)[mintedSeries] == 0; servesReads != openBao(t) {
+			t.Fatalf("the standby %s serves reads itself: %v; want it to on OpenBao (its default) and not on Vault", n.name, servesReads)
+		}
+		requests := e.standin.TokenRequests()
+		want := map[string]string{"token": "", "token/brief": "", "token/fleet": shared, "users/" + user + "/token": userToken}
+		for _, path := range []string{"token", "token/brief", "token/fleet", "users/" + user + "/token"} {
+			s, err := n.client.Logical().Read(e.path(path))
+			if err != nil || s == nil || s.LeaseID == "" {
+				t.Fatalf("%s through the standby %s: %v; want a leased token", path, n.name, err)
+			}
+			if got := e.standinToken(t, s); want[path] != "" && got != want[path] {
+				t.Fatalf("%s through the standby %s: another token than the one the leader holds", path, n.name)
+			}
+		}
+		if minted := e.standin.TokenRequests() - requests; minted != 2 {
+			t.Fatalf("reads through the standby %s sent %d token requests, want 2 (token and token/brief)", n.name, minted)
+		}
+	}
 }
 
 // stepDownBound is how long a step-down in the middle of a periodic pass may keep the cluster

@@ -14,7 +14,8 @@ const secretAccessTokenType = "evenergy_access_token"
 
 func pathToken(b *backend) []*framework.Path {
 	// Callbacks, not Operations: the framework asks Vault for the replication state before every
-	// Operations handler, a round trip the hot read paths do without (ensureWritable asks when it matters).
+	// Operations handler, a round trip the hot read paths do without: ensureLeasable asks once and
+	// forwards from a performance standby, as ForwardPerformanceStandby would (it acts on Operations only).
 	callbacks := map[logical.Operation]framework.OperationFunc{logical.ReadOperation: b.pathTokenRead}
 	return []*framework.Path{
 		{
@@ -43,6 +44,9 @@ ends, the token is revoked at ev.energy as the client that minted it, or, when e
 confirm, queued at the revocations path and retried until it does.`
 
 func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	if err := b.ensureLeasable(); err != nil {
+		return nil, err
+	}
 	cfg, client, err := b.config(ctx, req.Storage)
 	if err != nil {
 		return nil, err

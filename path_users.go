@@ -199,6 +199,9 @@ func (b *backend) pathUserList(ctx context.Context, req *logical.Request, _ *fra
 }
 
 func (b *backend) pathUserTokenRead(ctx context.Context, req *logical.Request, d *framework.FieldData) (*logical.Response, error) {
+	if err := b.ensureLeasable(); err != nil {
+		return nil, err
+	}
 	cfg, client, err := b.config(ctx, req.Storage)
 	if err != nil {
 		return nil, err

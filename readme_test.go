@@ -22,17 +22,18 @@ import (
 	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
 )
 
-// readmeCommand is one `vault` command of README.md: a `$ vault ...` line of a shell-session block
-// (with its continuation lines), or an inline `vault ...` of its prose, procedure steps and tables.
+// readmeCommand is one `vault` or `bao` command of README.md: a `$ vault ...` line of a shell-session
+// block (with its continuation lines), or an inline `vault ...` of its prose, procedure steps and
+// tables. A `bao` command is the OpenBao form of a `vault` one (openBaoForms).
 type readmeCommand struct {
 	line    int    // in README.md
 	section string // the heading it is under
 	text    string
 }
 
-var inlineVault = regexp.MustCompile("`(vault [^`]+)`")
+var inlineVault = regexp.MustCompile("`((?:vault|bao) [^`]+)`")
 
-// readmeCommands lists README.md's `vault` commands in the order an operator meets them.
+// readmeCommands lists README.md's `vault` and `bao` commands in the order an operator meets them.
 func readmeCommands(t *testing.T) []readmeCommand {
 	t.Helper()
 	raw, err := os.ReadFile("README.md")
@@ -51,7 +52,7 @@ func readmeCommands(t *testing.T) []readmeCommand {
 			} else {
 				fence = ""
 			}
-		case fence == "shell-session " && strings.HasPrefix(line, "$ vault "):
+		case fence == "shell-session " && (strings.HasPrefix(line, "$ vault ") || strings.HasPrefix(line, "$ bao ")):
 			start, text := i, strings.TrimPrefix(line, "$ ")
 			for strings.HasSuffix(text, `\`) && i+1 < len(lines) {
 				i++
@@ -102,6 +103,7 @@ func TestReadmeCommandsAreFound(t *testing.T) {
 		`vault lease revoke -prefix evenergy/token/agents`,
 		`vault write evenergy/users/driver-42 refresh_token=@refresh-token.txt`,
 		`vault secrets tune -default-lease-ttl=1h evenergy/`,
+		`bao plugin reload -mounts=evenergy/`,
 	} {
 		i := slices.IndexFunc(commands, func(c readmeCommand) bool { return c.text == want })
 		if i < 0 {
@@ -172,15 +174,23 @@ var readmeWarnings = map[string]string{
 	`vault write evenergy/revocations include_deferred=true   # until it shows "pending" 0`:            "it revokes deferred records early, as it is meant to, and warns that their leases' readers hold dead tokens",
 }
 
-// readmeFailures are the commands the README shows failing, with what their output must hold.
+// readmeFailures are the commands the README shows failing on Vault, with what their output must hold.
 var readmeFailures = map[string][]string{
 	// Without a namespace the CLI calls the wrong path. Compatibility says it works within one, which
 	// Community Edition, which the tests run, does not have.
 	"vault plugin reload -mounts=evenergy/": {"sys/plugins/reload/unknown", "unsupported path"},
 }
 
+// openBaoForms are the README's commands that differ on OpenBao, each with the form Compatibility
+// shows for it, which the test runs in its place on OpenBao. Vault has no `bao` CLI.
+var openBaoForms = map[string]string{
+	`vault plugin register -sha256="$(grep " $BINARY\$" SHA256SUMS | cut -d' ' -f1)" -command="$BINARY" -version="$VERSION" -env HTTPS_PROXY=http://proxy.example.com:3128 -env GOMEMLIMIT=200MiB secret vault-plugin-secrets-evenergy`: `bao write sys/plugins/catalog/secret/vault-plugin-secrets-evenergy sha256="$(grep " $BINARY\$" SHA256SUMS | cut -d' ' -f1)" command="$BINARY" version="$VERSION" env=HTTPS_PROXY=http://proxy.example.com:3128 env=GOMEMLIMIT=200MiB`,
+	"vault plugin reload -mounts=evenergy/": "bao plugin reload -mounts=evenergy/",
+}
+
 // TestAccReadmeCommands runs every `vault` command of README.md in order, as an operator would (the
-// disable last), against a single-node Raft Vault (the restore needs snapshots) with the plugin and
+// disable last), with their OpenBao forms in their place on OpenBao (openBaoForms),
+// against a single-node Raft Vault (the restore needs snapshots) with the plugin and
 // the stand-in as ev.energy. Each must exit 0 without a warning from Vault, or fail as the README
 // says, and have the effect the README gives it: a reload runs the new version, a restore lists as
 // revoked the users refreshed since the snapshot, a renewal keeps the token, a delete revokes the
@@ -199,6 +209,7 @@ func TestAccReadmeCommands(t *testing.T) {
 		}
 	}
 	commands = append(commands, disabling...)
+	onOpenBao := openBao(t)
 	cluster := startRaftCluster(t, 1)
 	vault := cluster.active(t).client
 	work := t.TempDir()
@@ -411,19 +422,31 @@ func TestAccReadmeCommands(t *testing.T) {
 	for _, c := range commands {
 		texts[c.text] = true
 	}
-	for _, keys := range [][]string{slices.Collect(maps.Keys(before)), slices.Collect(maps.Keys(after)), slices.Collect(maps.Keys(readmeWarnings)), slices.Collect(maps.Keys(readmeFailures))} {
+	for _, keys := range [][]string{slices.Collect(maps.Keys(before)), slices.Collect(maps.Keys(after)), slices.Collect(maps.Keys(readmeWarnings)),
+		slices.Collect(maps.Keys(readmeFailures)), slices.Collect(maps.Keys(openBaoForms)), slices.Collect(maps.Values(openBaoForms))} {
 		for _, k := range keys {
 			if !texts[k] {
 				t.Fatalf("this test acts around the README command %q, which the README no longer has", k)
 			}
 		}
 	}
+	for text := range texts {
+		if strings.HasPrefix(text, "bao ") && !slices.Contains(slices.Collect(maps.Values(openBaoForms)), text) {
+			t.Fatalf("the README shows %q, which openBaoForms does not run in place of a vault command", text)
+		}
+	}
 
 	for _, c := range commands {
+		if strings.HasPrefix(c.text, "bao ") {
+			continue // run in place of its vault command, on OpenBao
+		}
 		if hook := before[c.text]; hook != nil {
 			hook()
 		}
-		text := c.text
+		text, failure := c.text, readmeFailures[c.text]
+		if form, ok := openBaoForms[c.text]; ok && onOpenBao {
+			text, failure = form, nil
+		}
 		for i := 0; i < len(replacements); i += 2 {
 			text = strings.ReplaceAll(text, replacements[i], replacements[i+1])
 		}
@@ -436,7 +459,7 @@ func TestAccReadmeCommands(t *testing.T) {
 		cmd.Stdout, cmd.Stderr = &stdout, &stderr
 		err := cmd.Run()
 		out := stdout.String() + stderr.String()
-		if want := readmeFailures[c.text]; want != nil {
+		if want := failure; want != nil {
 			if err == nil || slices.ContainsFunc(want, func(w string) bool { return !strings.Contains(out, w) }) {
 				t.Fatalf("README.md:%d: %s: want it to fail saying %q, got %v:\n%s", c.line, c.text, want, err, withoutSecrets(out))
 			}
@@ -492,14 +515,16 @@ func buildVersionedPlugin(t *testing.T, name, version string) string {
 	return fmt.Sprintf("%x", sha256.Sum256(data))
 }
 
-// vaultOnPath is a directory's `vault`: VAULT_BIN, as the README's commands call it.
+// vaultOnPath is a directory's `vault`, and `bao`: VAULT_BIN, as the README's commands call it.
 func vaultOnPath(t *testing.T) string {
 	t.Helper()
-	link := filepath.Join(t.TempDir(), "vault")
-	if err := os.Symlink(os.Getenv("VAULT_BIN"), link); err != nil {
-		t.Fatal(err)
+	dir := t.TempDir()
+	for _, name := range []string{"vault", "bao"} {
+		if err := os.Symlink(os.Getenv("VAULT_BIN"), filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
 	}
-	return link
+	return filepath.Join(dir, "vault")
 }
 
 // importUser has Vault import the user's current refresh token at the stand-in, or a new grant:
