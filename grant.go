@@ -15,8 +15,11 @@ import (
 )
 
 const (
-	grantActive      = "active"
-	grantRevoked     = "revoked"
+	grantActive  = "active"
+	grantRevoked = "revoked"
+	// grantEnding is a token the engine is revoking and then forgetting (a delete, a rotation): stored
+	// before the revocation, so that no read serves it if the forget fails; a retry revokes it again.
+	grantEnding      = "ending"
 	grantOtherClient = "other_client" // shown, never stored: the config names another client now
 )
 
@@ -67,6 +70,12 @@ func (g grant) refreshed(tok *oauth2.Token, cfg *config) *grant {
 	}
 	g.Status, g.LastRefreshedAt, g.LastError = grantActive, time.Now().UTC(), ""
 	g.RefreshAt = g.windowOpens(cfg)
+	return &g
+}
+
+// ending is a copy of g that no read serves: stored before its tokens are revoked (see grantEnding).
+func (g grant) ending() *grant {
+	g.Status = grantEnding
 	return &g
 }
 
@@ -126,7 +135,7 @@ func (g *grant) leasesEnd(cfg *config) time.Time {
 
 // refreshable reports whether a refresh may go to the grant: it is not revoked, and of cfg's client.
 func (g *grant) refreshable(cfg *config) bool {
-	return g.Status != grantRevoked && !g.ofOtherClient(cfg)
+	return g.Status != grantRevoked && g.Status != grantEnding && !g.ofOtherClient(cfg)
 }
 
 // revocation is what revoking the grant's tokens takes, not before notBefore: its refresh point, by
@@ -148,6 +157,8 @@ func (g *grant) usable(cfg *config, user string) error {
 		return logical.CodedError(http.StatusBadRequest, "no grant for user "+user+": send the user through auth-url first")
 	case g.Status == grantRevoked:
 		return &revokedGrantError{user: user, lastError: g.LastError}
+	case g.Status == grantEnding:
+		return logical.CodedError(http.StatusBadRequest, "the grant of user "+user+" is revoked and being deleted, which storage refused: delete users/"+user+" again")
 	case g.ofOtherClient(cfg):
 		return &otherClientError{user: user, grantClient: g.ClientID, configClient: cfg.ClientID}
 	}
@@ -200,7 +211,7 @@ func (b *backend) storeGrant(ctx context.Context, s logical.Storage, cfg *config
 		b.disown(ctx, s, revocation{ClientID: cfg.ClientID, AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry, Reason: reasonUnowned})
 		return err
 	}
-	if old != nil && old.Status == grantActive {
+	if old != nil && old.Status != grantRevoked {
 		b.revokeAfterLeases(ctx, s, old.revocation(old.leasesEnd(cfg), reasonReplacedGrant))
 	}
 	return nil

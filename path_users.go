@@ -156,7 +156,11 @@ func (b *backend) pathUserDelete(ctx context.Context, req *logical.Request, d *f
 		return nil, err
 	}
 	resp := &logical.Response{}
-	if g.Status == grantActive {
+	if g.Status != grantRevoked {
+		// Marked first, so no read serves it once revoked; refused, nothing is revoked yet.
+		if err := b.putGrant(ctx, req.Storage, user, g.ending()); err != nil {
+			return nil, err
+		}
 		// The operator asked for it: revoked now, and queued when ev.energy does not confirm.
 		rec := revocation{ClientID: g.ClientID, AccessToken: g.AccessToken, RefreshToken: g.RefreshToken, ExpiresAt: g.ExpiresAt, Reason: reasonDeletedUser}
 		switch err := b.revokeRecord(ctx, req.Storage, &rec, urgentRevocation()); {

@@ -562,3 +562,49 @@ func TestUserListShowsWhoMustReconnect(t *testing.T) {
 		t.Errorf("a read of the refused grant shows revoked_at %v, the list %v", resp.Data["revoked_at"], goneInfo["revoked_at"])
 	}
 }
+
+// TestUserDeleteWhoseForgetIsRefusedLeasesNoRevokedToken: why: a user's delete revokes the grant at
+// ev.energy before it forgets it; when storage refuses the forget, readers must not get leases on
+// the revoked token still stored, and a retry of the delete completes it.
+func TestUserDeleteWhoseForgetIsRefusedLeasesNoRevokedToken(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	g := connectUnitUser(t, b, s, sv, "driver")
+	if _, err := request(t, b, refusingDelete{Storage: s, prefix: userPrefix}, logical.DeleteOperation, "users/driver", nil); err == nil {
+		t.Fatal("a delete whose forget storage refused answered success")
+	}
+	if sv.Active(g.AccessToken) {
+		t.Fatal("setup: the delete did not revoke the grant before forgetting it")
+	}
+	if tok, lease, err := readUserToken(t, b, s, "driver"); err == nil {
+		t.Fatalf("a reader got a lease of %v on the user token the delete revoked (same token: %v)", lease, tok == g.AccessToken)
+	}
+	resp, err := request(t, b, s, logical.DeleteOperation, "users/driver", nil)
+	if err != nil || resp.IsError() {
+		t.Fatalf("the retried delete failed: %v %v", err, resp)
+	}
+	if stored, err := getGrant(context.Background(), s, userPrefix+"driver"); err != nil || stored != nil || len(pendingRevocations(t, s)) != 0 {
+		t.Fatalf("after the retried delete: stored %v (%v), %d revocations queued; want none", stored, err, len(pendingRevocations(t, s)))
+	}
+}
+
+// TestUserDeleteWhoseMarkIsRefusedRevokesNothing: why: a user's delete marks the grant ended before
+// it revokes it; when storage refuses that write, nothing is revoked, the caller gets the error,
+// and readers keep the grant, still owned.
+func TestUserDeleteWhoseMarkIsRefusedRevokesNothing(t *testing.T) {
+	s := &refusingStorage{Storage: &logical.InmemStorage{}}
+	b, _, _ := newCountedBackend(t, s)
+	sv := newUnitStandin(t, b, s)
+	g := connectUnitUser(t, b, s, sv, "driver")
+	s.refuse.Store(true)
+	if _, err := request(t, b, s, logical.DeleteOperation, "users/driver", nil); err == nil {
+		t.Fatal("a delete whose writes storage refused answered success")
+	}
+	if !sv.Active(g.AccessToken) || !sv.Active(g.RefreshToken) || len(pendingRevocations(t, s)) != 0 {
+		t.Fatal("a delete that could not mark the grant ended revoked or queued it")
+	}
+	s.refuse.Store(false)
+	if tok, _, err := readUserToken(t, b, s, "driver"); err != nil || tok != g.AccessToken {
+		t.Fatalf("the grant a failed delete left was not served: %v", err)
+	}
+}

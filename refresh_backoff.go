@@ -43,6 +43,7 @@ type grantRefresh struct {
 	token    string // the refresh token that failed: a grant with another one starts afresh
 	failures int
 	held     *heldBack
+	gone     bool // the token was deleted while its flight was in flight: the flight drops this as it lands
 }
 
 // heldBack is the last failure of a refresh, holding the next attempt back until retryAt.
@@ -105,8 +106,8 @@ func (r *refreshes) fly(key string, f *flight, refresh func() (*grant, error)) {
 	f.g, f.err = refresh()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if f.g == nil || f.err == nil {
-		delete(r.byKey, key) // refreshed, or nothing more to try: no failures to remember
+	if f.g == nil || f.err == nil || r.byKey[key].gone {
+		delete(r.byKey, key) // refreshed, nothing more to try, or deleted: no failures to remember
 		return
 	}
 	r.byKey[key].flight = nil
@@ -138,8 +139,12 @@ func (r *refreshes) awaitLanding(ctx context.Context) {
 func (r *refreshes) forget(key string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if u := r.byKey[key]; u != nil && u.flight == nil {
+	switch u := r.byKey[key]; {
+	case u == nil:
+	case u.flight == nil:
 		delete(r.byKey, key)
+	default:
+		u.gone = true
 	}
 }
 

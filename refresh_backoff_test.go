@@ -533,3 +533,31 @@ func TestExpiredTokenIsRefreshedByAReadOnceItsNextAttemptComes(t *testing.T) {
 		t.Fatalf("the read sent %d refreshes, want 1", n)
 	}
 }
+
+// TestDeleteLandingAsAFailedRefreshLandsForgetsItsFailures: why: a delete that takes the user's lock
+// after a refresh ended in a passing failure, but before the flight's bookkeeping, found the flight
+// in flight and kept the entry, which the flight then kept for a deleted user for the node's life.
+// The delete lands inside the refresh function, after its failure is noted: the same interleaving.
+func TestDeleteLandingAsAFailedRefreshLandsForgetsItsFailures(t *testing.T) {
+	r := newRefreshes()
+	const key = userPrefix + "driver"
+	g := &grant{RefreshToken: "rt", ExpiresAt: time.Now().Add(time.Hour)}
+	f, start, _ := r.join(key, g.RefreshToken, time.Now())
+	if !start {
+		t.Fatal("setup: the first join started no flight")
+	}
+	failure := errors.New("ev.energy failed the refresh with HTTP 500")
+	r.fly(key, f, func() (*grant, error) {
+		r.failed(key, g, failure)
+		r.forget(key) // the delete, after the refresh released the lock and before fly takes r.mu
+		return g, failure
+	})
+	if f.g != g || f.err != failure {
+		t.Fatalf("the flight's readers got %v, %v; want the grant and its passing failure", f.g, f.err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if u, kept := r.byKey[key]; kept {
+		t.Fatalf("the deleted user's refresh record is kept: %d failures, held until %v", u.failures, u.held.retryAt)
+	}
+}

@@ -64,7 +64,7 @@ func (t sharedRole) key() string      { return sharedTokenPrefix + t.name }
 func (t sharedRole) describe() string { return "the shared token of role " + t.name }
 
 // current is the role's stored token, or the zero grant, due at once, when it has none minted with
-// the configured client, secret and scopes.
+// the configured client, secret and scopes, or only one being ended (see grantEnding).
 func (t sharedRole) current(ctx context.Context) (*grant, error) {
 	g, _, err := t.stored(ctx)
 	return g, err
@@ -73,7 +73,7 @@ func (t sharedRole) current(ctx context.Context) (*grant, error) {
 // stored is current, and the token stored whatever its client (nil if none).
 func (t sharedRole) stored(ctx context.Context) (current, stored *grant, err error) {
 	stored, err = t.b.tokens.get(ctx, t.s, t.key())
-	if err != nil || stored == nil || !mintedAs(stored.MintedWith, t.cfg, t.role) {
+	if err != nil || stored == nil || stored.Status == grantEnding || !mintedAs(stored.MintedWith, t.cfg, t.role) {
 		return &grant{}, stored, err
 	}
 	return stored, stored, nil
@@ -190,8 +190,9 @@ func (b *backend) revokeSharedLease(ctx context.Context, req *logical.Request, _
 }
 
 // endSharedToken revokes the role's shared token and then forgets it: now (an operator's rotation,
-// the role's delete), or once its leases have ended (the role no longer shares). The revocation is
-// queued first: when storage refuses it the token stays stored, owned, and the caller gets the error.
+// the role's delete), stored as ending first so that no read serves it once revoked; or once its
+// leases have ended (the role no longer shares). When storage refuses the mark or the revocation's
+// queueing, the token stays stored, owned, and the caller gets the error.
 // It answers the warning an operator needs when leases still point at a token revoked now.
 func (b *backend) endSharedToken(ctx context.Context, s logical.Storage, name string, now bool) ([]string, error) {
 	key := sharedTokenPrefix + name
@@ -201,6 +202,10 @@ func (b *backend) endSharedToken(ctx context.Context, s logical.Storage, name st
 		return nil, err
 	}
 	if now {
+		// Marked first, so no read serves it once revoked; refused, nothing is revoked yet.
+		if err := b.tokens.put(ctx, s, key, g.ending()); err != nil {
+			return nil, err
+		}
 		err = b.revokeOrQueue(context.WithoutCancel(ctx), s, g.revocation(time.Time{}, reasonRevokedShared))
 	} else {
 		err = b.queueRevocation(ctx, s, g.revocation(g.RefreshAt, reasonReplacedShared), nil)

@@ -761,3 +761,75 @@ func TestSharedTokenFingerprint(t *testing.T) {
 		t.Fatal("a public client with no scopes: its fingerprint does not match itself, or nothing matches it")
 	}
 }
+
+// refusingDelete refuses to delete the keys under prefix, as storage losing its quorum would.
+type refusingDelete struct {
+	logical.Storage
+	prefix string
+}
+
+func (r refusingDelete) Delete(ctx context.Context, key string) error {
+	if strings.HasPrefix(key, r.prefix) {
+		return errors.New("storage unavailable")
+	}
+	return r.Storage.Delete(ctx, key)
+}
+
+// TestRotateRoleWhoseForgetIsRefusedLeasesNoRevokedToken: why: rotate-role revokes the shared token
+// at ev.energy before it forgets it; when storage refuses the forget, readers must not get leases
+// on the revoked token still stored, and a retry of the rotation completes it.
+func TestRotateRoleWhoseForgetIsRefusedLeasesNoRevokedToken(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	first := readShared(t, b, s, "fleet")
+	if _, err := request(t, b, refusingDelete{Storage: s, prefix: sharedTokenPrefix}, logical.UpdateOperation, "rotate-role/fleet", nil); err == nil {
+		t.Fatal("a rotation whose forget storage refused answered success")
+	}
+	if sv.Active(first) {
+		t.Fatal("setup: the rotation did not revoke the token before forgetting it")
+	}
+	resp, err := request(t, b, s, logical.ReadOperation, "token/fleet", nil)
+	if err == nil && !resp.IsError() && resp.Data["access_token"] == first {
+		t.Fatalf("a reader got a lease of %v on the shared token rotate-role revoked", resp.Secret.TTL)
+	}
+	// The operator's retry, storage back: it completes, and the next read mints anew.
+	b, s = newUnitBackend(t)
+	sv = newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	first = readShared(t, b, s, "fleet")
+	if _, err := request(t, b, refusingDelete{Storage: s, prefix: sharedTokenPrefix}, logical.UpdateOperation, "rotate-role/fleet", nil); err == nil {
+		t.Fatal("a rotation whose forget storage refused answered success")
+	}
+	if resp, err := request(t, b, s, logical.UpdateOperation, "rotate-role/fleet", nil); err != nil || resp.IsError() {
+		t.Fatalf("the retried rotation failed: %v %v", err, resp)
+	}
+	if g := storedShared(t, s, "fleet"); g != nil || len(pendingRevocations(t, s)) != 0 {
+		t.Fatalf("after the retried rotation: stored %v, %d revocations queued; want none", g, len(pendingRevocations(t, s)))
+	}
+	if second := readShared(t, b, s, "fleet"); second == first || !sv.Active(second) {
+		t.Fatal("the read after the retried rotation did not mint a new token")
+	}
+}
+
+// TestRotateRoleWhoseMarkIsRefusedRevokesNothing: why: rotate-role marks the stored token ended
+// before it revokes it; when storage refuses that write, nothing is revoked, the caller gets the
+// error, and readers keep the token, still owned.
+func TestRotateRoleWhoseMarkIsRefusedRevokesNothing(t *testing.T) {
+	s := &refusingStorage{Storage: &logical.InmemStorage{}}
+	b, _, _ := newCountedBackend(t, s)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	first := readShared(t, b, s, "fleet")
+	s.refuse.Store(true)
+	if _, err := request(t, b, s, logical.UpdateOperation, "rotate-role/fleet", nil); err == nil {
+		t.Fatal("a rotation whose writes storage refused answered success")
+	}
+	if !sv.Active(first) || len(pendingRevocations(t, s)) != 0 {
+		t.Fatal("a rotation that could not mark the token ended revoked or queued it")
+	}
+	s.refuse.Store(false)
+	if again := readShared(t, b, s, "fleet"); again != first {
+		t.Fatal("the token a failed rotation left was not served")
+	}
+}
