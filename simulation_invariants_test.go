@@ -144,6 +144,9 @@ func (s *sim) checkMemory() {
 			stored[key] = true
 		}
 	}
+	for _, key := range s.st.keys(rolePrefix) { // a shared role's failure record, before its first token is stored
+		stored[sharedTokenPrefix+strings.TrimPrefix(key, rolePrefix)] = true
+	}
 	t := s.b.tokens
 	t.mu.RLock()
 	for key := range t.unsaved {

@@ -53,6 +53,9 @@ func (s *simStorage) enter(ctx context.Context, write bool, key string) (func(),
 		s.mu.Unlock()
 	}
 	if wait > 0 {
+		if stalled, ok := ctx.Value(simPassKey{}).(*simStall); ok {
+			stalled.add(wait)
+		}
 		time.Sleep(wait)
 	}
 	if fail {
@@ -147,4 +150,25 @@ func (s *simStorage) refusedNear(at time.Time) bool {
 		}
 	}
 	return false
+}
+
+// simPassKey marks the context of a periodic pass, whose storage calls add up how long storage
+// stalled them: the pass's budget cannot cover what storage takes.
+type simPassKey struct{}
+
+type simStall struct {
+	mu    sync.Mutex
+	total time.Duration
+}
+
+func (s *simStall) add(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.total += d
+}
+
+func (s *simStall) get() time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.total
 }
