@@ -29,6 +29,9 @@ import (
 const ownershipGrace = time.Minute
 
 func (s *sim) check() {
+	if cfg := s.storedConfig(); cfg != nil {
+		s.noteTimeout(cfg.RequestTimeout)
+	}
 	s.checkLeases()
 	if !s.busy() {
 		s.checkOwnership()
@@ -49,7 +52,7 @@ func (s *sim) checkLeases() {
 			l.exempt = true // revokeAfterLeases revokes now what it cannot queue, by design
 			continue
 		}
-		s.fail("b", "lease #%d (%s %s) runs until %v, but ev.energy ended its token #%d at %v (%s)",
+		s.fail("b:lease-runs:"+l.kind+":"+t.endedBy, "lease #%d (%s %s) runs until %v, but ev.energy ended its token #%d at %v (%s)",
 			l.id, l.kind, l.name, l.end.Sub(simEpoch), t.id, t.endedAt.Sub(simEpoch), t.endedBy)
 		return
 	}
@@ -123,13 +126,13 @@ func (s *sim) checkOwnership() {
 			if client == t.client {
 				continue
 			}
-			s.fail("a", "token #%d of %s is queued for revocation as %q, which cannot revoke it", t.id, t.client, client)
+			s.fail("a:queued-as-other", "token #%d of %s is queued for revocation as %q, which cannot revoke it", t.id, t.client, client)
 			return
 		}
 		if t.refresh {
-			s.fail("c", "the grant of refresh token #%d (%s, issued %v ago) is lost: ev.energy holds it live, and Vault neither stores nor queues it", t.id, t.client, now.Sub(t.issuedAt))
+			s.fail("c:lost-grant", "the grant of refresh token #%d (%s, issued %v ago) is lost: ev.energy holds it live, and Vault neither stores nor queues it", t.id, t.client, now.Sub(t.issuedAt))
 		} else {
-			s.fail("a", "%s token #%d of %s, alive at ev.energy (issued %v ago), is owned by no lease, stored grant or queued revocation", t.kind, t.id, t.client, now.Sub(t.issuedAt))
+			s.fail("a:unowned:"+t.kind, "%s token #%d of %s, alive at ev.energy (issued %v ago), is owned by no lease, stored grant or queued revocation", t.kind, t.id, t.client, now.Sub(t.issuedAt))
 		}
 		return
 	}
@@ -167,7 +170,7 @@ func (s *sim) checkMemory() {
 	}
 	t.refreshes.mu.Unlock()
 	if len(extra) > 0 {
-		s.fail("d", "after a pass the node keeps in memory what no stored token needs: %s", strings.Join(extra, ", "))
+		s.fail("d:memory", "after a pass the node keeps in memory what no stored token needs: %s", strings.Join(extra, ", "))
 	}
 }
 
@@ -193,7 +196,7 @@ func (s *sim) finish() {
 	now := time.Now()
 	for _, key := range s.st.keys(revocationPrefix) {
 		if rec := rawJSON[revocation](s.st, key); rec != nil && !now.Before(rec.NotBefore) && !rec.expired(now) {
-			s.fail("e", "15 minutes after the faults stopped, a %s revocation of %q queued at %v is still queued", rec.Reason, rec.ClientID, rec.QueuedAt.Sub(simEpoch))
+			s.fail("e:queue", "15 minutes after the faults stopped, a %s revocation of %q queued at %v is still queued", rec.Reason, rec.ClientID, rec.QueuedAt.Sub(simEpoch))
 			return
 		}
 	}
@@ -204,12 +207,12 @@ func (s *sim) finish() {
 	for _, key := range s.st.keys(sharedTokenPrefix) {
 		name := strings.TrimPrefix(key, sharedTokenPrefix)
 		if r := s.storedRole(name); r == nil || !r.Shared {
-			s.fail("e", "role %s does not share a token, but its shared token is still stored: nothing will revoke it", name)
+			s.fail("e:shared-left", "role %s does not share a token, but its shared token is still stored: nothing will revoke it", name)
 			return
 		}
 	}
 	if !s.b.refreshing.TryLock() {
-		s.fail("e", "15 minutes after the faults stopped the background refresh is still running rounds")
+		s.fail("e:background", "15 minutes after the faults stopped the background refresh is still running rounds")
 		return
 	}
 	s.b.refreshing.Unlock()
@@ -227,7 +230,7 @@ func (s *sim) finish() {
 	for _, path := range append(paths, "token") {
 		resp, err := s.request(s.b, logical.ReadOperation, path, nil)
 		if err != nil || resp == nil || resp.Secret == nil {
-			s.fail("e", "with every fault off, read %s: %s", path, outcome(err))
+			s.fail("e:read", "with every fault off, read %s: %s", path, outcome(err))
 			return
 		}
 		value, _ := resp.Data["access_token"].(string)
@@ -236,7 +239,7 @@ func (s *sim) finish() {
 		live := t != nil && t.live(time.Now())
 		s.ev.mu.Unlock()
 		if !live {
-			s.fail("e", "with every fault off, read %s got a token ev.energy does not hold live", path)
+			s.fail("e:read-dead", "with every fault off, read %s got a token ev.energy does not hold live", path)
 			return
 		}
 	}

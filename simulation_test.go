@@ -35,6 +35,7 @@ var (
 	simMinimize = flag.Bool("sim.minimize", true, "minimize a failing seed's steps before printing them")
 	simReport   = flag.String("sim.report", "", "append one line per failing seed to this file")
 	simKeepOn   = flag.Bool("sim.keepgoing", false, "run every seed of a sweep even after failures")
+	simLog      = flag.Bool("sim.log", false, "add the engine's log lines to the trace")
 )
 
 // simRegressionSeeds are the seeds that found a defect (see docs/simulation.md); each runs in make test.
@@ -139,7 +140,7 @@ func reportFailure(t *testing.T, seed uint64, ops []simOp, f *simFailure) {
 	if min == nil {
 		min = f
 	}
-	line := fmt.Sprintf("seed %d: step %d of %d, invariant %s: %s (minimized to %d steps)", seed, f.step, len(ops), f.invariant, f.msg, len(kept))
+	line := fmt.Sprintf("seed %d: step %d of %d, invariant %s (%s): %s (minimized to %d steps)", seed, f.step, len(ops), f.invariant, f.class, f.msg, len(kept))
 	if *simReport != "" {
 		if out, err := os.OpenFile(*simReport, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644); err == nil {
 			fmt.Fprintln(out, line)
@@ -161,7 +162,7 @@ func minimize(t *testing.T, seed uint64, ops []simOp, f *simFailure) []simOp {
 		for i := 0; i+size <= len(kept) && tries < 600; {
 			candidate := slices.Concat(kept[:i], kept[i+size:])
 			tries++
-			if g, _ := runOps(t, seed, candidate, map[string]int{}); g != nil && g.invariant == f.invariant {
+			if g, _ := runOps(t, seed, candidate, map[string]int{}); g != nil && g.class == f.class {
 				kept = candidate[:min(g.step+1, len(candidate))]
 				continue
 			}
@@ -175,6 +176,7 @@ func minimize(t *testing.T, seed uint64, ops []simOp, f *simFailure) []simOp {
 type simFailure struct {
 	step      int
 	invariant string
+	class     string // the invariant and the shape of the break, which the minimizer keeps
 	msg       string
 }
 
@@ -207,9 +209,11 @@ type sim struct {
 	failure   *simFailure
 	step      int
 	trace     []string
+	traceMu   sync.Mutex
 	stats     map[string]int
-	defWrites int       // config and role writes in flight
-	defDone   time.Time // when the last one ended
+	timeout   time.Duration // the longest request_timeout any client was configured with: its revocations take up to it
+	defWrites int           // config and role writes in flight
+	defDone   time.Time     // when the last one ended
 	passes    int
 }
 
@@ -246,16 +250,33 @@ var tokenValue = regexp.MustCompile(`sim\d+-[0-9a-f]{16}|code-[0-9a-f]{16}|secre
 // logf adds a line to the trace; token values, codes and secrets never reach it.
 func (s *sim) logf(format string, args ...any) {
 	line := fmt.Sprintf("%4d %-9s ", s.step, time.Since(simEpoch).Truncate(time.Millisecond)) + fmt.Sprintf(format, args...)
+	s.traceMu.Lock()
+	defer s.traceMu.Unlock()
 	s.trace = append(s.trace, tokenValue.ReplaceAllString(line, "<redacted>"))
+}
+
+// Write takes the engine's log lines into the trace (with -sim.log).
+func (s *sim) Write(p []byte) (int, error) {
+	s.logf("  log: %s", strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+// logger is the engine's logger: the trace with -sim.log, else none.
+func (s *sim) logger() hclog.Logger {
+	if !*simLog {
+		return hclog.NewNullLogger()
+	}
+	return hclog.New(&hclog.LoggerOptions{Output: s, Level: hclog.Debug, DisableTime: true})
 }
 
 // simEpoch is where every bubble's clock starts.
 var simEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
 
-func (s *sim) fail(invariant, format string, args ...any) {
+func (s *sim) fail(class, format string, args ...any) {
 	if s.failure == nil {
 		msg := tokenValue.ReplaceAllString(fmt.Sprintf(format, args...), "<redacted>")
-		s.failure = &simFailure{step: s.step, invariant: invariant, msg: msg}
+		invariant, _, _ := strings.Cut(class, ":")
+		s.failure = &simFailure{step: s.step, invariant: invariant, class: class, msg: msg}
 		s.logf("BROKEN %s: %s", invariant, msg)
 	}
 }
@@ -264,7 +285,7 @@ func (s *sim) fail(invariant, format string, args ...any) {
 func (s *sim) startNode() {
 	config := logical.TestBackendConfig()
 	config.StorageView = s.st
-	config.Logger = hclog.NewNullLogger()
+	config.Logger = s.logger()
 	b, err := Factory(context.Background(), config)
 	if err != nil {
 		panic(err)
@@ -400,6 +421,7 @@ func (s *sim) apply(op simOp) {
 	case "revoke-lease":
 		if l := s.pickLease(op.n, false); l != nil {
 			s.logf("vault lease revoke #%d (%s %s)", l.id, l.kind, l.name)
+			l.end = time.Now() // ended by the operator: Vault retries its revocation until it is done
 			s.revokeLease(l)
 		}
 	case "advance":
@@ -454,13 +476,13 @@ func (s *sim) apply(op simOp) {
 		s.exempt("shared", name)
 		s.maybeAsync(op.async, func() func() {
 			_, err := s.request(b, logical.UpdateOperation, "rotate-role/"+name, nil)
-			return func() { s.logf("rotate-role %s: %s", name, outcome(err)) }
+			return func() { s.exempt("shared", name); s.logf("rotate-role %s: %s", name, outcome(err)) }
 		})
 	case "check-grants":
 		s.exempt("user", "")
 		s.maybeAsync(op.async, func() func() {
 			_, err := s.request(b, logical.UpdateOperation, "check-grants", nil)
-			return func() { s.logf("check-grants: %s", outcome(err)) }
+			return func() { s.exempt("user", ""); s.logf("check-grants: %s", outcome(err)) }
 		})
 	case "authorize":
 		s.authorize(op.n % simUsers)
@@ -480,7 +502,7 @@ func (s *sim) apply(op simOp) {
 		s.exempt("user", user)
 		s.maybeAsync(op.async, func() func() {
 			_, err := s.request(b, logical.DeleteOperation, "users/"+user, nil)
-			return func() { s.logf("delete user %s: %s", user, outcome(err)) }
+			return func() { s.exempt("user", user); s.logf("delete user %s: %s", user, outcome(err)) }
 		})
 	case "revocations-drive":
 		deferred := op.n%3 == 0
@@ -489,7 +511,12 @@ func (s *sim) apply(op simOp) {
 		}
 		s.maybeAsync(op.async, func() func() {
 			_, err := s.request(b, logical.UpdateOperation, "revocations", map[string]any{"include_deferred": deferred})
-			return func() { s.logf("revocations drive (include_deferred=%v): %s", deferred, outcome(err)) }
+			return func() {
+				if deferred {
+					s.exempt("", "")
+				}
+				s.logf("revocations drive (include_deferred=%v): %s", deferred, outcome(err))
+			}
 		})
 	case "restart":
 		s.logf("restart: node %d steps down, node %d starts on the same storage", s.nodes, s.nodes+1)
@@ -590,7 +617,7 @@ func (s *sim) authorize(u int) {
 	}
 	code, state, err := s.ev.authorize(resp.Data["authorize_url"].(string))
 	if err != nil {
-		s.fail("contract", "the authorize URL for %s: %v", user, err)
+		s.fail("contract:authorize", "the authorize URL for %s: %v", user, err)
 		return
 	}
 	_, err = s.request(s.b, logical.UpdateOperation, "users/"+user, map[string]any{"code": code, "state": state})
@@ -602,7 +629,7 @@ func (s *sim) remoteWrite(op simOp) {
 	s.st.takeWritten()
 	config := logical.TestBackendConfig()
 	config.StorageView = s.st
-	config.Logger = hclog.NewNullLogger()
+	config.Logger = s.logger()
 	other, err := Factory(context.Background(), config)
 	if err != nil {
 		panic(err)
@@ -682,14 +709,20 @@ func (s *sim) read(b *backend, path, kind, name string) func() {
 		s.logf("read %s: lease #%d on token #%d until +%v", path, l.id, id, l.end.Sub(now))
 		switch {
 		case tok == nil:
-			s.fail("b", "read %s got a token ev.energy never issued", path)
+			s.fail("b:never-issued", "read %s got a token ev.energy never issued", path)
 		case !live:
-			s.fail("b", "read %s got a new lease (#%d) on token #%d, which ev.energy ended (%s) at %v", path, l.id, tok.id, endedBy, tok.endedAt.Sub(simEpoch))
+			s.fail("b:new-lease:"+kind+":"+endedBy, "read %s got a new lease (#%d) on token #%d, which ev.energy ended (%s) at %v", path, l.id, tok.id, endedBy, tok.endedAt.Sub(simEpoch))
 		case checkCurrent && started.After(s.defDone) && (tok.scope != expectScope || tok.client != expectClient):
-			s.fail("b-current", "read %s, started after every config and role write ended, got token #%d of %s with scopes %q; the role and config now mint %s with %q",
+			s.fail("b-current:shared", "read %s, started after every config and role write ended, got token #%d of %s with scopes %q; the role and config now mint %s with %q",
 				path, tok.id, tok.client, tok.scope, expectClient, expectScope)
 		}
 	}
+}
+
+func (s *sim) noteTimeout(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.timeout = max(s.timeout, d)
 }
 
 func (s *sim) addLease(l *simLease) {
@@ -811,19 +844,18 @@ func (s *sim) advance(d time.Duration) {
 // periodic runs the periodic pass as Vault does on the active node, timing it.
 func (s *sim) periodic(b *backend) func() {
 	start, stalled := time.Now(), &simStall{}
-	cfg := s.storedConfig()
+	if cfg := s.storedConfig(); cfg != nil {
+		s.noteTimeout(cfg.RequestTimeout)
+	}
 	err := b.PeriodicFunc(context.WithValue(context.Background(), simPassKey{}, stalled), &logical.Request{Storage: s.st})
 	took := time.Since(start)
 	return func() {
 		s.passes++
 		s.logf("periodic pass: %v (storage stalled it %v), %s", took, stalled.get(), outcome(err))
 		// A call sent before the budget ran out finishes within request_timeout; storage's stalls are not the pass's.
-		limit := passBudget + stalled.get() + 500*time.Millisecond
-		if cfg != nil {
-			limit += cfg.RequestTimeout
-		}
+		limit := passBudget + stalled.get() + 500*time.Millisecond + s.timeout
 		if took > limit {
-			s.fail("d", "the periodic pass took %v: over its budget of %v, plus request_timeout for a call already sent, plus the %v storage stalled it", took, passBudget, stalled.get())
+			s.fail("d:pass-budget", "the periodic pass took %v: over its budget of %v, plus request_timeout for a call already sent, plus the %v storage stalled it", took, passBudget, stalled.get())
 		}
 		if b == s.b && err == nil {
 			s.checkMemory()
