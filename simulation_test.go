@@ -1,6 +1,7 @@
 package evenergy
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"flag"
@@ -35,6 +36,7 @@ var (
 	simMinimize = flag.Bool("sim.minimize", true, "minimize a failing seed's steps before printing them")
 	simReport   = flag.String("sim.report", "", "append one line per failing seed to this file")
 	simKeepOn   = flag.Bool("sim.keepgoing", false, "run every seed of a sweep even after failures")
+	simAll      = flag.Bool("sim.all", false, "go on after a broken promise, reporting the first break of each class")
 	simLog      = flag.Bool("sim.log", false, "add the engine's log lines to the trace")
 )
 
@@ -46,12 +48,14 @@ const simFixedSeeds = 40
 
 func TestSimulation(t *testing.T) {
 	if *simSeed != 0 {
-		f, ops := runSeed(t, *simSeed, *simSteps)
-		if f == nil {
+		ops := genOps(*simSeed, *simSteps)
+		found, _ := runOps(t, *simSeed, ops, map[string]int{})
+		if len(found) == 0 {
 			t.Logf("seed %d: %d steps, no promise broken", *simSeed, *simSteps)
-			return
 		}
-		reportFailure(t, *simSeed, ops, f)
+		for _, f := range found {
+			reportFailure(t, *simSeed, ops, f)
+		}
 		return
 	}
 	type seedRun struct {
@@ -67,78 +71,79 @@ func TestSimulation(t *testing.T) {
 	if count == 0 && *simTime == 0 {
 		count = simFixedSeeds
 	}
-	start := time.Now()
-	for i := uint64(0); ; i++ {
-		if (*simTime > 0 && time.Since(start) > *simTime) || (*simTime == 0 && i >= uint64(count)) {
+	for i := uint64(0); *simTime > 0 || i < uint64(count); i++ {
+		if *simTime > 0 && i > 1<<40 {
 			break
 		}
 		runs = append(runs, seedRun{"", *simFirst + i})
+		if *simTime > 0 && len(runs) > 1<<20 {
+			break
+		}
 	}
-	steps, failures, ran := 0, 0, 0
+	start := time.Now()
+	steps, failed, ran := 0, 0, 0
 	stats := map[string]int{}
 	for _, r := range runs {
 		if *simTime > 0 && time.Since(start) > *simTime {
 			break
 		}
-		f, ops := runSeedStats(t, r.seed, *simSteps, stats)
+		ops := genOps(r.seed, *simSteps)
+		found, ranSteps := runOps(t, r.seed, ops, stats)
 		ran++
-		steps += len(ops)
-		if f != nil {
-			failures++
-			if r.name != "" {
-				t.Errorf("regression seed %s (%d) fails again", r.name, r.seed)
-			}
+		steps += ranSteps
+		if len(found) == 0 {
+			continue
+		}
+		failed++
+		if r.name != "" {
+			t.Errorf("regression seed %s (%d) fails again", r.name, r.seed)
+		}
+		for _, f := range found {
 			reportFailure(t, r.seed, ops, f)
-			if !*simKeepOn {
-				break
-			}
+		}
+		if !*simKeepOn {
+			break
 		}
 	}
 	elapsed := time.Since(start)
-	t.Logf("%d seeds, %d steps in %v: %.1f seeds/s, %.0f steps/s; %d failed; classes: %v", ran, steps, elapsed.Round(time.Millisecond),
-		float64(ran)/elapsed.Seconds(), float64(steps)/elapsed.Seconds(), failures, stats)
+	t.Logf("%d seeds, %d steps in %v: %.1f seeds/s, %.0f steps/s; %d failed; counted: %v", ran, steps, elapsed.Round(time.Millisecond),
+		float64(ran)/elapsed.Seconds(), float64(steps)/elapsed.Seconds(), failed, stats)
 }
 
-// runSeed runs the seed's steps in a bubble of their own and returns the first broken promise.
-func runSeed(t *testing.T, seed uint64, steps int) (*simFailure, []simOp) {
-	return runSeedStats(t, seed, steps, map[string]int{})
+// runOps runs ops for seed in a synctest bubble of their own. It returns the first break of each
+// class (every class with -sim.all, else the first alone) and how many steps ran.
+func runOps(t *testing.T, seed uint64, ops []simOp, stats map[string]int) (found []*simFailure, steps int) {
+	found, steps, _ = runTraced(t, seed, ops, stats)
+	return found, steps
 }
 
-func runSeedStats(t *testing.T, seed uint64, steps int, stats map[string]int) (*simFailure, []simOp) {
-	ops := genOps(seed, steps)
-	f, _ := runOps(t, seed, ops, stats)
-	return f, ops
-}
-
-// runOps runs ops for seed in a synctest bubble; it returns the failure and the trace.
-func runOps(t *testing.T, seed uint64, ops []simOp, stats map[string]int) (f *simFailure, trace []string) {
+func runTraced(t *testing.T, seed uint64, ops []simOp, stats map[string]int) (found []*simFailure, steps int, trace []string) {
 	synctest.Test(t, func(t *testing.T) {
 		s := newSim(seed)
 		defer s.close()
-		f = s.run(ops)
-		trace = s.trace
+		steps = s.run(ops)
+		found, trace = s.found, s.trace
 		s.stats["lost refreshes without grace"] += s.ev.lostRefreshes
 		for k, v := range s.stats {
 			stats[k] += v
 		}
 	})
-	return f, trace
+	return found, steps, trace
 }
 
-// reportFailure minimizes the failing steps, prints the trace and fails the test.
+// reportFailure minimizes the steps that break f's class, prints their trace and fails the test.
 func reportFailure(t *testing.T, seed uint64, ops []simOp, f *simFailure) {
 	t.Helper()
-	kept := ops
+	kept := ops[:min(f.step+1, len(ops))]
 	if *simMinimize {
-		kept = minimize(t, seed, ops, f)
+		kept = minimize(t, seed, kept, f.class)
 	}
-	min, trace := runOps(t, seed, kept, map[string]int{})
-	if min == nil { // the minimized steps no longer fail: print the full run
+	found, _, trace := runTraced(t, seed, kept, map[string]int{})
+	min := classIn(found, f.class)
+	if min == nil { // the kept steps no longer break it: print the whole run
 		kept = ops
-		min, trace = runOps(t, seed, ops, map[string]int{})
-	}
-	if min == nil {
-		min = f
+		found, _, trace = runTraced(t, seed, ops, map[string]int{})
+		min = cmp.Or(classIn(found, f.class), f)
 	}
 	line := fmt.Sprintf("seed %d: step %d of %d, invariant %s (%s): %s (minimized to %d steps)", seed, f.step, len(ops), f.invariant, f.class, f.msg, len(kept))
 	if *simReport != "" {
@@ -154,15 +159,25 @@ func reportFailure(t *testing.T, seed uint64, ops []simOp, f *simFailure) {
 	t.Errorf("%s\nreplay: go test -run 'TestSimulation$' -sim.seed=%d -sim.steps=%d .\nminimized trace (%s):\n  %s", line, seed, len(ops), min.invariant, strings.Join(trace, "\n  "))
 }
 
-// minimize drops steps while the run still breaks the same invariant.
-func minimize(t *testing.T, seed uint64, ops []simOp, f *simFailure) []simOp {
-	kept := slices.Clone(ops[:min(f.step+1, len(ops))])
+func classIn(found []*simFailure, class string) *simFailure {
+	for _, f := range found {
+		if f.class == class {
+			return f
+		}
+	}
+	return nil
+}
+
+// minimize drops steps while the run still breaks class.
+func minimize(t *testing.T, seed uint64, ops []simOp, class string) []simOp {
+	kept := slices.Clone(ops)
 	tries := 0
 	for size := len(kept) / 2; size >= 1; size /= 2 {
 		for i := 0; i+size <= len(kept) && tries < 600; {
 			candidate := slices.Concat(kept[:i], kept[i+size:])
 			tries++
-			if g, _ := runOps(t, seed, candidate, map[string]int{}); g != nil && g.class == f.class {
+			found, _ := runOps(t, seed, candidate, map[string]int{})
+			if g := classIn(found, class); g != nil {
 				kept = candidate[:min(g.step+1, len(candidate))]
 				continue
 			}
@@ -206,7 +221,8 @@ type sim struct {
 	mu        sync.Mutex // guards what async operations hand back
 	done      []func()
 	inFlight  int
-	failure   *simFailure
+	failure   *simFailure   // the first break
+	found     []*simFailure // the first break of each class
 	step      int
 	trace     []string
 	traceMu   sync.Mutex
@@ -214,6 +230,7 @@ type sim struct {
 	timeout   time.Duration // the longest request_timeout any client was configured with: its revocations take up to it
 	defWrites int           // config and role writes in flight
 	defDone   time.Time     // when the last one ended
+	endings   []*simEnding
 	passes    int
 }
 
@@ -227,8 +244,9 @@ type simLease struct {
 	issued, end time.Time
 	maxEnd      time.Time
 	renewable   bool
-	exempt      bool // an operator ended its token early and was warned (rotate-role, user delete, check-grants)
-	failures    int  // failed revocations; Vault gives up after 6 and keeps the lease as irrevocable
+	exempt      bool // an operator ended its token early and was warned (see simEnding)
+	readStart   time.Time
+	failures    int // failed revocations; Vault gives up after 6 and keeps the lease as irrevocable
 	retryAt     time.Time
 	irrevocable bool
 }
@@ -273,12 +291,17 @@ func (s *sim) logger() hclog.Logger {
 var simEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
 
 func (s *sim) fail(class, format string, args ...any) {
-	if s.failure == nil {
-		msg := tokenValue.ReplaceAllString(fmt.Sprintf(format, args...), "<redacted>")
-		invariant, _, _ := strings.Cut(class, ":")
-		s.failure = &simFailure{step: s.step, invariant: invariant, class: class, msg: msg}
-		s.logf("BROKEN %s: %s", invariant, msg)
+	if (s.failure != nil && !*simAll) || classIn(s.found, class) != nil {
+		return
 	}
+	msg := tokenValue.ReplaceAllString(fmt.Sprintf(format, args...), "<redacted>")
+	invariant, _, _ := strings.Cut(class, ":")
+	f := &simFailure{step: s.step, invariant: invariant, class: class, msg: msg}
+	s.found = append(s.found, f)
+	if s.failure == nil {
+		s.failure = f
+	}
+	s.logf("BROKEN %s: %s", invariant, msg)
 }
 
 // startNode starts a node on the storage: a new backend, as a restart or a failover makes one.
@@ -336,7 +359,7 @@ func outcome(err error) string {
 }
 
 // run sets the engine up, runs ops, checking every promise after each, and then the promises of a quiet end.
-func (s *sim) run(ops []simOp) *simFailure {
+func (s *sim) run(ops []simOp) (steps int) {
 	time.Sleep(time.Until(simEpoch)) // every bubble starts at 2000-01-01; the epoch is in its future
 	s.step = -1
 	s.configWrite(simClients[0], simSecrets[simClients[0]][0], nil, "10m", "5s")
@@ -353,14 +376,14 @@ func (s *sim) run(ops []simOp) *simFailure {
 		synctest.Wait()
 		s.collect()
 		s.check()
-		if s.failure != nil {
-			return s.failure
+		if s.failure != nil && !*simAll {
+			return i + 1
 		}
 	}
 	s.step = len(ops)
 	s.logf("quiet: every fault off")
 	s.finish()
-	return s.failure
+	return len(ops)
 }
 
 // async runs fn in its own goroutine; its results are applied by collect.
@@ -466,23 +489,24 @@ func (s *sim) apply(op simOp) {
 		})
 	case "role-delete":
 		i := op.n % simRoles
-		s.exempt("shared", fmt.Sprintf("r%d", i))
+		ended := s.ending("shared", fmt.Sprintf("r%d", i))
 		s.defWrite(false, func() (string, error) {
 			_, err := s.request(b, logical.DeleteOperation, fmt.Sprintf("roles/r%d", i), nil)
 			return fmt.Sprintf("role delete r%d", i), err
 		})
+		ended()
 	case "rotate-role":
 		name := fmt.Sprintf("r%d", op.n%simRoles)
-		s.exempt("shared", name)
+		ended := s.ending("shared", name)
 		s.maybeAsync(op.async, func() func() {
 			_, err := s.request(b, logical.UpdateOperation, "rotate-role/"+name, nil)
-			return func() { s.exempt("shared", name); s.logf("rotate-role %s: %s", name, outcome(err)) }
+			return func() { ended(); s.logf("rotate-role %s: %s", name, outcome(err)) }
 		})
 	case "check-grants":
-		s.exempt("user", "")
+		ended := s.ending("user", "")
 		s.maybeAsync(op.async, func() func() {
 			_, err := s.request(b, logical.UpdateOperation, "check-grants", nil)
-			return func() { s.exempt("user", ""); s.logf("check-grants: %s", outcome(err)) }
+			return func() { ended(); s.logf("check-grants: %s", outcome(err)) }
 		})
 	case "authorize":
 		s.authorize(op.n % simUsers)
@@ -499,24 +523,20 @@ func (s *sim) apply(op simOp) {
 		})
 	case "delete-user":
 		user := fmt.Sprintf("u%d", op.n%simUsers)
-		s.exempt("user", user)
+		ended := s.ending("user", user)
 		s.maybeAsync(op.async, func() func() {
 			_, err := s.request(b, logical.DeleteOperation, "users/"+user, nil)
-			return func() { s.exempt("user", user); s.logf("delete user %s: %s", user, outcome(err)) }
+			return func() { ended(); s.logf("delete user %s: %s", user, outcome(err)) }
 		})
 	case "revocations-drive":
 		deferred := op.n%3 == 0
+		ended := func() {}
 		if deferred {
-			s.exempt("", "")
+			ended = s.ending("", "")
 		}
 		s.maybeAsync(op.async, func() func() {
 			_, err := s.request(b, logical.UpdateOperation, "revocations", map[string]any{"include_deferred": deferred})
-			return func() {
-				if deferred {
-					s.exempt("", "")
-				}
-				s.logf("revocations drive (include_deferred=%v): %s", deferred, outcome(err))
-			}
+			return func() { ended(); s.logf("revocations drive (include_deferred=%v): %s", deferred, outcome(err)) }
 		})
 	case "restart":
 		s.logf("restart: node %d steps down, node %d starts on the same storage", s.nodes, s.nodes+1)
@@ -647,9 +667,10 @@ func (s *sim) remoteWrite(op simOp) {
 		err = s.roleWriteOn(ob, i, op.n/simRoles%2 == 0, simScopes[op.n/6%len(simScopes)])
 	case 2:
 		user := fmt.Sprintf("u%d", op.n%simUsers)
-		s.exempt("user", user)
 		what = "delete user " + user
+		ended := s.ending("user", user)
 		_, err = s.request(ob, logical.DeleteOperation, "users/"+user, nil)
+		defer ended()
 	}
 	ob.Cleanup(context.Background())
 	keys := s.st.takeWritten()
@@ -684,7 +705,7 @@ func (s *sim) read(b *backend, path, kind, name string) func() {
 	if internal := resp.Secret.InternalData; internal["role"] != nil && kind == "role" && internal["client_id"] == nil {
 		kind = "shared"
 	}
-	l := &simLease{kind: kind, name: name, secret: resp.Secret, tok: tok, issued: now, renewable: resp.Secret.Renewable}
+	l := &simLease{kind: kind, name: name, secret: resp.Secret, tok: tok, issued: now, readStart: started, renewable: resp.Secret.Renewable}
 	ttl, maxTTL := resp.Secret.TTL, resp.Secret.MaxTTL
 	if ttl <= 0 {
 		ttl = 24 * time.Hour
@@ -702,6 +723,7 @@ func (s *sim) read(b *backend, path, kind, name string) func() {
 	}
 	return func() {
 		s.addLease(l)
+		s.exemptCovered()
 		id := 0
 		if tok != nil {
 			id = tok.id
@@ -743,11 +765,33 @@ func (s *sim) storedRole(name string) *role {
 	return r
 }
 
-// exempt marks the live leases of kind (all when "") and name (all when "") as ended early by an operator, who was warned.
-func (s *sim) exempt(kind, name string) {
+// simEnding is an operator's request that ends tokens early, with a warning (rotate-role, a role
+// or user delete, check-grants, a revocations drive with include_deferred): the leases of reads
+// that started before it ended may lose their tokens early.
+type simEnding struct {
+	kind, name string    // the leases' kind ("" for all) and role or user ("" for all)
+	end        time.Time // zero while in flight
+}
+
+// ending notes an operator's request that ends the tokens of kind and name; call the function it
+// returns when the request has ended.
+func (s *sim) ending(kind, name string) func() {
+	e := &simEnding{kind: kind, name: name}
+	s.endings = append(s.endings, e)
+	s.exemptCovered()
+	return func() {
+		e.end = time.Now()
+		s.exemptCovered()
+	}
+}
+
+// exemptCovered marks the leases an operator's request covers.
+func (s *sim) exemptCovered() {
 	for _, l := range s.leases {
-		if (kind == "" || l.kind == kind) && (name == "" || l.name == name) {
-			l.exempt = true
+		for _, e := range s.endings {
+			if (e.kind == "" || e.kind == l.kind) && (e.name == "" || e.name == l.name) && (e.end.IsZero() || !l.readStart.After(e.end)) {
+				l.exempt = true
+			}
 		}
 	}
 }
