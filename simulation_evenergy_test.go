@@ -168,10 +168,14 @@ func (e *simEvenergy) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	retryAfter := []int{1, 2, 5, 30, 90, 21600}[e.rng.IntN(6)]
 	e.mu.Unlock()
+	start := time.Now()
 	defer func() {
 		e.mu.Lock()
 		e.flying--
 		e.mu.Unlock()
+		if pass, ok := req.Context().Value(simPassKey{}).(*simStall); ok {
+			pass.call(time.Since(start))
+		}
 	}()
 	if err := sleepCtx(req.Context(), latency); err != nil {
 		return nil, err

@@ -29,9 +29,6 @@ import (
 const ownershipGrace = time.Minute
 
 func (s *sim) check() {
-	if cfg := s.storedConfig(); cfg != nil {
-		s.noteTimeout(cfg.RequestTimeout)
-	}
 	s.checkLeases()
 	if !s.busy() {
 		s.checkOwnership()

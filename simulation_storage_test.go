@@ -157,8 +157,15 @@ func (s *simStorage) refusedNear(at time.Time) bool {
 type simPassKey struct{}
 
 type simStall struct {
-	mu    sync.Mutex
-	total time.Duration
+	mu      sync.Mutex
+	total   time.Duration
+	longest time.Duration // the pass's own longest call to ev.energy
+}
+
+func (s *simStall) call(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.longest = max(s.longest, d)
 }
 
 func (s *simStall) add(d time.Duration) {
@@ -167,8 +174,8 @@ func (s *simStall) add(d time.Duration) {
 	s.total += d
 }
 
-func (s *simStall) get() time.Duration {
+func (s *simStall) get() (storage, longestCall time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.total
+	return s.total, s.longest
 }
