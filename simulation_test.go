@@ -38,6 +38,7 @@ var (
 	simKeepOn   = flag.Bool("sim.keepgoing", false, "run every seed of a sweep even after failures")
 	simAll      = flag.Bool("sim.all", false, "go on after a broken promise, reporting the first break of each class")
 	simLog      = flag.Bool("sim.log", false, "add the engine's log lines to the trace")
+	simClass    = flag.String("sim.class", "", "with -sim.seed and -sim.all: report only this class of break")
 )
 
 // simRegressionSeeds are the seeds that found a defect (see docs/simulation.md); each runs in make test.
@@ -54,7 +55,9 @@ func TestSimulation(t *testing.T) {
 			t.Logf("seed %d: %d steps, no promise broken", *simSeed, *simSteps)
 		}
 		for _, f := range found {
-			reportFailure(t, *simSeed, ops, f)
+			if *simClass == "" || f.class == *simClass {
+				reportFailure(t, *simSeed, ops, f)
+			}
 		}
 		return
 	}
