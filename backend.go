@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/helper/consts"
@@ -29,7 +30,8 @@ const operationPrefix = "evenergy"
 type backend struct {
 	*framework.Backend
 
-	pendingLocks keyedMutex // on one pending authorization, or on one user's pending ones
+	storage      logical.Storage // the mount's, for what must reach it as the node steps down (clean)
+	pendingLocks keyedMutex      // on one pending authorization, or on one user's pending ones
 	cache        *cache
 	tokens       *tokenStore // every token the engine holds and rotates: users' grants, shared roles' tokens
 	revocations  *revocations
@@ -65,6 +67,7 @@ type backend struct {
 // Factory returns a configured ev.energy secrets engine.
 func Factory(ctx context.Context, conf *logical.BackendConfig) (logical.Backend, error) {
 	b := newBackend()
+	b.storage = conf.StorageView
 	if err := b.Setup(ctx, conf); err != nil {
 		return nil, err
 	}
@@ -113,14 +116,52 @@ func newBackend() *backend {
 
 // clean stops the work of the mount on this node as Vault unmounts it or steps down: the start-up
 // load and the background refresh end, waiting calls get no turn, and the calls already sent finish
-// (within request_timeout) and store what they rotated while this node may still write.
-func (b *backend) clean(context.Context) {
+// (within request_timeout) and store what they rotated while this node may still write. Then the
+// grants only memory holds are stored, or revoked (see settleUnsaved).
+func (b *backend) clean(ctx context.Context) {
 	b.cleaned.Do(func() {
 		b.stopLoading()
 		b.stopBackground()
 		b.budget.close()
 		b.refreshing.Lock() // held for good: no background refresh starts again
+		b.settleUnsaved(ctx)
 	})
+}
+
+// settleUnsaved stores the rotated grants that storage refused, which die with this node's memory,
+// or, as storage still refuses (Raft does once a node lost its quorum), revokes their tokens at
+// ev.energy as the client that minted them, outside the call budget, which is closed: storage holds
+// a dead refresh token, and the user must connect again either way.
+func (b *backend) settleUnsaved(ctx context.Context) {
+	if b.storage == nil {
+		return
+	}
+	for _, key := range b.tokens.unsavedKeys() {
+		b.settleUnsavedToken(ctx, key)
+	}
+}
+
+// settleUnsavedToken stores or revokes the unsaved token at key (see settleUnsaved), under its
+// lock: a refresh or a delete holding it finishes first, within request_timeout.
+func (b *backend) settleUnsavedToken(ctx context.Context, key string) {
+	defer b.tokens.lock(key)()
+	b.tokens.mu.RLock()
+	g := b.tokens.tokens[key]
+	b.tokens.mu.RUnlock()
+	stored := b.tokens.storeUnsavedLocked(ctx, b.storage, key)
+	if stored == nil || g == nil {
+		return
+	}
+	rec := g.revocation(time.Time{}, reasonUnowned)
+	client, err := b.clientFor(ctx, b.storage, rec.ClientID)
+	if err == nil {
+		err = rec.revokeWith(ctx, client)
+	}
+	if err != nil {
+		b.Logger().Error("a rotated ev.energy grant that storage refused dies with this node's memory, and could not be revoked", "key", key, "storage_error", stored, "error", err)
+		return
+	}
+	b.Logger().Warn("storage refused a rotated ev.energy grant as the node stepped down: its tokens are revoked, and the user must connect again", "key", key, "storage_error", stored)
 }
 
 // initialize loads the revocation queue, records on the active node the client of records from
@@ -139,10 +180,7 @@ func (b *backend) initialize(ctx context.Context, req *logical.InitializationReq
 	b.tokens.loadingAll.Lock() // before the start returns, so that a periodic pass finds the load under way
 	go func() {
 		defer close(b.grantsLoaded)
-		defer b.tokens.loadingAll.Unlock()
-		if err := b.tokens.loadAllLocked(b.loadingGrants, req.Storage); err != nil && b.loadingGrants.Err() == nil {
-			b.Logger().Error("could not load the held tokens at start; the periodic pass loads them", "error", err)
-		}
+		_ = b.loadEveryHeldToken(req.Storage) // logged; the periodic pass tries again
 	}()
 	return nil
 }

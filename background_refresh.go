@@ -17,13 +17,11 @@ const refreshPause = time.Second
 // refreshDueTokens stores the rotated tokens storage refused before, and starts the background
 // refresh of the held tokens whose refresh point has come, unless it is running; it returns the
 // channel that gets the outcome of the refresh's first round, nil when it started none.
-func (b *backend) refreshDueTokens(ctx context.Context, s logical.Storage) (<-chan error, error) {
-	if err := b.tokens.loadAll(ctx, s); errors.Is(err, errTokensLoading) {
-		return nil, nil // the tokens wait for the next pass, once the start-up load is over
-	} else if err != nil {
-		return nil, err
-	}
+func (b *backend) refreshDueTokens(ctx context.Context, s logical.Storage, end time.Time) (<-chan error, error) {
 	err := b.tokens.storeUnsaved(ctx, s)
+	if loaded, loadErr := b.loadHeldTokens(ctx, s, end); !loaded || loadErr != nil {
+		return nil, errors.Join(err, loadErr) // the tokens wait for the next pass, once they are loaded
+	}
 	if _, _, cfgErr := b.config(ctx, s); cfgErr != nil || ctx.Err() != nil {
 		return nil, err // not configured, or the pass is over: nothing to refresh now
 	}
@@ -33,6 +31,42 @@ func (b *backend) refreshDueTokens(ctx context.Context, s logical.Storage) (<-ch
 	firstRound := make(chan error, 1)
 	go b.refreshInBackground(s, firstRound)
 	return firstRound, err
+}
+
+// loadHeldTokens reads again the held tokens invalidated since they were cached (at most
+// staleSlack), and reports whether memory then holds every one. When it holds none (the start-up
+// load failed) it starts the load of every token in the background, unless it runs, and waits for
+// it until end at most: Vault holds its state lock through the pass.
+func (b *backend) loadHeldTokens(ctx context.Context, s logical.Storage, end time.Time) (bool, error) {
+	if b.tokens.isLoaded() {
+		err := b.tokens.loadAll(ctx, s)
+		return err == nil, err
+	}
+	if !b.tokens.loadingAll.TryLock() {
+		return false, nil // the start-up load, or one a pass started, runs
+	}
+	loaded := make(chan error, 1)
+	go func() { loaded <- b.loadEveryHeldToken(s) }()
+	timer := time.NewTimer(time.Until(end))
+	defer timer.Stop()
+	select {
+	case err := <-loaded:
+		return err == nil, err
+	case <-timer.C:
+	case <-ctx.Done():
+	}
+	return false, nil
+}
+
+// loadEveryHeldToken loads every held token into memory, until the mount stops on this node; call
+// it holding b.tokens.loadingAll, which it lets go.
+func (b *backend) loadEveryHeldToken(s logical.Storage) error {
+	defer b.tokens.loadingAll.Unlock()
+	err := b.tokens.loadAllLocked(b.loadingGrants, s)
+	if err != nil && b.loadingGrants.Err() == nil {
+		b.Logger().Error("could not load the held tokens; the next periodic pass tries again", "error", err)
+	}
+	return err
 }
 
 // awaitFirstRound waits for the background refresh's first round, for the pass to report it, until

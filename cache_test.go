@@ -2,6 +2,8 @@ package evenergy
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net/http/httptest"
 	"strings"
 	"sync/atomic"
@@ -224,14 +226,20 @@ func TestStartLoadsEveryGrant(t *testing.T) {
 	}
 }
 
-// blockedListing holds the listing of users' grants until release is closed, as a slow load would.
+// blockedListing holds the listing of users' grants until release is closed, as a slow load would;
+// with failFirst set, the first one fails instead (a failed start-up load).
 type blockedListing struct {
 	logical.Storage
-	release chan struct{}
+	release   chan struct{}
+	failFirst bool
+	lists     atomic.Int64
 }
 
 func (s *blockedListing) List(ctx context.Context, prefix string) ([]string, error) {
 	if prefix == userPrefix {
+		if s.lists.Add(1) == 1 && s.failFirst {
+			return nil, errors.New("storage unavailable")
+		}
 		<-s.release
 	}
 	return s.Storage.List(ctx, prefix)
@@ -349,5 +357,51 @@ func TestStartLoadReadsGrantsConcurrently(t *testing.T) {
 	}
 	if cached := len(b.tokens.tokens); cached != 4 {
 		t.Fatalf("the start-up load cached %d of 4 grants", cached)
+	}
+}
+
+// TestDeletedUsersLeaveNothingInMemory: a deleted user's failure record goes with the grant on the
+// active node, and a standby told of many deleted users keeps a bounded set of keys to read again,
+// while a user created meanwhile is still found.
+func TestDeletedUsersLeaveNothingInMemory(t *testing.T) {
+	active, standby, s, sv := twoNodes(t)
+	if err := standby.tokens.loadAll(t.Context(), s); err != nil {
+		t.Fatal(err)
+	}
+	connectDueUser(t, active, s, sv, "driver")
+	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
+	readUserToken(t, active, s, "driver") // the refresh fails: its failure is kept for the backoff
+	sv.SetFault(standin.Fault{})
+	active.tokens.refreshes.mu.Lock()
+	kept := len(active.tokens.refreshes.byKey)
+	active.tokens.refreshes.mu.Unlock()
+	if kept != 1 {
+		t.Fatalf("%d refresh records after a failed refresh, want its failure kept", kept)
+	}
+	if _, err := request(t, active, s, logical.DeleteOperation, "users/driver", nil); err != nil {
+		t.Fatal(err)
+	}
+	active.tokens.refreshes.mu.Lock()
+	left := len(active.tokens.refreshes.byKey)
+	active.tokens.refreshes.mu.Unlock()
+	if left != 0 {
+		t.Fatalf("%d refresh records left after the user's delete, want none", left)
+	}
+
+	connectUnitUser(t, active, s, sv, "driver")
+	for i := range 3 * staleSlack {
+		standby.InvalidateKey(t.Context(), fmt.Sprintf("%sgone-%d", userPrefix, i)) // deleted on the active node
+		if i == staleSlack/2 {
+			standby.InvalidateKey(t.Context(), userPrefix+"driver")
+		}
+	}
+	standby.tokens.mu.RLock()
+	stale := len(standby.tokens.stale)
+	standby.tokens.mu.RUnlock()
+	if stale > staleSlack {
+		t.Fatalf("the standby keeps %d keys of deleted users, want at most %d", stale, staleSlack)
+	}
+	if _, err := request(t, standby, s, logical.ReadOperation, "users/driver/token", nil); err != nil {
+		t.Fatalf("the standby lost a user created while it forgot deleted ones: %v", err)
 	}
 }

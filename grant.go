@@ -36,6 +36,8 @@ type grant struct {
 	Status          string    `json:"status"`
 	LastRefreshedAt time.Time `json:"last_refreshed_at"`
 	LastError       string    `json:"last_error"`
+	// MintedWith fingerprints what a shared role's token was minted with (see mintedWith); "" for a user's.
+	MintedWith string `json:"minted_with,omitempty"`
 	// RevokedAt is when ev.energy was found to refuse the refresh token; a pointer costs a cached
 	// grant 16 bytes, a time.Time 32.
 	RevokedAt *time.Time `json:"revoked_at,omitempty"`
@@ -45,7 +47,7 @@ type grant struct {
 func getGrant(ctx context.Context, s logical.Storage, key string) (*grant, error) {
 	g, err := getJSON[grant](ctx, s, key)
 	if g != nil {
-		g.ClientID, g.TokenType, g.Scope, g.Status = intern(g.ClientID), intern(g.TokenType), intern(g.Scope), intern(g.Status)
+		g.ClientID, g.TokenType, g.Scope, g.Status, g.MintedWith = intern(g.ClientID), intern(g.TokenType), intern(g.Scope), intern(g.Status), intern(g.MintedWith)
 	}
 	return g, err
 }
@@ -110,6 +112,15 @@ func (g *grant) refreshAt(cfg *config) time.Time {
 		return cfg.CheckGrantsBefore
 	}
 	return at
+}
+
+// leasesEnd is when every lease handed out for the grant's access token has ended: its stored refresh
+// point, which check-grants does not move (it only makes the grant due earlier).
+func (g *grant) leasesEnd(cfg *config) time.Time {
+	if g.RefreshAt.IsZero() {
+		return g.windowOpens(cfg)
+	}
+	return g.RefreshAt
 }
 
 // refreshable reports whether a refresh may go to the grant: it is not revoked, and of cfg's client.
@@ -189,7 +200,7 @@ func (b *backend) storeGrant(ctx context.Context, s logical.Storage, cfg *config
 		return err
 	}
 	if old != nil && old.Status == grantActive {
-		b.revokeAfterLeases(ctx, s, old.revocation(old.refreshAt(cfg), reasonReplacedGrant))
+		b.revokeAfterLeases(ctx, s, old.revocation(old.leasesEnd(cfg), reasonReplacedGrant))
 	}
 	return nil
 }
@@ -245,7 +256,18 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 		return g, nil
 	}
 	tok, err := client.refresh(ctx, g.RefreshToken)
+	lost := answerLost(err)
+	if lost {
+		// ev.energy may have rotated the grant and ended its access token: tried again at once, the
+		// refresh either goes through (it did not) or is refused (it did: no grace period).
+		b.Logger().Warn("the answer to a user's refresh was lost: trying again at once", "user", user, "error", err)
+		tok, err = client.refresh(ctx, g.RefreshToken)
+	}
 	outcome := refreshOutcome(err)
+	if lost && outcome == refreshRevoked {
+		outcome = refreshLost
+		err = fmt.Errorf("the answer to a refresh was lost after ev.energy rotated the grant, which has no grace period for the previous refresh token: %w", err)
+	}
 	b.metrics.refreshes.WithLabelValues(outcome).Inc()
 	switch outcome {
 	case refreshOK:
@@ -255,7 +277,7 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 			b.Logger().Error("storage refused a user's rotated ev.energy grant, which only this node's memory now holds: the periodic pass stores it once storage accepts writes", "user", user, "error", err)
 		}
 		return next, nil
-	case refreshRevoked:
+	case refreshRevoked, refreshLost:
 		b.Logger().Warn("ev.energy no longer accepts a user's grant", "user", user, "error", err)
 		revoked := *g
 		found := b.tokens.refreshes.now().UTC()
@@ -265,16 +287,28 @@ func (b *backend) refresh(ctx context.Context, s logical.Storage, cfg *config, c
 		}
 		return nil, &revokedGrantError{user: user, lastError: revoked.LastError}
 	}
+	retryAt := b.tokens.refreshes.failed(userPrefix+user, g, err)
+	if lost {
+		// Whether the access token still lives is unknown: no lease on it, and no point moved for it.
+		return g, err
+	}
 	// The next attempt becomes the grant's refresh point, in storage so that every node, and a node
 	// taking over, ends the leases it hands out by then and sends no attempt before.
 	held := *g
-	held.RefreshAt = b.tokens.refreshes.failed(userPrefix+user, g, err)
+	held.RefreshAt = retryAt
 	if stored := b.putGrant(ctx, s, user, &held); stored != nil {
 		b.Logger().Warn("could not refresh an ev.energy user token nor store when to try again; readers get the failure until then", "user", user, "error", err, "storage_error", stored)
 		return g, err
 	}
 	b.Logger().Warn("could not refresh an ev.energy user token; readers get the current one until the next attempt", "user", user, "error", err, "next_attempt", held.RefreshAt)
 	return &held, err
+}
+
+// answerLost reports whether a refresh's outcome is unknown: the request may have reached ev.energy,
+// which may have rotated the grant, but its answer was lost (a hang-up, a timeout).
+func answerLost(err error) bool {
+	var upstream *upstreamError
+	return errors.As(err, &upstream) && (upstream.Fault == faultTimeout || upstream.Fault == faultBroken)
 }
 
 // refreshOutcome says what a refresh's error means for the grant: ev.energy's invalid_grant ends it.

@@ -20,6 +20,7 @@ import (
 
 	"github.com/hashicorp/vault/sdk/helper/locksutil"
 	"github.com/hashicorp/vault/sdk/logical"
+	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/oauth2"
 
 	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
@@ -663,4 +664,71 @@ func TestHungRefreshDelaysOnlyItsUser(t *testing.T) {
 	if sv.Held() != 1 {
 		t.Fatal("the hung refresh ended before the others completed")
 	}
+}
+
+// TestStepDownSettlesUnsavedGrants: a grant only memory holds (storage refused its rotated tokens)
+// is stored as the node steps down, when storage takes it; when storage still refuses, as Raft does
+// once the node lost its quorum, its tokens are revoked at ev.energy as the client that minted them.
+func TestStepDownSettlesUnsavedGrants(t *testing.T) {
+	for _, refused := range []bool{false, true} {
+		s := &refusingStorage{Storage: &logical.InmemStorage{}}
+		b, _, _ := newCountedBackend(t, s)
+		sv := newUnitStandin(t, b, s)
+		connectDueUser(t, b, s, sv, "driver")
+		s.refuse.Store(true)
+		rotated, _, err := readUserToken(t, b, s, "driver")
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.refuse.Store(refused)
+		b.Cleanup(t.Context())
+		stored, err := getJSON[grant](t.Context(), s, userPrefix+"driver")
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch live := liveRefreshTokens(sv, "driver"); {
+		case !refused && (stored.AccessToken != rotated || len(live) != 1 || live[0] != stored.RefreshToken):
+			t.Fatal("the step-down did not store the unsaved grant while storage took writes")
+		case refused && (len(live) != 0 || sv.Active(rotated)):
+			t.Fatalf("the step-down left the unsaved grant's tokens alive at ev.energy (%d refresh tokens) with storage refusing", len(live))
+		}
+	}
+}
+
+// TestLostRefreshAnswerEndsTheGrantAndSaysWhy: a refresh whose answer is lost after ev.energy rotated
+// the grant (a hang-up) is tried again at once; ev.energy then refuses the dead refresh token, with no
+// grace period, so the grant ends saying why, is counted, and no reader gets the old access token,
+// which the rotation ended. An answer lost before ev.energy did the work costs only the retry.
+func TestLostRefreshAnswerEndsTheGrantAndSaysWhy(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	connectDueUser(t, b, s, sv, "driver")
+	sv.SetFault(standin.Fault{Kind: standin.FaultHangUp, Count: 1})
+	if tok, _, err := readUserToken(t, b, s, "driver"); err != nil || !sv.Active(tok) {
+		t.Fatalf("an answer lost before ev.energy did the work: the retry gave no live token: %v", err)
+	}
+
+	connectDueUser(t, b, s, sv, "driver")
+	sv.SetFault(standin.Fault{Kind: standin.FaultIssueThenHangUp, Count: 1})
+	if tok, lease, err := readUserToken(t, b, s, "driver"); err == nil {
+		t.Fatalf("a reader got a lease of %v on a token ev.energy ended (alive: %v)", lease, sv.Active(tok))
+	}
+	g := storedGrantOf(t, s, "driver")
+	if g.Status != grantRevoked || !strings.Contains(g.LastError, "answer") || !strings.Contains(g.LastError, "lost") {
+		t.Fatalf("the grant whose refresh answer was lost: status %s, last error %q; want revoked, saying the answer was lost", g.Status, g.LastError)
+	}
+	var counted dto.Metric
+	if err := b.metrics.refreshes.WithLabelValues(refreshLost).Write(&counted); err != nil || counted.GetCounter().GetValue() != 1 {
+		t.Fatalf("%v lost refresh answers counted, want 1: %v", counted.GetCounter().GetValue(), err)
+	}
+}
+
+// storedGrantOf is the user's grant as storage holds it.
+func storedGrantOf(t *testing.T, s logical.Storage, user string) *grant {
+	t.Helper()
+	g, err := getJSON[grant](t.Context(), s, userPrefix+user)
+	if err != nil || g == nil {
+		t.Fatalf("the grant of %s: %v", user, err)
+	}
+	return g
 }

@@ -2,6 +2,7 @@ package evenergy
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"time"
 
@@ -115,15 +116,21 @@ func (b *backend) joinRefresh(ctx context.Context, cfg *config, t heldToken, g *
 }
 
 // heldTokenAt is the held token stored at key for the background refresh; nil for a shared role's
-// token whose role no longer shares it (the role's write or delete ends that token).
+// token whose role no longer shares it: left behind by a write whose set-aside failed, it is queued
+// for revocation once its leases end and forgotten here, so that it no longer comes due.
 func (b *backend) heldTokenAt(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient, key string) (heldToken, error) {
 	if user, ok := strings.CutPrefix(key, userPrefix); ok {
 		return userToken{b, s, cfg, client, user}, nil
 	}
 	name := strings.TrimPrefix(key, sharedTokenPrefix)
 	r, err := b.role(ctx, s, name)
-	if err != nil || !r.Shared {
-		return nil, nil
+	switch {
+	case errors.As(err, new(logical.HTTPCodedError)): // the role is gone
+	case err != nil:
+		return nil, err
+	case r.Shared:
+		return sharedRole{b, s, cfg, name, r}, nil
 	}
-	return sharedRole{b, s, cfg, name}, nil
+	_, err = b.endSharedToken(ctx, s, name, false)
+	return nil, err
 }

@@ -30,6 +30,27 @@ func (m *keyedMutex) lock(key string) (unlock func()) {
 	e.refs++
 	m.mu.Unlock()
 	e.Lock()
+	return m.unlocker(key, e)
+}
+
+// tryLock locks key unless someone holds it or waits for it, without waiting; ok says whether it did.
+func (m *keyedMutex) tryLock(key string) (unlock func(), ok bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.entries[key] != nil {
+		return nil, false
+	}
+	if m.entries == nil {
+		m.entries = map[string]*keyedEntry{}
+	}
+	e := &keyedEntry{refs: 1}
+	e.Lock()
+	m.entries[key] = e
+	return m.unlocker(key, e), true
+}
+
+// unlocker is the function that unlocks key's entry e.
+func (m *keyedMutex) unlocker(key string, e *keyedEntry) func() {
 	return func() {
 		e.Unlock()
 		m.mu.Lock()

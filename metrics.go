@@ -33,6 +33,7 @@ const (
 	refreshOK      = "ok"
 	refreshFailed  = "failed"  // a passing failure: the grant is kept and tried again
 	refreshRevoked = "revoked" // ev.energy no longer accepts the grant
+	refreshLost    = "lost"    // the answer was lost after ev.energy rotated the grant, which ended it
 )
 
 func newMetrics(grantsByStatus func() map[string]int, pendingRevocations func() int, waitingForBudget func() map[string]int) *metrics {
@@ -52,7 +53,7 @@ func newMetrics(grantsByStatus func() map[string]int, pendingRevocations func() 
 		}, []string{"endpoint", "error"}),
 		refreshes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "evenergy_user_token_refreshes_total",
-			Help: "Refreshes of users' tokens, by outcome: ok, failed (kept, tried again) or revoked.",
+			Help: "Refreshes of users' tokens, by outcome: ok, failed (kept, tried again), revoked, or lost (the answer was lost after ev.energy rotated the grant, which ended it).",
 		}, []string{"outcome"}),
 		sharedTokens: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "evenergy_shared_tokens_total",

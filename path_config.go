@@ -2,6 +2,8 @@ package evenergy
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"net/http"
 	"slices"
 	"strings"
@@ -29,6 +31,18 @@ type config struct {
 	// CheckGrantsBefore makes the active grants last refreshed before it due (check-grants).
 	CheckGrantsBefore time.Time `json:"check_grants_before,omitzero"`
 	CallBudget        int       `json:"call_budget"` // 0, as in configs stored before it existed: defaultCallBudget
+
+	digest string // secretDigest, kept by the cached config: a shared read checks it every time
+}
+
+// secretDigest is the hex SHA-256 of the client secret, which a shared token's fingerprint holds in
+// place of the secret.
+func (c *config) secretDigest() string {
+	if c.digest != "" {
+		return c.digest
+	}
+	sum := sha256.Sum256([]byte(c.ClientSecret))
+	return hex.EncodeToString(sum[:])
 }
 
 // callsPerSecond is the call_budget in force: how many calls a second refreshes and revocations

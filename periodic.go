@@ -30,7 +30,7 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 	s, end := req.Storage, time.Now().Add(passBudget)
 	unclaimed := b.revokeUnclaimedGrants(ctx, s)
 	_, revocations := b.retryRevocations(ctx, s, end, false, false)
-	firstRound, refresh := b.refreshDueTokens(ctx, s)
+	firstRound, refresh := b.refreshDueTokens(ctx, s, end)
 	return errors.Join(unclaimed, revocations, refresh,
 		b.sweepPending(ctx, s, end),
 		awaitFirstRound(ctx, firstRound, end),

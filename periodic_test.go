@@ -3,6 +3,7 @@ package evenergy
 import (
 	"context"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -279,4 +280,68 @@ func TestPeriodicPassKeepsToOneBudget(t *testing.T) {
 	if took > passBudget+time.Second || revoked == 0 {
 		t.Fatalf("the pass took %v (budget %v) and revoked %d records; want one budget, the revocations first", took, passBudget, revoked)
 	}
+}
+
+// passReturns runs one periodic pass and fails the test unless it returns within 30 s, a bound far
+// past its budget that only a pass waiting on something else misses.
+func passReturns(t *testing.T, b *backend, s logical.Storage, waitingOn string) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		b.periodic(context.Background(), &logical.Request{Storage: s})
+	}()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the periodic pass waited on %s past its budget", waitingOn)
+	}
+}
+
+// TestPeriodicPassWaitsOnNoTokensLock: storing an unsaved grant skips a grant whose lock is held
+// (a delete waiting on a slow revocation, a refresh) rather than wait for it; a later pass stores it.
+func TestPeriodicPassWaitsOnNoTokensLock(t *testing.T) {
+	s := &refusingStorage{Storage: &logical.InmemStorage{}}
+	b, _, _ := newCountedBackend(t, s)
+	sv := newUnitStandin(t, b, s)
+	connectDueUser(t, b, s, sv, "driver")
+	s.refuse.Store(true)
+	if _, _, err := readUserToken(t, b, s, "driver"); err != nil {
+		t.Fatal(err)
+	}
+	s.refuse.Store(false)
+	unlock := b.tokens.lock(userPrefix + "driver")
+	passReturns(t, b, s, "a grant's lock")
+	unlock()
+	runPeriodic(t, b, s)
+	b.tokens.mu.RLock()
+	unsaved := len(b.tokens.unsaved)
+	b.tokens.mu.RUnlock()
+	if unsaved != 0 {
+		t.Fatal("the pass after the lock was let go did not store the unsaved grant")
+	}
+}
+
+// TestPeriodicPassAfterAFailedStartLoadKeepsItsBudget: after the start-up load failed, the pass
+// starts the load of every token in the background instead of making it within the pass.
+func TestPeriodicPassAfterAFailedStartLoadKeepsItsBudget(t *testing.T) {
+	b, inmem := newUnitBackend(t)
+	sv := newUnitStandin(t, b, inmem)
+	connectUnitUser(t, b, inmem, sv, "driver")
+	s := &blockedListing{Storage: inmem, release: make(chan struct{}), failFirst: true}
+	restarted, _, _ := newCountedBackend(t, s)
+	var releaseOnce sync.Once
+	release := func() { releaseOnce.Do(func() { close(s.release) }) }
+	t.Cleanup(release) // before the backend's cleanup, which waits for nothing the listing holds
+	if err := restarted.Initialize(t.Context(), &logical.InitializationRequest{Storage: s}); err != nil {
+		t.Fatal(err)
+	}
+	<-restarted.grantsLoaded
+	passReturns(t, restarted, s, "a load of every token")
+	release()
+	eventually(t, 30*time.Second, "the load the pass started to end", func() bool {
+		restarted.tokens.mu.RLock()
+		defer restarted.tokens.mu.RUnlock()
+		return restarted.tokens.loaded && restarted.tokens.tokens[userPrefix+"driver"] != nil
+	})
 }

@@ -111,6 +111,16 @@ func (r *refreshes) fly(key string, f *flight, refresh func() (*grant, error)) {
 	r.byKey[key].flight = nil
 }
 
+// forget drops what is known of the refreshes of the held token at key, which is gone; a flight in
+// flight drops it as it lands.
+func (r *refreshes) forget(key string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if u := r.byKey[key]; u != nil && u.flight == nil {
+		delete(r.byKey, key)
+	}
+}
+
 // failed notes a passing failure of the refresh of the held token g at key, in flight, and returns when
 // the next attempt may go: after backoff, never more than maxBackoff away, nor past the token's
 // expiry while it lives.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
@@ -23,13 +24,47 @@ type sharedRole struct {
 	s    logical.Storage
 	cfg  *config
 	name string
+	role *role
+}
+
+// unreadLead is how long before its expiry a shared token comes due at the latest, whatever the
+// refresh_window: one periodic pass (a minute, Vault's default) and its budget, so that the pass after
+// its point replaces a token nobody reads while it lives.
+const unreadLead = time.Minute + passBudget
+
+// mintedWith fingerprints what a shared token minted now is minted with: the client, a hash of its
+// secret (never the secret itself) and the scopes. A stored token of another fingerprint is not
+// served, whatever writes did or failed to set it aside.
+func mintedWith(cfg *config, r *role) string {
+	return cfg.ClientID + "\x00" + cfg.secretDigest() + "\x00" + strings.Join(r.tokenScopes(cfg), " ")
+}
+
+// mintedAs reports whether fingerprint is mintedWith(cfg, r), without building it: a shared read
+// checks it every time.
+func mintedAs(fingerprint string, cfg *config, r *role) bool {
+	rest, ok := strings.CutPrefix(fingerprint, cfg.ClientID)
+	for _, part := range [...]string{"\x00", cfg.secretDigest(), "\x00"} {
+		if !ok {
+			return false
+		}
+		rest, ok = strings.CutPrefix(rest, part)
+	}
+	for i, scope := range r.tokenScopes(cfg) {
+		if i > 0 && ok {
+			rest, ok = strings.CutPrefix(rest, " ")
+		}
+		if ok {
+			rest, ok = strings.CutPrefix(rest, scope)
+		}
+	}
+	return ok && rest == ""
 }
 
 func (t sharedRole) key() string      { return sharedTokenPrefix + t.name }
 func (t sharedRole) describe() string { return "the shared token of role " + t.name }
 
-// current is the role's stored token, or the zero grant, due at once, when it has none of the
-// configured client.
+// current is the role's stored token, or the zero grant, due at once, when it has none minted with
+// the configured client, secret and scopes.
 func (t sharedRole) current(ctx context.Context) (*grant, error) {
 	g, _, err := t.stored(ctx)
 	return g, err
@@ -38,13 +73,13 @@ func (t sharedRole) current(ctx context.Context) (*grant, error) {
 // stored is current, and the token stored whatever its client (nil if none).
 func (t sharedRole) stored(ctx context.Context) (current, stored *grant, err error) {
 	stored, err = t.b.tokens.get(ctx, t.s, t.key())
-	if err != nil || stored == nil || stored.ClientID != t.cfg.ClientID {
+	if err != nil || stored == nil || !mintedAs(stored.MintedWith, t.cfg, t.role) {
 		return &grant{}, stored, err
 	}
 	return stored, stored, nil
 }
 
-// renew mints the role's next token, under its lock, if the stored one is due or of another client,
+// renew mints the role's next token, under its lock, if the stored one is due or minted otherwise,
 // with the role and the config in force now: a write of either that changes what the token is
 // minted with ends the stored one, and a read that started before must not mint it again. It
 // returns refresh's outcomes, a failed first mint as the zero grant and the failure, held back as a
@@ -63,7 +98,7 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 	if !r.Shared {
 		return nil, logical.CodedError(http.StatusConflict, "role "+t.name+" no longer shares its token: read it again")
 	}
-	t.cfg = cfg
+	t.cfg, t.role = cfg, r
 	current, old, err := t.stored(ctx)
 	if err != nil {
 		return nil, err
@@ -87,15 +122,20 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 		return &held, err
 	}
 	b.retired.minted(tok.Expiry)
-	next := grant{ClientID: cfg.ClientID}.refreshed(tok, cfg)
+	next := grant{ClientID: cfg.ClientID, MintedWith: intern(mintedWith(cfg, r))}.refreshed(tok, cfg)
+	if latest := next.ExpiresAt.Add(-min(unreadLead, next.ExpiresAt.Sub(next.LastRefreshedAt)/2)); latest.Before(next.RefreshAt) {
+		next.RefreshAt = latest
+	}
 	if err := b.tokens.put(ctx, t.s, t.key(), next); err != nil {
 		b.disown(ctx, t.s, revocation{ClientID: cfg.ClientID, AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry, Reason: reasonUnowned})
-		return nil, err
+		// Held back as a failed mint, or every read would mint and revoke a token while storage refuses.
+		b.tokens.refreshes.failed(t.key(), current, err)
+		return current, err
 	}
 	b.metrics.sharedTokens.WithLabelValues(sharedMinted).Inc()
 	if old != nil {
 		b.metrics.sharedTokens.WithLabelValues(sharedReplaced).Inc()
-		b.revokeAfterLeases(ctx, t.s, old.revocation(old.refreshAt(cfg), reasonReplacedShared))
+		b.revokeAfterLeases(ctx, t.s, old.revocation(old.leasesEnd(cfg), reasonReplacedShared))
 	}
 	return next, nil
 }
@@ -104,7 +144,7 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 // lease that ends by its refresh point and cannot be renewed (see currentToken). The lease names
 // only the role: what crosses to Vault and into each lease entry is what Vault needs.
 func (b *backend) readSharedToken(ctx context.Context, s logical.Storage, cfg *config, name string, r *role) (*logical.Response, error) {
-	g, lease, err := b.currentToken(ctx, cfg, sharedRole{b, s, cfg, name})
+	g, lease, err := b.currentToken(ctx, cfg, sharedRole{b, s, cfg, name, r})
 	if err != nil {
 		return nil, err
 	}
@@ -149,8 +189,9 @@ func (b *backend) revokeSharedLease(ctx context.Context, req *logical.Request, _
 	return nil, b.tokens.put(ctx, req.Storage, key, nil) // revoked: the role's other leases find nothing left to revoke
 }
 
-// endSharedToken forgets the role's shared token and revokes it: now (an operator's rotation, the
-// role's delete), or once its leases have ended (the role no longer shares).
+// endSharedToken revokes the role's shared token and then forgets it: now (an operator's rotation,
+// the role's delete), or once its leases have ended (the role no longer shares). The revocation is
+// queued first: when storage refuses it the token stays stored, owned, and the caller gets the error.
 // It answers the warning an operator needs when leases still point at a token revoked now.
 func (b *backend) endSharedToken(ctx context.Context, s logical.Storage, name string, now bool) ([]string, error) {
 	key := sharedTokenPrefix + name
@@ -159,16 +200,20 @@ func (b *backend) endSharedToken(ctx context.Context, s logical.Storage, name st
 	if err != nil || g == nil {
 		return nil, err
 	}
-	if err := b.tokens.put(ctx, s, key, nil); err != nil {
+	if now {
+		err = b.revokeOrQueue(context.WithoutCancel(ctx), s, g.revocation(time.Time{}, reasonRevokedShared))
+	} else {
+		err = b.queueRevocation(ctx, s, g.revocation(g.RefreshAt, reasonReplacedShared), nil)
+	}
+	if err != nil {
 		return nil, err
+	}
+	if err := b.tokens.put(ctx, s, key, nil); err != nil {
+		return nil, err // its revocation is queued or done: a retry queues it again, which costs one more call
 	}
 	if !now {
 		b.metrics.sharedTokens.WithLabelValues(sharedReplaced).Inc()
-		b.revokeAfterLeases(ctx, s, g.revocation(g.RefreshAt, reasonReplacedShared))
 		return nil, nil
-	}
-	if err := b.revokeOrQueue(context.WithoutCancel(ctx), s, g.revocation(time.Time{}, reasonRevokedShared)); err != nil {
-		return nil, err
 	}
 	return []string{"the shared token of role " + name + " is revoked, but Vault's leases for it run until " +
 		g.RefreshAt.UTC().Format(time.RFC3339) + " at the latest, and Vault Agents keep rendering it until they read the role again: restart them"}, nil

@@ -415,18 +415,26 @@ func TestFailedFirstMintBacksOff(t *testing.T) {
 	clock := useFakeClock(b, time.Now())
 	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
 	requests := sv.TokenRequests()
-	for range 10 {
-		if _, err := request(t, b, s, logical.ReadOperation, "token/fleet", nil); err == nil {
-			t.Fatal("a read got a token while ev.energy fails every token request")
-		}
-	}
-	if n := sv.TokenRequests() - requests; n != 1 {
-		t.Fatalf("10 reads in the same instant after a failed mint sent %d token requests, want 1", n)
-	}
+	tenFailedReadsMintOnce(t, b, s, sv, "after a failed mint")
 	sv.SetFault(standin.Fault{})
 	clock.Advance(refusedBackoff + refusedBackoff/2) // past the longest wait with refused readers, ±20%
 	if tok := readShared(t, b, s, "fleet"); tok == "" || sv.TokenRequests()-requests != 2 {
 		t.Fatalf("the read after the backoff: %d token requests in all, want 2", sv.TokenRequests()-requests)
+	}
+}
+
+// tenFailedReadsMintOnce reads token/fleet 10 times in the same instant, when each must fail, and
+// checks that they sent one token request.
+func tenFailedReadsMintOnce(t *testing.T, b *backend, s logical.Storage, sv *standin.Server, when string) {
+	t.Helper()
+	requests := sv.TokenRequests()
+	for range 10 {
+		if _, err := request(t, b, s, logical.ReadOperation, "token/fleet", nil); err == nil {
+			t.Fatalf("a read %s got a token", when)
+		}
+	}
+	if n := sv.TokenRequests() - requests; n != 1 {
+		t.Fatalf("10 reads in the same instant %s sent %d token requests, want 1", when, n)
 	}
 }
 
@@ -465,7 +473,8 @@ func TestSharedTokenReplacedWhenTheSecretChanges(t *testing.T) {
 }
 
 // TestCheckGrantsReplacesSharedTokensMintedBefore: after a restore, a shared token stored in the
-// snapshot may have been replaced and revoked since; check-grants replaces the ones minted before it.
+// snapshot may have been replaced and revoked since; check-grants replaces the ones minted before it,
+// and revokes each once the leases handed out for it have ended.
 func TestCheckGrantsReplacesSharedTokensMintedBefore(t *testing.T) {
 	b, s := newUnitBackend(t)
 	sv := newUnitStandin(t, b, s)
@@ -480,9 +489,10 @@ func TestCheckGrantsReplacesSharedTokensMintedBefore(t *testing.T) {
 	if next == nil || next.AccessToken == minted.AccessToken || !sv.Active(next.AccessToken) {
 		t.Fatal("the background refresh after check-grants did not replace the shared token minted before it")
 	}
+	// Its leases run until its stored point: revoking it at the check's time would end them early.
 	queued := pendingRevocations(t, s)
-	if len(queued) != 1 || queued[0].AccessToken != minted.AccessToken || queued[0].NotBefore.After(clock.Now()) {
-		t.Fatalf("want the token minted before the check queued for revocation now, got %s", describeRecords(queued))
+	if len(queued) != 1 || queued[0].AccessToken != minted.AccessToken || !queued[0].NotBefore.Equal(minted.RefreshAt) || !minted.RefreshAt.After(clock.Now()) {
+		t.Fatalf("want the token minted before the check queued for revocation at its stored point %v, got %s", minted.RefreshAt, describeRecords(queued))
 	}
 }
 
@@ -502,16 +512,23 @@ func (g *gatedMint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	g.Server.ServeHTTP(w, r)
 }
 
+// newGatedUnit is a unit backend configured against a stand-in whose mints wait for releaseMint.
+func newGatedUnit(t *testing.T) (b *backend, s logical.Storage, gate *gatedMint, releaseMint func()) {
+	t.Helper()
+	b, s = newUnitBackend(t)
+	gate = &gatedMint{Server: newTestStandin(), arrived: make(chan struct{}, 1), release: make(chan struct{})}
+	unitConfig(t, b, s, gate)
+	var releaseOnce sync.Once
+	releaseMint = func() { releaseOnce.Do(func() { close(gate.release) }) }
+	t.Cleanup(releaseMint) // before the server closes, which waits for held requests
+	return b, s, gate, releaseMint
+}
+
 // TestRoleWriteDuringAMintLeavesNoTokenOfTheOldScopes: a role write changing the scopes while a
 // read's mint with the old ones is in flight ends the token that mint stores; the next read gets a
 // token of the new scopes.
 func TestRoleWriteDuringAMintLeavesNoTokenOfTheOldScopes(t *testing.T) {
-	b, s := newUnitBackend(t)
-	gate := &gatedMint{Server: newTestStandin(), arrived: make(chan struct{}, 1), release: make(chan struct{})}
-	unitConfig(t, b, s, gate)
-	var releaseOnce sync.Once
-	releaseMint := func() { releaseOnce.Do(func() { close(gate.release) }) }
-	t.Cleanup(releaseMint) // before the server closes, which waits for held requests
+	b, s, gate, releaseMint := newGatedUnit(t)
 	writeSharedRole(t, b, s, "fleet", testScopes[0])
 	read := make(chan string, 1)
 	go func() {
@@ -555,4 +572,194 @@ func lockRefs(m *keyedMutex, key string) int {
 		return e.refs
 	}
 	return 0
+}
+
+// TestRefusedQueueWriteKeepsTheSharedToken: ending a shared token queues its revocation before it
+// forgets it, so a queue write storage refuses leaves the token stored and the caller gets the error;
+// a retry then ends it. Forgotten first, it was owned by nothing for up to its 10 hours.
+func TestRefusedQueueWriteKeepsTheSharedToken(t *testing.T) {
+	b, s, sw := newSwitchableUnit(t)
+	writeSharedRole(t, b, s, "fleet")
+	tok := readShared(t, b, s, "fleet")
+	sw.down.Store(true) // no revocation now: each must be queued
+	refusing := failingStorage{Storage: s, prefix: revocationPrefix}
+	for _, write := range []struct {
+		path string
+		data map[string]any
+	}{{"rotate-role/fleet", nil}, {rolePrefix + "fleet", map[string]any{"shared": false}}} {
+		resp, err := request(t, b, refusing, logical.UpdateOperation, write.path, write.data)
+		if err == nil && !resp.IsError() {
+			t.Fatalf("%s answered success while its token's revocation could not be queued", write.path)
+		}
+		if st := storedShared(t, s, "fleet"); st == nil || st.AccessToken != tok {
+			t.Fatalf("%s forgot the token it could not queue for revocation", write.path)
+		}
+	}
+	mustWrite(t, b, s, rolePrefix+"fleet", map[string]any{"shared": false})
+	queued := pendingRevocations(t, s)
+	if storedShared(t, s, "fleet") != nil || len(queued) != 1 || queued[0].AccessToken != tok {
+		t.Fatalf("the retried write: want the token forgotten and queued, got %s", describeRecords(queued))
+	}
+}
+
+// sharedScope reads token/<role> and returns the scope of the token it got.
+func sharedScope(t *testing.T, b *backend, s logical.Storage, name string) string {
+	t.Helper()
+	resp, err := request(t, b, s, logical.ReadOperation, "token/"+name, nil)
+	if err != nil || resp.IsError() {
+		t.Fatalf("token/%s: %v %v", name, err, resp)
+	}
+	return resp.Data["scope"].(string)
+}
+
+// TestSharedTokenOfOtherScopesIsNeverServed: what a shared read serves depends on what the stored
+// token was minted with, not on write events: a role write retried after its set-aside failed, and
+// a config delete then create, change the scopes without setting the token aside, and the next read
+// still gets a token of the new scopes.
+func TestSharedTokenOfOtherScopesIsNeverServed(t *testing.T) {
+	b, s, sw := newSwitchableUnit(t)
+	writeSharedRole(t, b, s, "fleet", testScopes[0])
+	writeSharedRole(t, b, s, "plain") // the config's scopes
+	old := readShared(t, b, s, "fleet")
+	readShared(t, b, s, "plain")
+
+	sw.down.Store(true)
+	refusing := failingStorage{Storage: s, prefix: revocationPrefix}
+	if _, err := request(t, b, refusing, logical.UpdateOperation, rolePrefix+"fleet", map[string]any{"scopes": testScopes[1]}); err == nil {
+		t.Fatal("the role write whose set-aside could not be queued answered success")
+	}
+	sw.down.Store(false)
+	mustWrite(t, b, s, rolePrefix+"fleet", map[string]any{"scopes": testScopes[1]}) // the retry: the stored role has these scopes already
+	if got := sharedScope(t, b, s, "fleet"); got != testScopes[1] {
+		t.Fatalf("after a retried role write: a token of scope %q, want %q", got, testScopes[1])
+	}
+	if rec := pendingRevocations(t, s); len(rec) != 1 || rec[0].AccessToken != old {
+		t.Fatalf("the token of the former scopes is not queued alone: %s", describeRecords(rec))
+	}
+
+	cfg, err := getConfig(t.Context(), s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := request(t, b, s, logical.DeleteOperation, configPath, nil); err != nil {
+		t.Fatal(err)
+	}
+	mustWrite(t, b, s, configPath, map[string]any{"client_id": testClientID, "client_secret": testClientSecret, "base_url": cfg.BaseURL, "scopes": testScopes[1]})
+	if got := sharedScope(t, b, s, "plain"); got != testScopes[1] {
+		t.Fatalf("after a config delete and create: a token of scope %q, want %q", got, testScopes[1])
+	}
+}
+
+// TestConfigWriteDuringAFirstMintLeavesNoTokenOfTheOldScopes: a config write changing the scopes
+// while a role's first mint is in flight finds no token to set aside; the token that mint stores,
+// of the old scopes, is not served after the write.
+func TestConfigWriteDuringAFirstMintLeavesNoTokenOfTheOldScopes(t *testing.T) {
+	b, s, gate, releaseMint := newGatedUnit(t)
+	writeSharedRole(t, b, s, "fleet")
+	read := make(chan error, 1)
+	go func() {
+		_, err := request(t, b, s, logical.ReadOperation, "token/fleet", nil)
+		read <- err
+	}()
+	<-gate.arrived
+	mustWrite(t, b, s, configPath, map[string]any{"scopes": testScopes[1]})
+	releaseMint()
+	if err := <-read; err != nil {
+		t.Fatal(err)
+	}
+	if got := sharedScope(t, b, s, "fleet"); got != testScopes[1] {
+		t.Fatalf("the read after the config write got a token of scope %q, want %q", got, testScopes[1])
+	}
+}
+
+// TestSharedTokenLeftAfterItsRoleStopsSharingIsRevoked: a token left stored after its role stopped
+// sharing (the set-aside could not be queued) is queued by the background refresh once due, for when
+// its leases end, and forgotten; the background refresh then stops instead of a round every second.
+func TestSharedTokenLeftAfterItsRoleStopsSharingIsRevoked(t *testing.T) {
+	b, s, sw := newSwitchableUnit(t)
+	writeSharedRole(t, b, s, "fleet")
+	readShared(t, b, s, "fleet")
+	sw.down.Store(true)
+	if _, err := request(t, b, failingStorage{Storage: s, prefix: revocationPrefix}, logical.UpdateOperation, rolePrefix+"fleet", map[string]any{"shared": false}); err == nil {
+		t.Fatal("the role write whose set-aside could not be queued answered success")
+	}
+	sw.down.Store(false)
+	left := storedShared(t, s, "fleet")
+	useFakeClock(b, left.RefreshAt)
+	runPeriodic(t, b, s)
+	queued := pendingRevocations(t, s)
+	if storedShared(t, s, "fleet") != nil || len(queued) != 1 || queued[0].AccessToken != left.AccessToken || !queued[0].NotBefore.Equal(left.RefreshAt) {
+		t.Fatalf("want the left token forgotten and queued until %v, got %s", left.RefreshAt, describeRecords(queued))
+	}
+	eventually(t, 20*time.Second, "the background refresh to stop, with nothing due", func() bool {
+		if !b.refreshing.TryLock() {
+			return false
+		}
+		b.refreshing.Unlock()
+		return true
+	})
+}
+
+// TestRefusedStorageHoldsSharedMintsBack: while storage refuses the shared token's write, the mint's
+// token is revoked and the next attempt is held back as after a failed mint, so reads in the same
+// instant send one token request, not one each.
+func TestRefusedStorageHoldsSharedMintsBack(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	useFakeClock(b, time.Now())
+	refusing := failingStorage{Storage: s, prefix: sharedTokenPrefix}
+	tenFailedReadsMintOnce(t, b, refusing, sv, "while storage refuses")
+	for _, info := range sv.Tokens() {
+		if sv.Active(info.Value) {
+			t.Fatal("a token minted while storage refused is alive at ev.energy")
+		}
+	}
+}
+
+// TestSharedTokenWithAShortWindowIsReplacedBeforeItExpires: with refresh_window under the periodic
+// pass's minute, a shared token nobody reads comes due at least a pass before it expires, so the
+// pass after its point replaces it while it lives.
+func TestSharedTokenWithAShortWindowIsReplacedBeforeItExpires(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	mustWrite(t, b, s, configPath, map[string]any{"refresh_window": "30s"})
+	writeSharedRole(t, b, s, "fleet")
+	readShared(t, b, s, "fleet")
+	st := storedShared(t, s, "fleet")
+	clock := useFakeClock(b, st.RefreshAt.Add(-time.Second))
+	runPeriodic(t, b, s) // the last pass before the point
+	clock.Advance(time.Minute + passBudget)
+	if !clock.Now().Before(st.ExpiresAt) {
+		t.Fatalf("the token's point (%v before its expiry) leaves the next pass after it past its expiry", st.ExpiresAt.Sub(st.RefreshAt))
+	}
+	runPeriodic(t, b, s)
+	if next := storedShared(t, s, "fleet"); next.AccessToken == st.AccessToken || !sv.Active(next.AccessToken) {
+		t.Fatal("the pass after the point did not replace the shared token")
+	}
+}
+
+// TestSharedTokenFingerprint: a shared token's fingerprint matches the role and config it was minted
+// with and no other client, secret or scopes, and holds no secret.
+func TestSharedTokenFingerprint(t *testing.T) {
+	cfg := &config{ClientID: "c", ClientSecret: "the-secret", Scopes: []string{"a", "b"}}
+	for _, r := range []*role{{}, {Scopes: []string{"a"}}, {Scopes: []string{"a", "bc"}}} {
+		fp := mintedWith(cfg, r)
+		if !mintedAs(fp, cfg, r) || strings.Contains(fp, cfg.ClientSecret) {
+			t.Fatalf("the fingerprint of scopes %v does not match itself, or holds the secret", r.tokenScopes(cfg))
+		}
+		for _, other := range []*role{{Scopes: []string{"a"}}, {Scopes: []string{"a", "b", "c"}}, {Scopes: []string{"b"}}, {Scopes: []string{"ab"}}} {
+			if !slices.Equal(other.tokenScopes(cfg), r.tokenScopes(cfg)) && mintedAs(fp, cfg, other) {
+				t.Fatalf("the fingerprint of scopes %v matches scopes %v", r.tokenScopes(cfg), other.Scopes)
+			}
+		}
+		for _, other := range []*config{{ClientID: "c", ClientSecret: "rotated", Scopes: cfg.Scopes}, {ClientID: "d", ClientSecret: cfg.ClientSecret, Scopes: cfg.Scopes}} {
+			if mintedAs(fp, other, r) {
+				t.Fatalf("the fingerprint of client %s matches client %s with its secret changed=%v", cfg.ClientID, other.ClientID, other.ClientSecret != cfg.ClientSecret)
+			}
+		}
+	}
+	if public := (&config{ClientID: "c"}); !mintedAs(mintedWith(public, &role{}), public, &role{}) || mintedAs("", public, &role{}) {
+		t.Fatal("a public client with no scopes: its fingerprint does not match itself, or nothing matches it")
+	}
 }

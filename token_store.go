@@ -28,11 +28,16 @@ type tokenStore struct {
 	stale    map[string]bool   // keys whose token changed underneath since it was cached
 	unsaved  map[string]bool   // keys whose rotated token storage refused: only memory holds it
 	loaded   bool              // tokens holds every stored token
+	forgets  uint64            // how many times stale outgrew staleSlack and was forgotten with loaded
 	schedule refreshSchedule   // the tokens by when they come due; built by the first periodic pass
 
 	locks     keyedMutex // one refresh, mint, replacement or delete of a token at a time: ev.energy rotates refresh tokens
 	refreshes *refreshes // beside the tokens, what only this node knows of their refreshes
 }
+
+// staleSlack bounds the keys a node keeps to read again beyond its cached tokens: a standby learns
+// of deleted users only through Invalidate, and would otherwise keep their keys for good.
+const staleSlack = 1024
 
 // heldPrefixes are the storage prefixes of the held tokens.
 var heldPrefixes = []string{userPrefix, sharedTokenPrefix}
@@ -85,6 +90,9 @@ func (t *tokenStore) put(ctx context.Context, s logical.Storage, key string, g *
 	case err == nil:
 		t.set(key, g)
 		delete(t.unsaved, key)
+		if g == nil {
+			t.refreshes.forget(key) // a deleted token's failures in a row are nobody's now
+		}
 	case !t.unsaved[key]:
 		// What storage holds now is unknown: read it again next time.
 		t.drop(key)
@@ -121,13 +129,11 @@ func (t *tokenStore) putRotated(ctx context.Context, s logical.Storage, key stri
 }
 
 // storeUnsaved stores the rotated tokens that storage refused before, which until then live only in
-// this node's memory.
+// this node's memory. It skips a token whose lock someone holds (a refresh, a delete waiting on a
+// revocation), as the periodic pass must not wait: a later pass stores it.
 func (t *tokenStore) storeUnsaved(ctx context.Context, s logical.Storage) error {
-	t.mu.RLock()
-	keys := slices.Collect(maps.Keys(t.unsaved))
-	t.mu.RUnlock()
 	var errs []error
-	for _, key := range keys {
+	for _, key := range t.unsavedKeys() {
 		if err := t.storeOneUnsaved(ctx, s, key); err != nil {
 			errs = append(errs, fmt.Errorf("storing the rotated token at %s: %w", key, err))
 		}
@@ -135,8 +141,24 @@ func (t *tokenStore) storeUnsaved(ctx context.Context, s logical.Storage) error 
 	return errors.Join(errs...)
 }
 
+// unsavedKeys are the keys of the tokens only memory holds.
+func (t *tokenStore) unsavedKeys() []string {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return slices.Collect(maps.Keys(t.unsaved))
+}
+
 func (t *tokenStore) storeOneUnsaved(ctx context.Context, s logical.Storage, key string) error {
-	defer t.lock(key)()
+	unlock, ok := t.locks.tryLock(key)
+	if !ok {
+		return nil
+	}
+	defer unlock()
+	return t.storeUnsavedLocked(ctx, s, key)
+}
+
+// storeUnsavedLocked stores the token at key if only memory holds it; call it holding key's lock.
+func (t *tokenStore) storeUnsavedLocked(ctx context.Context, s logical.Storage, key string) error {
 	t.mu.RLock()
 	g, unsaved := t.tokens[key], t.unsaved[key]
 	t.mu.RUnlock()
@@ -157,6 +179,13 @@ func (t *tokenStore) invalidate(key string) {
 	t.change(key)
 	if !t.unsaved[key] {
 		t.drop(key)
+	}
+	if len(t.stale) > staleSlack {
+		// Mostly deleted users' keys: forget them all, and read storage for every key not in memory
+		// until the next load of every token.
+		clear(t.stale)
+		t.loaded = false
+		t.forgets++
 	}
 }
 
@@ -185,6 +214,13 @@ func (t *tokenStore) drop(key string) {
 	t.stale[key] = true
 }
 
+// isLoaded reports whether memory holds every stored token, but for those invalidated since.
+func (t *tokenStore) isLoaded() bool {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.loaded
+}
+
 // errTokensLoading says that another load of every held token (the start-up load) is under way.
 var errTokensLoading = errors.New("held tokens are still being loaded")
 
@@ -204,7 +240,7 @@ func (t *tokenStore) loadAllLocked(ctx context.Context, s logical.Storage) error
 	defer load.end()
 	t.mu.RLock()
 	keys := slices.Collect(maps.Keys(t.stale))
-	loaded := t.loaded
+	loaded, forgets := t.loaded, t.forgets
 	t.mu.RUnlock()
 
 	if !loaded {
@@ -230,8 +266,9 @@ func (t *tokenStore) loadAllLocked(ctx context.Context, s logical.Storage) error
 			t.set(key, tokens[i])
 		}
 	}
-	// A token stored after the listing was invalidated, and so is stale: it is read when asked for.
-	t.loaded = true
+	// A token stored after the listing was invalidated, and so is stale: it is read when asked for;
+	// unless stale was forgotten meanwhile.
+	t.loaded = t.loaded || forgets == t.forgets
 	return nil
 }
 
