@@ -8,11 +8,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"io"
 	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 )
@@ -24,7 +26,6 @@ import (
 // Revocation is client-owned (RFC 7009 2.1): another client's token answers 200 and stays.
 type simEvenergy struct {
 	mu      sync.Mutex
-	rng     *rand.Rand
 	clients map[string][]string // client ID -> its valid secrets
 	tokens  map[string]*simToken
 	codes   map[string]*simCode
@@ -36,6 +37,9 @@ type simEvenergy struct {
 
 	lostRefreshes int // refreshes whose answer was lost after the work was done, without a grace period
 	calls         int
+	seed          uint64
+	seen          map[string]int // calls so far by what they ask, for keyedRand
+	current       string         // the call being answered, which names what it issues
 }
 
 // simCallFaults are the chances, in thousandths, that a call fails in each way.
@@ -75,7 +79,7 @@ type simCode struct {
 const simTokenLife = 36000 * time.Second
 
 func newSimEvenergy(seed uint64) *simEvenergy {
-	return &simEvenergy{rng: rand.New(rand.NewPCG(seed, 0x5e5e)), clients: map[string][]string{}, tokens: map[string]*simToken{}, codes: map[string]*simCode{}}
+	return &simEvenergy{seed: seed, seen: map[string]int{}, clients: map[string][]string{}, tokens: map[string]*simToken{}, codes: map[string]*simCode{}}
 }
 
 func (e *simEvenergy) setFaults(f simCallFaults) {
@@ -93,7 +97,9 @@ func (e *simEvenergy) setDown(until time.Time) {
 // issue makes a token; call it with mu held.
 func (e *simEvenergy) issue(client, kind string, refresh bool) (string, *simToken) {
 	e.issued++
-	value := fmt.Sprintf("sim%d-%016x", e.issued, e.rng.Uint64())
+	// Named by the call that issued it, not by the order of calls: goroutines answered at one
+	// virtual instant run in any order, and a seed must replay.
+	value := fmt.Sprintf("sim%d-%016x", e.issued, keyedRand(e.seed, e.current+"|"+kind+fmt.Sprint(refresh), e.seen).Uint64())
 	t := &simToken{id: e.issued, client: client, kind: kind, refresh: refresh, issuedAt: time.Now(), alive: true}
 	if !refresh {
 		t.expires = time.Now().Add(simTokenLife)
@@ -140,7 +146,7 @@ func (e *simEvenergy) authorize(authorizeURL string) (code, state string, err er
 	if _, known := e.clients[q.Get("client_id")]; !known {
 		return "", "", errors.New("the authorize URL names an unknown client")
 	}
-	code = fmt.Sprintf("code-%016x", e.rng.Uint64())
+	code = fmt.Sprintf("code-%016x", keyedRand(e.seed, "code", e.seen).Uint64())
 	e.codes[code] = &simCode{client: q.Get("client_id"), challenge: q.Get("code_challenge"), redirect: q.Get("redirect_uri"), expires: time.Now().Add(60 * time.Second)}
 	return code, q.Get("state"), nil
 }
@@ -152,8 +158,13 @@ func (e *simEvenergy) RoundTrip(req *http.Request) (*http.Response, error) {
 	e.mu.Lock()
 	e.calls++
 	e.flying++
-	latency := time.Duration(5+e.rng.IntN(150)) * time.Millisecond
-	roll, kind := e.rng.IntN(1000), ""
+	// The call's faults are drawn from what it asks, not from the order of calls (see issue).
+	id, _, _ := req.BasicAuth()
+	ask := strings.Join([]string{req.URL.Path, form.Get("grant_type"), form.Get("refresh_token"), form.Get("token"), id, form.Get("client_id"), form.Get("scope")}, "|")
+	rng := keyedRand(e.seed, ask, e.seen)
+	current := fmt.Sprintf("%s#%d", ask, e.seen[ask])
+	latency := time.Duration(5+rng.IntN(150)) * time.Millisecond
+	roll, kind := rng.IntN(1000), ""
 	switch f := e.faults; {
 	case time.Now().Before(e.down):
 		kind = "down"
@@ -166,7 +177,8 @@ func (e *simEvenergy) RoundTrip(req *http.Request) (*http.Response, error) {
 	case roll < f.serverError+f.rateLimited+f.hang+f.lostAnswer:
 		kind = "lost"
 	}
-	retryAfter := []int{1, 2, 5, 30, 90, 21600}[e.rng.IntN(6)]
+	retryAfter := []int{1, 2, 5, 30, 90, 21600}[rng.IntN(6)]
+	hangUp := rng.IntN(2) == 0
 	e.mu.Unlock()
 	start := time.Now()
 	defer func() {
@@ -192,10 +204,11 @@ func (e *simEvenergy) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, req.Context().Err()
 	}
 	e.mu.Lock()
+	e.current = current
 	resp := e.answer(req, form, kind == "lost")
 	e.mu.Unlock()
 	if kind == "lost" { // the work is done; the answer never arrives
-		if e.rng2(2) == 0 {
+		if hangUp {
 			<-req.Context().Done()
 			return nil, req.Context().Err()
 		}
@@ -204,10 +217,13 @@ func (e *simEvenergy) RoundTrip(req *http.Request) (*http.Response, error) {
 	return resp, nil
 }
 
-func (e *simEvenergy) rng2(n int) int {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.rng.IntN(n)
+// keyedRand is the random source of one event, named by key and how many events of that key came
+// before: events of different keys draw the same numbers in whatever order goroutines run them.
+func keyedRand(seed uint64, key string, seen map[string]int) *rand.Rand {
+	seen[key]++
+	h := fnv.New64a()
+	fmt.Fprintf(h, "%s#%d", key, seen[key])
+	return rand.New(rand.NewPCG(seed, h.Sum64()))
 }
 
 func sleepCtx(ctx context.Context, d time.Duration) error {

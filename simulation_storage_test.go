@@ -3,7 +3,7 @@ package evenergy
 import (
 	"context"
 	"errors"
-	"math/rand/v2"
+	"fmt"
 	"strings"
 	"sync"
 	"time"
@@ -18,11 +18,12 @@ type simStorage struct {
 	inner *logical.InmemStorage
 
 	mu          sync.Mutex
-	rng         *rand.Rand
-	refuseUntil time.Time // writes fail until then (a node that lost quorum)
-	blockUntil  time.Time // every call waits until then
-	failRate    int       // thousandths of calls that fail
-	slowRate    int       // thousandths of calls that take 0.1 to 1 s
+	seed        uint64
+	seen        map[string]int // calls so far by key, for keyedRand
+	refuseUntil time.Time      // writes fail until then (a node that lost quorum)
+	blockUntil  time.Time      // every call waits until then
+	failRate    int            // thousandths of calls that fail
+	slowRate    int            // thousandths of calls that take 0.1 to 1 s
 	flying      int
 	written     []string
 	refused     []time.Time // when writes failed
@@ -31,7 +32,7 @@ type simStorage struct {
 var errSimStorage = errors.New("simulated storage failure")
 
 func newSimStorage(seed uint64) *simStorage {
-	return &simStorage{inner: &logical.InmemStorage{}, rng: rand.New(rand.NewPCG(seed, 0x5707))}
+	return &simStorage{inner: &logical.InmemStorage{}, seed: seed, seen: map[string]int{}}
 }
 
 // enter decides the call's fault and waits as it says; write says whether the call writes.
@@ -39,9 +40,14 @@ func (s *simStorage) enter(ctx context.Context, write bool, key string) (func(),
 	s.mu.Lock()
 	s.flying++
 	wait := time.Until(s.blockUntil)
-	fail := s.rng.IntN(1000) < s.failRate || (write && time.Now().Before(s.refuseUntil))
-	if s.rng.IntN(1000) < s.slowRate {
-		wait = max(wait, time.Duration(100+s.rng.IntN(900))*time.Millisecond)
+	named := key // a queued revocation's key is random: its prefix names it
+	if strings.HasPrefix(key, revocationPrefix) {
+		named = revocationPrefix
+	}
+	rng := keyedRand(s.seed, fmt.Sprint(write, named), s.seen)
+	fail := rng.IntN(1000) < s.failRate || (write && time.Now().Before(s.refuseUntil))
+	if rng.IntN(1000) < s.slowRate {
+		wait = max(wait, time.Duration(100+rng.IntN(900))*time.Millisecond)
 	}
 	if write && !fail {
 		s.written = append(s.written, key)
