@@ -62,7 +62,7 @@ SIMTIME  ?=
 # minimized and its trace printed, with the command that replays it. `make test` runs a fixed set.
 SIMFIRST ?= 1
 sim:
-	go test -run '^TestSimulation$$' -count=1 -timeout 0 . -sim.first=$(SIMFIRST) -sim.steps=$(SIMSTEPS) -sim.keepgoing \
+	go test -run '^TestSimulation$$' -count=1 -timeout 0 . -sim.first=$(SIMFIRST) -sim.steps=$(SIMSTEPS) -sim.keepgoing -sim.minimize \
 		$(if $(SIMTIME),-sim.time=$(SIMTIME),-sim.seeds=$(SEEDS))
 
 dev: build vault

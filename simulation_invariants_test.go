@@ -180,14 +180,14 @@ func (s *sim) finish() {
 		synctest.Wait()
 		s.collect()
 		s.periodic(s.b)()
-		if s.failure != nil && !*simAll {
+		if s.failure != nil && !s.all {
 			return
 		}
 	}
 	synctest.Wait()
 	s.collect()
 	s.check()
-	if s.failure != nil && !*simAll {
+	if s.failure != nil && !s.all {
 		return
 	}
 	now := time.Now()

@@ -28,12 +28,12 @@ import (
 //
 //	go test -run 'TestSimulation$' -sim.seed=N -v .
 var (
-	simSeed     = flag.Uint64("sim.seed", 0, "run this seed alone, minimize it and print its trace")
+	simSeed     = flag.Uint64("sim.seed", 0, "run this seed alone and print the trace of its break")
 	simFirst    = flag.Uint64("sim.first", 1, "first seed of a sweep")
 	simSeeds    = flag.Int("sim.seeds", 0, "seeds to run from sim.first (0: the fixed set of make test)")
 	simSteps    = flag.Int("sim.steps", 300, "steps per seed")
 	simTime     = flag.Duration("sim.time", 0, "run seeds from sim.first until this much wall time has passed (instead of sim.seeds)")
-	simMinimize = flag.Bool("sim.minimize", true, "minimize a failing seed's steps before printing them")
+	simMinimize = flag.Bool("sim.minimize", false, "minimize a failing seed's steps (drop steps while it still breaks the same way) before printing them")
 	simReport   = flag.String("sim.report", "", "append one line per failing seed to this file")
 	simKeepOn   = flag.Bool("sim.keepgoing", false, "run every seed of a sweep even after failures")
 	simAll      = flag.Bool("sim.all", false, "go on after a broken promise, reporting the first break of each class")
@@ -41,8 +41,16 @@ var (
 	simClass    = flag.String("sim.class", "", "with -sim.seed and -sim.all: report only this class of break")
 )
 
-// simRegressionSeeds are the seeds that found a defect (see docs/simulation.md); each runs in make test.
-var simRegressionSeeds = map[string]uint64{}
+// simRegression is a seed that found a defect of issue 26 on b2e9841: its steps, and the class of
+// break it found, which must not come back (any other break fails the test too).
+type simRegression struct {
+	seed  uint64
+	steps int
+	class string
+}
+
+// simRegressionSeeds are the seeds that found the defects of issue 26 (see /work/notes/sim-findings.md); each runs in make test.
+var simRegressionSeeds = map[string]simRegression{}
 
 // simFixedSeeds is the sweep make test runs beside the regression seeds.
 const simFixedSeeds = 40
@@ -63,11 +71,11 @@ func TestSimulation(t *testing.T) {
 	}
 	type seedRun struct {
 		name string
-		seed uint64
+		simRegression
 	}
 	var runs []seedRun
-	for name, seed := range simRegressionSeeds {
-		runs = append(runs, seedRun{name, seed})
+	for name, r := range simRegressionSeeds {
+		runs = append(runs, seedRun{name, r})
 	}
 	slices.SortFunc(runs, func(a, b seedRun) int { return strings.Compare(a.name, b.name) })
 	count := *simSeeds
@@ -78,7 +86,7 @@ func TestSimulation(t *testing.T) {
 		if *simTime > 0 && i > 1<<40 {
 			break
 		}
-		runs = append(runs, seedRun{"", *simFirst + i})
+		runs = append(runs, seedRun{"", simRegression{seed: *simFirst + i, steps: *simSteps}})
 		if *simTime > 0 && len(runs) > 1<<20 {
 			break
 		}
@@ -90,16 +98,16 @@ func TestSimulation(t *testing.T) {
 		if *simTime > 0 && time.Since(start) > *simTime {
 			break
 		}
-		ops := genOps(r.seed, *simSteps)
-		found, ranSteps := runOps(t, r.seed, ops, stats)
+		ops := genOps(r.seed, r.steps)
+		found, ranSteps, _ := runTraced(t, r.seed, ops, stats, *simAll || r.name != "")
 		ran++
 		steps += ranSteps
 		if len(found) == 0 {
 			continue
 		}
 		failed++
-		if r.name != "" {
-			t.Errorf("regression seed %s (%d) fails again", r.name, r.seed)
+		if r.name != "" && classIn(found, r.class) != nil {
+			t.Errorf("regression seed %s (seed %d, %d steps) breaks %s again", r.name, r.seed, r.steps, r.class)
 		}
 		for _, f := range found {
 			reportFailure(t, r.seed, ops, f)
@@ -116,13 +124,15 @@ func TestSimulation(t *testing.T) {
 // runOps runs ops for seed in a synctest bubble of their own. It returns the first break of each
 // class (every class with -sim.all, else the first alone) and how many steps ran.
 func runOps(t *testing.T, seed uint64, ops []simOp, stats map[string]int) (found []*simFailure, steps int) {
-	found, steps, _ = runTraced(t, seed, ops, stats)
+	found, steps, _ = runTraced(t, seed, ops, stats, *simAll)
 	return found, steps
 }
 
-func runTraced(t *testing.T, seed uint64, ops []simOp, stats map[string]int) (found []*simFailure, steps int, trace []string) {
+// runTraced is runOps with the trace; all goes on after a break (see -sim.all).
+func runTraced(t *testing.T, seed uint64, ops []simOp, stats map[string]int, all bool) (found []*simFailure, steps int, trace []string) {
 	synctest.Test(t, func(t *testing.T) {
 		s := newSim(seed)
+		s.all = all
 		defer s.close()
 		steps = s.run(ops)
 		found, trace = s.found, s.trace
@@ -141,11 +151,11 @@ func reportFailure(t *testing.T, seed uint64, ops []simOp, f *simFailure) {
 	if *simMinimize {
 		kept = minimize(t, seed, kept, f.class)
 	}
-	found, _, trace := runTraced(t, seed, kept, map[string]int{})
+	found, _, trace := runTraced(t, seed, kept, map[string]int{}, true)
 	min := classIn(found, f.class)
 	if min == nil { // the kept steps no longer break it: print the whole run
 		kept = ops
-		found, _, trace = runTraced(t, seed, ops, map[string]int{})
+		found, _, trace = runTraced(t, seed, ops, map[string]int{}, true)
 		min = cmp.Or(classIn(found, f.class), f)
 	}
 	line := fmt.Sprintf("seed %d: step %d of %d, invariant %s (%s): %s (minimized to %d steps)", seed, f.step, len(ops), f.invariant, f.class, f.msg, len(kept))
@@ -179,7 +189,7 @@ func minimize(t *testing.T, seed uint64, ops []simOp, class string) []simOp {
 		for i := 0; i+size <= len(kept) && tries < 600; {
 			candidate := slices.Concat(kept[:i], kept[i+size:])
 			tries++
-			found, _ := runOps(t, seed, candidate, map[string]int{})
+			found, _, _ := runTraced(t, seed, candidate, map[string]int{}, true)
 			if g := classIn(found, class); g != nil {
 				kept = candidate[:min(g.step+1, len(candidate))]
 				continue
@@ -224,6 +234,7 @@ type sim struct {
 	mu        sync.Mutex // guards what async operations hand back
 	done      []func()
 	inFlight  int
+	all       bool          // go on after a break
 	failure   *simFailure   // the first break
 	found     []*simFailure // the first break of each class
 	step      int
@@ -293,7 +304,7 @@ func (s *sim) logger() hclog.Logger {
 var simEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
 
 func (s *sim) fail(class, format string, args ...any) {
-	if (s.failure != nil && !*simAll) || classIn(s.found, class) != nil {
+	if (s.failure != nil && !s.all) || classIn(s.found, class) != nil {
 		return
 	}
 	msg := tokenValue.ReplaceAllString(fmt.Sprintf(format, args...), "<redacted>")
@@ -378,7 +389,7 @@ func (s *sim) run(ops []simOp) (steps int) {
 		synctest.Wait()
 		s.collect()
 		s.check()
-		if s.failure != nil && !*simAll {
+		if s.failure != nil && !s.all {
 			return i + 1
 		}
 	}
