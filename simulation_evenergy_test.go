@@ -189,7 +189,7 @@ func (e *simEvenergy) RoundTrip(req *http.Request) (*http.Response, error) {
 			pass.call(time.Since(start))
 		}
 	}()
-	if err := sleepCtx(req.Context(), latency); err != nil {
+	if err := sleepUntil(req.Context(), time.Now().Add(latency)); err != nil {
 		return nil, err
 	}
 	switch kind {
@@ -224,17 +224,6 @@ func keyedRand(seed uint64, key string, seen map[string]int) *rand.Rand {
 	h := fnv.New64a()
 	fmt.Fprintf(h, "%s#%d", key, seen[key])
 	return rand.New(rand.NewPCG(seed, h.Sum64()))
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	timer := time.NewTimer(d)
-	defer timer.Stop()
-	select {
-	case <-timer.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
 }
 
 func simAnswer(req *http.Request, status int, body map[string]any, header http.Header) *http.Response {
