@@ -56,7 +56,7 @@ var simRegressionSeeds = map[string]simRegression{
 	"defect5-check-grants-revokes-leased-shared":  {seed: 139, steps: 22, class: "b:lease-runs:shared:revoke"},
 	"defect6-unshared-role-keeps-its-token":       {seed: 275, steps: 1000, class: "e:shared-left"},
 	"defect8-deleted-role-keeps-a-failure-record": {seed: 213, steps: 24, class: "d:memory"},
-	"also-shared-read-mints-while-writes-refused": {seed: 27, steps: 16, class: "a:unowned:client_credentials"},
+	"also-shared-read-mints-while-writes-refused": {seed: 27, steps: 16, class: "a:unowned:client_credentials:never-stored"},
 }
 
 // simFixedSeeds is the sweep make test runs beside the regression seeds.
@@ -237,21 +237,22 @@ type sim struct {
 	b     *backend
 	nodes int
 
-	leases    []*simLease
-	mu        sync.Mutex // guards what async operations hand back
-	done      []func()
-	inFlight  int
-	all       bool          // go on after a break
-	failure   *simFailure   // the first break
-	found     []*simFailure // the first break of each class
-	step      int
-	trace     []string
-	traceMu   sync.Mutex
-	stats     map[string]int
-	defWrites int       // config and role writes in flight
-	defDone   time.Time // when the last one ended
-	endings   []*simEnding
-	passes    int
+	leases     []*simLease
+	mu         sync.Mutex // guards what async operations hand back
+	done       []func()
+	inFlight   int
+	all        bool          // go on after a break
+	failure    *simFailure   // the first break
+	found      []*simFailure // the first break of each class
+	step       int
+	trace      []string
+	traceMu    sync.Mutex
+	stats      map[string]int
+	defWrites  int       // config and role writes in flight
+	defDone    time.Time // when the last one ended
+	endings    []*simEnding
+	everStored map[string]bool // token values seen in storage
+	passes     int
 }
 
 // simLease is a lease as Vault's expiration manager keeps it.
@@ -272,7 +273,7 @@ type simLease struct {
 }
 
 func newSim(seed uint64) *sim {
-	s := &sim{seed: seed, rng: rand.New(rand.NewPCG(seed, 0xe7)), ev: newSimEvenergy(seed), st: newSimStorage(seed), stats: map[string]int{}}
+	s := &sim{seed: seed, rng: rand.New(rand.NewPCG(seed, 0xe7)), ev: newSimEvenergy(seed), st: newSimStorage(seed), stats: map[string]int{}, everStored: map[string]bool{}}
 	for id, secrets := range simSecrets {
 		s.ev.clients[id] = secrets
 	}
