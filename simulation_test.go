@@ -56,6 +56,7 @@ var simRegressionSeeds = map[string]simRegression{
 	"defect5-check-grants-revokes-leased-shared":  {seed: 139, steps: 22, class: "b:lease-runs:shared:revoke"},
 	"defect6-unshared-role-keeps-its-token":       {seed: 275, steps: 1000, class: "e:shared-left"},
 	"defect8-deleted-role-keeps-a-failure-record": {seed: 213, steps: 24, class: "d:memory"},
+	"n4-shared-token-replaced-unqueued":           {seed: 239, steps: 98, class: "a:unowned:client_credentials:forgotten"},
 	"also-shared-read-mints-while-writes-refused": {seed: 27, steps: 16, class: "a:unowned:client_credentials:never-stored"},
 }
 
