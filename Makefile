@@ -5,7 +5,7 @@ VAULT   := $(CURDIR)/bin/vault
 VERSION := v$(shell cat VERSION)
 LDFLAGS := -X github.com/evenergy/vault-plugin-secrets-evenergy.Version=$(VERSION)
 
-.PHONY: build release vault bao chromium test test-openbao soak test-times bench bench-scale bench-plugins fuzz dev dev-stop
+.PHONY: build release vault bao chromium test test-openbao soak test-times bench bench-scale bench-plugins fuzz sim dev dev-stop
 
 build:
 	go build -ldflags "$(LDFLAGS)" -o bin/plugins/$(PLUGIN) ./cmd/$(PLUGIN)
@@ -91,6 +91,18 @@ fuzz:
 	for target in $$(go test -list '^Fuzz' . | grep '^Fuzz'); do \
 		go test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s -parallel 1 . || exit 1; \
 	done
+
+SEEDS    ?= 1000
+SIMSTEPS ?= 1000
+SIMTIME  ?=
+
+# The seeded simulation of the whole engine (simulation_test.go): SEEDS seeds from SIMFIRST, or as
+# many as SIMTIME allows (e.g. make sim SIMTIME=30m), SIMSTEPS steps each; every failing seed is
+# minimized and its trace printed, with the command that replays it. `make test` runs a fixed set.
+SIMFIRST ?= 1
+sim:
+	go test -run '^TestSimulation$$' -count=1 -timeout 0 . -sim.first=$(SIMFIRST) -sim.steps=$(SIMSTEPS) -sim.keepgoing -sim.minimize \
+		$(if $(SIMTIME),-sim.time=$(SIMTIME),-sim.seeds=$(SEEDS))
 
 dev: build vault
 	VERSION=$(VERSION) scripts/dev.sh start

@@ -4,6 +4,7 @@ package evenergy
 
 import (
 	"context"
+	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -42,12 +43,13 @@ type backend struct {
 
 	// configWrites serializes config writes and deletes, which run on the active node only: each
 	// must retire the client it replaces, which a concurrent one could store meanwhile.
-	configWrites sync.Mutex
-	budget       *callBudget // spaces the calls to ev.energy of refreshes and revocations
+	configWrites condMutex
+	budget       *callBudget       // spaces the calls to ev.energy of refreshes and revocations
+	transport    http.RoundTripper // nil: each client has its own connection pool; the simulation sets its in-memory ev.energy
 
 	// refreshing is held by the background refresh of due grants while it runs (see refreshDueTokens),
 	// which ends with background, when the mount stops on this node.
-	refreshing     sync.Mutex
+	refreshing     condMutex
 	background     context.Context
 	stopBackground context.CancelFunc
 	cleaned        sync.Once

@@ -67,7 +67,7 @@ func (b *backend) config(ctx context.Context, s logical.Storage) (*config, *even
 		return nil, nil, err
 	}
 	cfg.digest = cfg.secretDigest()
-	current = &configured{cfg: cfg, client: newClient(cfg, b.metrics)}
+	current = &configured{cfg: cfg, client: newClient(cfg, b.metrics, b.transport)}
 	load.keep(configPath, func() { b.cache.configured = current })
 	return current.cfg, current.client, nil
 }

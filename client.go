@@ -24,22 +24,28 @@ type evenergyClient struct {
 // maxIdleConnections is how many idle connections to ev.energy one client keeps.
 const maxIdleConnections = 64
 
-// newClient makes the client of one config, with its own connection pool; request_timeout bounds
-// each whole call (a retry included) through its context, not per attempt. It follows no redirect:
-// a 3xx answer is an error, or the client's credentials and tokens would go where it points.
-func newClient(cfg *config, m *metrics) *evenergyClient {
-	pool := http.DefaultTransport.(*http.Transport).Clone()
-	// Every call goes to one host: keep as many idle connections as the readers Vault serves at
-	// once use, not net/http's default of 2, or concurrent mints each dial anew.
-	pool.MaxIdleConnsPerHost = maxIdleConnections
-	transport := timedTransport{next: pool, latency: m.latency}
+// newClient makes the client of one config, with its own connection pool unless next is given (the
+// simulation's in-memory ev.energy); request_timeout bounds each whole call (a retry included)
+// through its context, not per attempt. It follows no redirect: a 3xx answer is an error, or the
+// client's credentials and tokens would go where it points.
+func newClient(cfg *config, m *metrics, next http.RoundTripper) *evenergyClient {
+	if next == nil {
+		pool := http.DefaultTransport.(*http.Transport).Clone()
+		// Every call goes to one host: keep as many idle connections as the readers Vault serves at
+		// once use, not net/http's default of 2, or concurrent mints each dial anew.
+		pool.MaxIdleConnsPerHost = maxIdleConnections
+		next = pool
+	}
+	transport := timedTransport{next: next, latency: m.latency}
 	noRedirects := func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	return &evenergyClient{cfg: cfg, http: &http.Client{Transport: transport, CheckRedirect: noRedirects}, metrics: m}
 }
 
 // close lets go of the connections of a client whose config was replaced.
 func (c *evenergyClient) close() {
-	c.http.Transport.(timedTransport).next.(*http.Transport).CloseIdleConnections()
+	if pool, ok := c.http.Transport.(timedTransport).next.(*http.Transport); ok {
+		pool.CloseIdleConnections()
+	}
 }
 
 func (c *evenergyClient) tokenURL() string  { return c.cfg.BaseURL + "/o/token" }

@@ -168,7 +168,7 @@ func TestRedirectWithoutLocation(t *testing.T) {
 
 // testClient is an ev.energy client outside any backend, with metrics nobody reads.
 func testClient(cfg *config) *evenergyClient {
-	return newClient(cfg, newMetrics(func() map[string]int { return nil }, func() int { return 0 }, func() map[string]int { return nil }))
+	return newClient(cfg, newMetrics(func() map[string]int { return nil }, func() int { return 0 }, func() map[string]int { return nil }), nil)
 }
 
 // TestConcurrentMintsReuseConnections: waves of 16 concurrent mints, as 16 Vault clients make, dial

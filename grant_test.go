@@ -355,6 +355,10 @@ func (l *ledgerServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // HTTP-date Retry-After), re-authorizations, periodic passes, clock moves (often to just before a
 // promised lease end) and restarts on the same storage: no refresh or revocation kills an access
 // token before every lease handed out for it has ended, and no lease outlives its token.
+// It stays beside the simulation (simulation_test.go), whose invariant (b) checks the same promise
+// on virtual time: this one runs the engine's real HTTP client against a real HTTP server
+// (httptest, which a synctest bubble cannot host) and checks each queued replaced grant's
+// not_before against the end of every lease handed out for it.
 func TestNoRefreshKillsALeasedToken(t *testing.T) {
 	const steps, life = 4000, time.Hour
 	rng := rand.New(rand.NewPCG(18, 18))

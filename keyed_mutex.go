@@ -12,7 +12,7 @@ type keyedMutex struct {
 
 // keyedEntry is the mutex of one key and how many hold it or wait for it.
 type keyedEntry struct {
-	sync.Mutex
+	condMutex
 	refs int
 }
 

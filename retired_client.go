@@ -132,7 +132,7 @@ func (b *backend) clientFor(ctx context.Context, s logical.Storage, clientID str
 	if rc == nil {
 		return nil, &unknownClientError{clientID: clientID}
 	}
-	client = newClient(&rc.Config, b.metrics)
+	client = newClient(&rc.Config, b.metrics, b.transport)
 	b.retired.mu.Lock()
 	defer b.retired.mu.Unlock()
 	if existing := b.retired.clients[clientID]; existing != nil {

@@ -7,7 +7,6 @@ import (
 	"maps"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/logical"
@@ -22,7 +21,7 @@ import (
 // background refresh reach held tokens through it alone.
 type tokenStore struct {
 	loadGuard
-	loadingAll sync.Mutex // held by a load of every token: a second one (the periodic pass's) does not wait for it
+	loadingAll condMutex // held by a load of every token: a second one (the periodic pass's) does not wait for it
 
 	tokens   map[string]*grant // by storage key, every held token once loaded; stale ones are read again
 	tally    tokenTally        // the tokens in memory by kind, client and status
