@@ -74,6 +74,7 @@ func (b *backend) refreshTokenIfDue(ctx context.Context, cfg *config, t heldToke
 		return err
 	}
 	next, err := b.joinRefresh(ctx, cfg, t, g, false)
+	disownUnclaimed(ctx, err) // the pass hands out no lease
 	if next != nil && next.ExpiresAt.Sub(b.tokens.refreshes.now()) >= readAhead {
 		return nil
 	}
@@ -111,6 +112,9 @@ func (b *backend) joinRefresh(ctx context.Context, cfg *config, t heldToken, g *
 	case <-f.done:
 		return f.g, f.err
 	case <-ctx.Done():
+		if start {
+			disownUnclaimed(ctx, f.err) // the flight landed (fly returns when it does), and no reader is left to take it
+		}
 		return nil, ctx.Err()
 	}
 }

@@ -8,6 +8,7 @@ import (
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+	"golang.org/x/oauth2"
 )
 
 const secretAccessTokenType = "evenergy_access_token"
@@ -70,20 +71,27 @@ func (b *backend) pathTokenRead(ctx context.Context, req *logical.Request, d *fr
 		return nil, err
 	}
 	b.retired.minted(tok.Expiry)
+	name, _ := roleName.(string)
+	return b.leaseMintedToken(ctx, req.Storage, cfg.ClientID, name, r, tok)
+}
+
+// leaseMintedToken answers tok, minted by clientID for role name ("" for none), under a lease of its
+// own whose end revokes it.
+func (b *backend) leaseMintedToken(ctx context.Context, s logical.Storage, clientID, name string, r *role, tok *oauth2.Token) (*logical.Response, error) {
 	internal := map[string]any{
-		"client_id":    cfg.ClientID,
+		"client_id":    clientID,
 		"access_token": tok.AccessToken,
 		"expires_at":   tok.Expiry.Format(time.RFC3339),
 	}
 	if tok.RefreshToken != "" {
 		internal["refresh_token"] = tok.RefreshToken
 	}
-	if roleName != nil {
-		internal["role"] = roleName
+	if name != "" {
+		internal["role"] = name
 	}
 	resp := b.Secret(secretAccessTokenType).Response(tokenData(tok.AccessToken, tok.Type(), tokenScope(tok), tok.Expiry), internal)
 	resp.Secret.TTL, resp.Secret.MaxTTL = leaseTTLs(r, time.Now(), tok.Expiry)
-	return b.leaseOrRevoke(ctx, req.Storage, cfg.ClientID, tok, resp)
+	return b.leaseOrRevoke(ctx, s, clientID, tok, resp)
 }
 
 // leaseTTLs are the role's TTL and max TTL, capped so the lease never outlives the token. A zero

@@ -2,13 +2,16 @@ package evenergy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/vault/sdk/framework"
 	"github.com/hashicorp/vault/sdk/logical"
+	"golang.org/x/oauth2"
 )
 
 // sharedTokenPrefix keeps, seal-wrapped, the one client-credentials token of each shared role.
@@ -127,10 +130,9 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 		next.RefreshAt = latest
 	}
 	if err := b.tokens.put(ctx, t.s, t.key(), next); err != nil {
-		b.disown(ctx, t.s, revocation{ClientID: cfg.ClientID, AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry, Reason: reasonUnowned})
-		// Held back as a failed mint, or every read would mint and revoke a token while storage refuses.
+		// Held back as a failed mint, or every read would mint a token while storage refuses.
 		b.tokens.refreshes.failed(t.key(), current, err)
-		return current, err
+		return current, &unstoredSharedToken{err: err, rec: revocation{ClientID: cfg.ClientID, AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry, Reason: reasonUnowned}, b: b, s: t.s}
 	}
 	b.metrics.sharedTokens.WithLabelValues(sharedMinted).Inc()
 	if old != nil {
@@ -140,11 +142,39 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 	return next, nil
 }
 
+// unstoredSharedToken is the error of a shared token ev.energy minted but storage refused: one reader
+// claims it and gets the token under a lease of its own, which revokes it (no revocation nor queue
+// call that could fail too), and whoever else is left with it unclaimed disowns it.
+type unstoredSharedToken struct {
+	err     error // storage's
+	rec     revocation
+	b       *backend
+	s       logical.Storage
+	claimed atomic.Bool
+}
+
+func (u *unstoredSharedToken) Error() string { return u.err.Error() }
+func (u *unstoredSharedToken) Unwrap() error { return u.err }
+
+// claim reports whether the caller is the first to take the token.
+func (u *unstoredSharedToken) claim() bool { return u.claimed.CompareAndSwap(false, true) }
+
+// disownUnclaimed revokes or queues the unstored token err carries, unless a reader claimed it.
+func disownUnclaimed(ctx context.Context, err error) {
+	if unstored := (*unstoredSharedToken)(nil); errors.As(err, &unstored) && unstored.claim() {
+		unstored.b.disown(ctx, unstored.s, unstored.rec)
+	}
+}
+
 // readSharedToken answers a read of a shared role's token: the stored one, from memory, under a
 // lease that ends by its refresh point and cannot be renewed (see currentToken). The lease names
 // only the role: what crosses to Vault and into each lease entry is what Vault needs.
 func (b *backend) readSharedToken(ctx context.Context, s logical.Storage, cfg *config, name string, r *role) (*logical.Response, error) {
 	g, lease, err := b.currentToken(ctx, cfg, sharedRole{b, s, cfg, name, r})
+	if unstored := (*unstoredSharedToken)(nil); errors.As(err, &unstored) && unstored.claim() {
+		tok := &oauth2.Token{AccessToken: unstored.rec.AccessToken, RefreshToken: unstored.rec.RefreshToken, Expiry: unstored.rec.ExpiresAt}
+		return b.leaseMintedToken(ctx, s, unstored.rec.ClientID, name, r, tok)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -698,20 +698,35 @@ func TestSharedTokenLeftAfterItsRoleStopsSharingIsRevoked(t *testing.T) {
 	})
 }
 
-// TestRefusedStorageHoldsSharedMintsBack: while storage refuses the shared token's write, the mint's
-// token is revoked and the next attempt is held back as after a failed mint, so reads in the same
-// instant send one token request, not one each.
-func TestRefusedStorageHoldsSharedMintsBack(t *testing.T) {
+// TestRefusedStorageHandsTheSharedMintToOneReader: while storage refuses every write (the shared
+// token's and the revocation queue's), the token minted is handed to the first reader under a lease
+// of its own, which revokes it when it ends; the next attempt is held back as after a failed mint, so
+// the other reads in the same instant fail without a token request. Before, the token was revoked,
+// and when ev.energy failed that and the queue write was refused too, nothing owned it (seed 27).
+func TestRefusedStorageHandsTheSharedMintToOneReader(t *testing.T) {
 	b, s := newUnitBackend(t)
 	sv := newUnitStandin(t, b, s)
 	writeSharedRole(t, b, s, "fleet")
 	useFakeClock(b, time.Now())
-	refusing := failingStorage{Storage: s, prefix: sharedTokenPrefix}
-	tenFailedReadsMintOnce(t, b, refusing, sv, "while storage refuses")
-	for _, info := range sv.Tokens() {
-		if sv.Active(info.Value) {
-			t.Fatal("a token minted while storage refused is alive at ev.energy")
+	refusing := failingStorage{Storage: s, prefix: ""}
+	requests := sv.TokenRequests()
+	secret, tok := leasedToken(t, b, refusing, "token/fleet")
+	if secret.LeaseOptions.Renewable != true || !sv.Active(tok) {
+		t.Fatalf("the reader got a shared lease, or a dead token, for a token storage refused (renewable %v)", secret.LeaseOptions.Renewable)
+	}
+	for range 9 {
+		if _, err := request(t, b, refusing, logical.ReadOperation, "token/fleet", nil); err == nil {
+			t.Fatal("a read in the same instant while storage refuses got a token")
 		}
+	}
+	if n := sv.TokenRequests() - requests; n != 1 {
+		t.Fatalf("10 reads in the same instant while storage refuses sent %d token requests, want 1", n)
+	}
+	if err := revokeLease(t, b, s, secret); err != nil {
+		t.Fatal(err)
+	}
+	if sv.Active(tok) {
+		t.Fatal("the reader's lease ended and its token is alive at ev.energy")
 	}
 }
 
