@@ -111,11 +111,17 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 	}
 	tok, err := client.clientCredentialsToken(ctx, r.tokenScopes(cfg))
 	if err != nil {
-		held := *current
-		held.RefreshAt = b.tokens.refreshes.failed(t.key(), current, err)
+		retryAt := b.tokens.refreshes.failed(t.key(), current, err)
 		if current.AccessToken == "" {
 			return current, err // no token to give: readers get this failure, with no call, until the next attempt
 		}
+		if retryAt.Before(current.leasesEnd(cfg)) {
+			// Made due early (check-grants): the stored point stays where its leases end, as the old token
+			// is revoked there once replaced; memory holds the next attempt back.
+			return current, err
+		}
+		held := *current
+		held.RefreshAt = retryAt
 		// The next attempt becomes the token's refresh point, as for a user's grant.
 		if stored := b.tokens.put(ctx, t.s, t.key(), &held); stored != nil {
 			b.Logger().Warn("could not replace a role's shared ev.energy token nor store when to try again", "role", t.name, "error", err, "storage_error", stored)

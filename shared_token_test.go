@@ -494,6 +494,36 @@ func TestCheckGrantsReplacesSharedTokensMintedBefore(t *testing.T) {
 	}
 }
 
+// TestFailedReplacementAfterCheckGrantsKeepsTheLeasesEnd: check-grants makes a shared token due early
+// and its replacement fails; the token stays stored with its point where its leases end, so the
+// replacement that goes through later queues it there. Before, the failure's next attempt became the
+// stored point, and the token was revoked seconds later while its leases ran for hours (seed 15).
+func TestFailedReplacementAfterCheckGrantsKeepsTheLeasesEnd(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	readShared(t, b, s, "fleet")
+	minted := storedShared(t, s, "fleet")
+	clock := useFakeClock(b, time.Now().Add(time.Second))
+
+	mustWrite(t, b, s, "check-grants", nil)
+	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
+	runPeriodicTolerant(b, s)
+	sv.SetFault(standin.Fault{})
+	if held := storedShared(t, s, "fleet"); held == nil || held.AccessToken != minted.AccessToken || !held.RefreshAt.Equal(minted.RefreshAt) {
+		t.Fatalf("after a failed replacement the stored point moved from %v (where the leases end) to %v", minted.RefreshAt, held.RefreshAt)
+	}
+	clock.Advance(time.Hour) // past any backoff: the background refresh's next round replaces it
+	eventually(t, 30*time.Second, "the shared token replaced after the backoff", func() bool {
+		next := storedShared(t, s, "fleet")
+		return next != nil && next.AccessToken != minted.AccessToken
+	})
+	queued := pendingRevocations(t, s)
+	if len(queued) != 1 || queued[0].AccessToken != minted.AccessToken || !queued[0].NotBefore.Equal(minted.RefreshAt) || !sv.Active(minted.AccessToken) {
+		t.Fatalf("want the replaced token alive and queued for revocation at %v, where its leases end, got %s", minted.RefreshAt, describeRecords(queued))
+	}
+}
+
 // gatedMint holds the stand-in's client-credentials token requests until release is closed, and
 // tells arrived of each.
 type gatedMint struct {
