@@ -135,7 +135,14 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 	if latest := next.ExpiresAt.Add(-min(unreadLead, next.ExpiresAt.Sub(next.LastRefreshedAt)/2)); latest.Before(next.RefreshAt) {
 		next.RefreshAt = latest
 	}
-	if err := b.tokens.put(ctx, t.s, t.key(), next); err != nil {
+	// The old token is queued before the new one replaces it, so a refused write leaves it stored.
+	if old != nil {
+		err = b.queueRevocation(ctx, t.s, old.revocation(old.leasesEnd(cfg), reasonReplacedShared), nil)
+	}
+	if err == nil {
+		err = b.tokens.put(ctx, t.s, t.key(), next)
+	}
+	if err != nil {
 		// Held back as a failed mint, or every read would mint a token while storage refuses.
 		b.tokens.refreshes.failed(t.key(), current, err)
 		return current, &unstoredSharedToken{err: err, rec: revocation{ClientID: cfg.ClientID, AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry, Reason: reasonUnowned}, b: b, s: t.s}
@@ -143,7 +150,6 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 	b.metrics.sharedTokens.WithLabelValues(sharedMinted).Inc()
 	if old != nil {
 		b.metrics.sharedTokens.WithLabelValues(sharedReplaced).Inc()
-		b.revokeAfterLeases(ctx, t.s, old.revocation(old.leasesEnd(cfg), reasonReplacedShared))
 	}
 	return next, nil
 }

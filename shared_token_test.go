@@ -524,6 +524,29 @@ func TestFailedReplacementAfterCheckGrantsKeepsTheLeasesEnd(t *testing.T) {
 	}
 }
 
+// TestReplacementWhoseQueueWriteIsRefusedKeepsTheOldToken: when storage refuses to queue the
+// replaced shared token's revocation, the old token stays stored (owned, alive for its leases) and
+// the new one goes to the reader under a lease of its own. Before, the new token replaced it in
+// storage and the old one was revoked at once, or, when ev.energy failed that too, owned by nothing
+// (seed 256).
+func TestReplacementWhoseQueueWriteIsRefusedKeepsTheOldToken(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	readShared(t, b, s, "fleet")
+	minted := storedShared(t, s, "fleet")
+	useFakeClock(b, time.Now().Add(time.Second))
+
+	mustWrite(t, b, s, "check-grants", nil)
+	secret, tok := leasedToken(t, b, failingStorage{Storage: s, prefix: revocationPrefix}, "token/fleet")
+	if tok == minted.AccessToken || !secret.LeaseOptions.Renewable || !sv.Active(tok) {
+		t.Fatal("the read did not get the new token under a lease of its own")
+	}
+	if stored := storedShared(t, s, "fleet"); stored == nil || stored.AccessToken != minted.AccessToken || !sv.Active(minted.AccessToken) {
+		t.Fatal("the old token, whose revocation storage refused to queue, is no longer stored and alive")
+	}
+}
+
 // gatedMint holds the stand-in's client-credentials token requests until release is closed, and
 // tells arrived of each.
 type gatedMint struct {
