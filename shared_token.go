@@ -76,10 +76,15 @@ func (t sharedRole) current(ctx context.Context) (*grant, error) {
 // stored is current, and the token stored whatever its client (nil if none).
 func (t sharedRole) stored(ctx context.Context) (current, stored *grant, err error) {
 	stored, err = t.b.tokens.get(ctx, t.s, t.key())
-	if err != nil || stored == nil || stored.Status == grantEnding || !mintedAs(stored.MintedWith, t.cfg, t.role) {
-		return &grant{}, stored, err
+	return t.served(stored), stored, err
+}
+
+// served is stored if readers may get it, else the zero grant.
+func (t sharedRole) served(stored *grant) *grant {
+	if stored == nil || stored.Status == grantEnding || !mintedAs(stored.MintedWith, t.cfg, t.role) {
+		return &grant{}
 	}
-	return stored, stored, nil
+	return stored
 }
 
 // renew mints the role's next token, under its lock, if the stored one is due or minted otherwise,
@@ -102,12 +107,16 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 		return nil, logical.CodedError(http.StatusConflict, "role "+t.name+" no longer shares its token: read it again")
 	}
 	t.cfg, t.role = cfg, r
-	current, old, err := t.stored(ctx)
+	// From storage, not memory: a mint over a token memory missed (a start-up load racing the mint
+	// that stored it) would replace it unqueued. A replacement is rare; the read is cheap.
+	old, err := getGrant(ctx, t.s, t.key())
 	if err != nil {
 		return nil, err
 	}
+	current := t.served(old)
 	if !current.due(cfg, b.tokens.refreshes.now()) {
-		return current, nil // replaced meanwhile
+		b.tokens.invalidate(t.key()) // memory found it due: read storage again next time
+		return current, nil          // replaced meanwhile
 	}
 	tok, err := client.clientCredentialsToken(ctx, r.tokenScopes(cfg))
 	if err != nil {

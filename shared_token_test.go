@@ -547,6 +547,31 @@ func TestReplacementWhoseQueueWriteIsRefusedKeepsTheOldToken(t *testing.T) {
 	}
 }
 
+// TestMintDecidesFromStorageNotMemory: when memory misses the stored shared token (as a start-up load
+// racing the mint that stored it can leave it), a read mints nothing and overwrites nothing: the
+// token stored is served. Before, the read minted another and stored it over the first, which no
+// revocation record held (N4, regression seed n4-shared-token-replaced-unqueued).
+func TestMintDecidesFromStorageNotMemory(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	first := readShared(t, b, s, "fleet")
+	requests := sv.TokenRequests()
+
+	b.tokens.mu.Lock() // memory believes the role has no token, while storage holds it
+	b.tokens.drop(sharedTokenPrefix + "fleet")
+	delete(b.tokens.stale, sharedTokenPrefix+"fleet")
+	b.tokens.loaded = true
+	b.tokens.mu.Unlock()
+
+	if got := readShared(t, b, s, "fleet"); got != first || sv.TokenRequests() != requests {
+		t.Fatalf("a read whose memory missed the stored token sent %d token requests and got another token", sv.TokenRequests()-requests)
+	}
+	if stored := storedShared(t, s, "fleet"); stored == nil || stored.AccessToken != first {
+		t.Fatal("the stored shared token was overwritten")
+	}
+}
+
 // gatedMint holds the stand-in's client-credentials token requests until release is closed, and
 // tells arrived of each.
 type gatedMint struct {
