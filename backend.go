@@ -155,12 +155,7 @@ func (b *backend) settleUnsavedToken(ctx context.Context, key string) {
 	if stored == nil || g == nil {
 		return
 	}
-	rec := g.revocation(time.Time{}, reasonUnowned)
-	client, err := b.clientFor(ctx, b.storage, rec.ClientID)
-	if err == nil {
-		err = rec.revokeWith(ctx, client)
-	}
-	if err != nil {
+	if err := b.revokeOutsideBudget(ctx, b.storage, g.revocation(time.Time{}, reasonUnowned)); err != nil {
 		b.Logger().Error("a rotated ev.energy grant that storage refused dies with this node's memory, and could not be revoked", "key", key, "storage_error", stored, "error", err)
 		return
 	}

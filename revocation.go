@@ -346,10 +346,26 @@ func (b *backend) revokeAfterLeases(ctx context.Context, s logical.Storage, rec 
 	}
 }
 
-// disown revokes tokens that nothing in Vault owns, now or through the queue.
+// disown revokes tokens that nothing in Vault owns, now or through the queue; when neither the call
+// budget nor the queue takes them (a step-down closes the one as storage refuses the other), with one
+// call outside the budget, as a step-down's settleUnsaved does.
 func (b *backend) disown(ctx context.Context, s logical.Storage, rec revocation) {
 	rec.NotBefore = time.Time{}
-	if err := b.revokeOrQueue(context.WithoutCancel(ctx), s, rec); err != nil {
-		b.Logger().Error("ev.energy tokens that Vault does not own could not be revoked nor queued", "client_id", rec.ClientID, "reason", rec.Reason, "error", err)
+	ctx = context.WithoutCancel(ctx)
+	err := b.revokeOrQueue(ctx, s, rec)
+	if err == nil {
+		return
 	}
+	if outside := b.revokeOutsideBudget(ctx, s, rec); outside != nil {
+		b.Logger().Error("ev.energy tokens that Vault does not own could not be revoked nor queued", "client_id", rec.ClientID, "reason", rec.Reason, "error", errors.Join(err, outside))
+	}
+}
+
+// revokeOutsideBudget revokes what rec holds as its client, with no turn under the call budget.
+func (b *backend) revokeOutsideBudget(ctx context.Context, s logical.Storage, rec revocation) error {
+	client, err := b.clientFor(ctx, s, rec.ClientID)
+	if err != nil {
+		return err
+	}
+	return rec.revokeWith(ctx, client)
 }

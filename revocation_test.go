@@ -318,3 +318,18 @@ func TestInterruptedRetryForgetsNothing(t *testing.T) {
 		t.Fatalf("after the interrupted retry storage holds %d records and the metric counts %d, want 1 and 1", stored, counted)
 	}
 }
+
+// TestDisownWithNoBudgetNorQueueRevokesOutsideTheBudget: on a step-down the call budget is closed
+// and storage refuses the queue; a token nothing owns is then revoked with one call outside the
+// budget. Before, it was left alive and owned by nothing (simulator seed 78, 300 steps).
+func TestDisownWithNoBudgetNorQueueRevokesOutsideTheBudget(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	tok := readShared(t, b, s, "fleet")
+	b.budget.close()
+	b.disown(t.Context(), failingStorage{Storage: s, prefix: revocationPrefix}, storedShared(t, s, "fleet").revocation(time.Time{}, reasonUnowned))
+	if sv.Active(tok) {
+		t.Fatal("a token disowned with the budget closed and the queue refused is alive at ev.energy")
+	}
+}
