@@ -470,18 +470,24 @@ func TestSharedTokenReplacedWhenTheSecretChanges(t *testing.T) {
 	expectSharedReplaced(t, b, s, sv, "fleet", minted)
 }
 
-// TestCheckGrantsReplacesSharedTokensMintedBefore: after a restore, a shared token stored in the
-// snapshot may have been replaced and revoked since; check-grants replaces the ones minted before it,
-// and revokes each once the leases handed out for it have ended.
-func TestCheckGrantsReplacesSharedTokensMintedBefore(t *testing.T) {
+// sharedTokenDueByCheck mints the shared role fleet's token, then runs check-grants a second later,
+// on a fake clock, which makes it due; it returns the token as stored before the check.
+func sharedTokenDueByCheck(t *testing.T) (*backend, logical.Storage, *standin.Server, *grant, *fakeClock) {
 	b, s := newUnitBackend(t)
 	sv := newUnitStandin(t, b, s)
 	writeSharedRole(t, b, s, "fleet")
 	readShared(t, b, s, "fleet")
 	minted := storedShared(t, s, "fleet")
 	clock := useFakeClock(b, time.Now().Add(time.Second))
-
 	mustWrite(t, b, s, "check-grants", nil)
+	return b, s, sv, minted, clock
+}
+
+// TestCheckGrantsReplacesSharedTokensMintedBefore: after a restore, a shared token stored in the
+// snapshot may have been replaced and revoked since; check-grants replaces the ones minted before it,
+// and revokes each once the leases handed out for it have ended.
+func TestCheckGrantsReplacesSharedTokensMintedBefore(t *testing.T) {
+	b, s, sv, minted, clock := sharedTokenDueByCheck(t)
 	runPeriodic(t, b, s)
 	next := storedShared(t, s, "fleet")
 	if next == nil || next.AccessToken == minted.AccessToken || !sv.Active(next.AccessToken) {
@@ -499,14 +505,7 @@ func TestCheckGrantsReplacesSharedTokensMintedBefore(t *testing.T) {
 // replacement that goes through later queues it there. Before, the failure's next attempt became the
 // stored point, and the token was revoked seconds later while its leases ran for hours (seed 15).
 func TestFailedReplacementAfterCheckGrantsKeepsTheLeasesEnd(t *testing.T) {
-	b, s := newUnitBackend(t)
-	sv := newUnitStandin(t, b, s)
-	writeSharedRole(t, b, s, "fleet")
-	readShared(t, b, s, "fleet")
-	minted := storedShared(t, s, "fleet")
-	clock := useFakeClock(b, time.Now().Add(time.Second))
-
-	mustWrite(t, b, s, "check-grants", nil)
+	b, s, sv, minted, clock := sharedTokenDueByCheck(t)
 	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
 	runPeriodicTolerant(b, s)
 	sv.SetFault(standin.Fault{})
@@ -530,14 +529,7 @@ func TestFailedReplacementAfterCheckGrantsKeepsTheLeasesEnd(t *testing.T) {
 // storage and the old one was revoked at once, or, when ev.energy failed that too, owned by nothing
 // (seed 256).
 func TestReplacementWhoseQueueWriteIsRefusedKeepsTheOldToken(t *testing.T) {
-	b, s := newUnitBackend(t)
-	sv := newUnitStandin(t, b, s)
-	writeSharedRole(t, b, s, "fleet")
-	readShared(t, b, s, "fleet")
-	minted := storedShared(t, s, "fleet")
-	useFakeClock(b, time.Now().Add(time.Second))
-
-	mustWrite(t, b, s, "check-grants", nil)
+	b, s, sv, minted, _ := sharedTokenDueByCheck(t)
 	secret, tok := leasedToken(t, b, failingStorage{Storage: s, prefix: revocationPrefix}, "token/fleet")
 	if tok == minted.AccessToken || !secret.LeaseOptions.Renewable || !sv.Active(tok) {
 		t.Fatal("the read did not get the new token under a lease of its own")
