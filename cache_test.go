@@ -405,3 +405,23 @@ func TestDeletedUsersLeaveNothingInMemory(t *testing.T) {
 		t.Fatalf("the standby lost a user created while it forgot deleted ones: %v", err)
 	}
 }
+
+// A node whose load of every token lists the stored keys also reads the stale ones, so that a
+// deleted user's mark goes with that load instead of staying for the node's life.
+func TestLoadOfEveryTokenDropsDeletedUsersMarks(t *testing.T) {
+	active, standby, s, sv := twoNodes(t)
+	connectUnitUser(t, active, s, sv, "driver")
+	standby.InvalidateKey(t.Context(), userPrefix+"gone") // deleted on the active node
+	standby.InvalidateKey(t.Context(), userPrefix+"driver")
+	standby.tokens.mu.Lock()
+	standby.tokens.loaded = false // as after a failed start-up load, or a forget of staleSlack marks
+	standby.tokens.mu.Unlock()
+	if err := standby.tokens.loadAll(t.Context(), s); err != nil {
+		t.Fatal(err)
+	}
+	standby.tokens.mu.RLock()
+	defer standby.tokens.mu.RUnlock()
+	if len(standby.tokens.stale) != 0 || standby.tokens.tokens[userPrefix+"driver"] == nil || !standby.tokens.loaded {
+		t.Fatalf("after a load of every token: stale %v, driver cached %v, loaded %v; want no mark, driver cached, loaded", standby.tokens.stale, standby.tokens.tokens[userPrefix+"driver"] != nil, standby.tokens.loaded)
+	}
+}

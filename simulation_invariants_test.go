@@ -138,8 +138,8 @@ func (s *sim) checkOwnership() {
 }
 
 // checkMemory is (d)'s memory bound after a pass: what the active node keeps per token is of
-// tokens stored or unsaved.
-func (s *sim) checkMemory() {
+// tokens stored or unsaved. seen is how many Invalidate calls came before the pass began.
+func (s *sim) checkMemory(seen int) {
 	stored := map[string]bool{}
 	for _, prefix := range heldPrefixes {
 		for _, key := range s.st.keys(prefix) {
@@ -149,6 +149,12 @@ func (s *sim) checkMemory() {
 	for _, key := range s.st.keys(rolePrefix) { // a shared role's failure record, before its first token is stored
 		stored[sharedTokenPrefix+strings.TrimPrefix(key, rolePrefix)] = true
 	}
+	markedSince := map[string]bool{} // marks made after the pass's load began wait for the next pass's, or a read
+	s.mu.Lock()
+	for key, at := range s.invalidated {
+		markedSince[key] = at > seen
+	}
+	s.mu.Unlock()
 	t := s.b.tokens
 	t.mu.RLock()
 	for key := range t.unsaved {
@@ -156,7 +162,7 @@ func (s *sim) checkMemory() {
 	}
 	var extra []string
 	for key := range t.stale {
-		if !stored[key] {
+		if !stored[key] && !markedSince[key] {
 			extra = append(extra, "stale "+key)
 		}
 	}

@@ -244,14 +244,21 @@ func (t *tokenStore) loadAllLocked(ctx context.Context, s logical.Storage) error
 	t.mu.RUnlock()
 
 	if !loaded {
-		keys = keys[:0]
+		// The stale keys are read beside the listed ones: a key listed no more is of a token
+		// deleted since, whose mark its read (none) drops.
+		stale := make(map[string]bool, len(keys))
+		for _, key := range keys {
+			stale[key] = true
+		}
 		for _, prefix := range heldPrefixes {
 			names, err := s.List(ctx, prefix)
 			if err != nil {
 				return err
 			}
 			for _, name := range names {
-				keys = append(keys, prefix+name)
+				if key := prefix + name; !stale[key] {
+					keys = append(keys, key)
+				}
 			}
 		}
 	}
