@@ -162,7 +162,8 @@ func (s *sim) checkMemory(seen int) {
 	}
 	var extra []string
 	for key := range t.stale {
-		if !stored[key] && !markedSince[key] {
+		// Until it holds every token, the node's load of every token (running, or the next pass's) reads each mark.
+		if !stored[key] && !markedSince[key] && t.loaded {
 			extra = append(extra, "stale "+key)
 		}
 	}
