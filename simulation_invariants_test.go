@@ -138,8 +138,10 @@ func (s *sim) checkOwnership() {
 }
 
 // checkMemory is (d)'s memory bound after a pass: what the active node keeps per token is of
-// tokens stored or unsaved. seen is how many Invalidate calls came before the pass began.
-func (s *sim) checkMemory(seen int) {
+// tokens stored or unsaved. seen is how many Invalidate calls came before the pass began, and
+// staleBefore the keys marked stale then, which its load reads: a mark made since (a refused write,
+// an Invalidate) waits for the next pass's load, or a read.
+func (s *sim) checkMemory(seen int, staleBefore map[string]bool) {
 	stored := map[string]bool{}
 	for _, prefix := range heldPrefixes {
 		for _, key := range s.st.keys(prefix) {
@@ -149,7 +151,7 @@ func (s *sim) checkMemory(seen int) {
 	for _, key := range s.st.keys(rolePrefix) { // a shared role's failure record, before its first token is stored
 		stored[sharedTokenPrefix+strings.TrimPrefix(key, rolePrefix)] = true
 	}
-	markedSince := map[string]bool{} // marks made after the pass's load began wait for the next pass's, or a read
+	markedSince := map[string]bool{}
 	s.mu.Lock()
 	for key, at := range s.invalidated {
 		markedSince[key] = at > seen
@@ -162,8 +164,7 @@ func (s *sim) checkMemory(seen int) {
 	}
 	var extra []string
 	for key := range t.stale {
-		// Until it holds every token, the node's load of every token (running, or the next pass's) reads each mark.
-		if !stored[key] && !markedSince[key] && t.loaded {
+		if !stored[key] && staleBefore[key] && !markedSince[key] {
 			extra = append(extra, "stale "+key)
 		}
 	}
