@@ -138,10 +138,10 @@ func (s *sim) checkOwnership() {
 }
 
 // checkMemory is (d)'s memory bound after a pass: what the active node keeps per token is of
-// tokens stored or unsaved. seen is how many Invalidate calls came before the pass began, and
-// staleBefore the keys marked stale then, which its load reads: a mark made since (a refused write,
-// an Invalidate) waits for the next pass's load, or a read.
-func (s *sim) checkMemory(seen int, staleBefore map[string]bool) {
+// tokens stored or unsaved. seen and writes are how many Invalidate and storage write calls came
+// before the pass began, and staleBefore the keys marked stale then, which its load reads: a mark
+// made since (a refused write, an Invalidate) waits for the next pass's load, or a read.
+func (s *sim) checkMemory(seen, writes int, staleBefore map[string]bool) {
 	stored := map[string]bool{}
 	for _, prefix := range heldPrefixes {
 		for _, key := range s.st.keys(prefix) {
@@ -157,6 +157,11 @@ func (s *sim) checkMemory(seen int, staleBefore map[string]bool) {
 		markedSince[key] = at > seen
 	}
 	s.mu.Unlock()
+	s.st.mu.Lock()
+	for key, at := range s.st.lastWrite {
+		markedSince[key] = markedSince[key] || at > writes
+	}
+	s.st.mu.Unlock()
 	t := s.b.tokens
 	t.mu.RLock()
 	for key := range t.unsaved {

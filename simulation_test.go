@@ -915,6 +915,9 @@ func (s *sim) periodic(b *backend) func() {
 	s.mu.Lock()
 	seen := s.invalidations
 	s.mu.Unlock()
+	s.st.mu.Lock()
+	writes := s.st.writes
+	s.st.mu.Unlock()
 	b.tokens.mu.RLock()
 	staleBefore := maps.Clone(b.tokens.stale)
 	if !b.tokens.loaded {
@@ -934,7 +937,7 @@ func (s *sim) periodic(b *backend) func() {
 			s.fail("d:pass-budget", "the periodic pass took %v: over its budget of %v, plus its longest call to ev.energy (%v), plus the %v storage stalled it", took, passBudget, call, storage)
 		}
 		if b == s.b && err == nil {
-			s.checkMemory(seen, staleBefore)
+			s.checkMemory(seen, writes, staleBefore)
 		}
 	}
 }
