@@ -405,3 +405,52 @@ func TestDeletedUsersLeaveNothingInMemory(t *testing.T) {
 		t.Fatalf("the standby lost a user created while it forgot deleted ones: %v", err)
 	}
 }
+
+// A node whose load of every token lists the stored keys also reads the stale ones, so that a
+// deleted user's mark goes with that load instead of staying for the node's life.
+func TestLoadOfEveryTokenDropsDeletedUsersMarks(t *testing.T) {
+	active, standby, s, sv := twoNodes(t)
+	connectUnitUser(t, active, s, sv, "driver")
+	standby.InvalidateKey(t.Context(), userPrefix+"gone") // deleted on the active node
+	standby.InvalidateKey(t.Context(), userPrefix+"driver")
+	standby.tokens.mu.Lock()
+	standby.tokens.loaded = false // as after a failed start-up load, or a forget of staleSlack marks
+	standby.tokens.mu.Unlock()
+	if err := standby.tokens.loadAll(t.Context(), s); err != nil {
+		t.Fatal(err)
+	}
+	standby.tokens.mu.RLock()
+	defer standby.tokens.mu.RUnlock()
+	if len(standby.tokens.stale) != 0 || standby.tokens.tokens[userPrefix+"driver"] == nil || !standby.tokens.loaded {
+		t.Fatalf("after a load of every token: stale %v, driver cached %v, loaded %v; want no mark, driver cached, loaded", standby.tokens.stale, standby.tokens.tokens[userPrefix+"driver"] != nil, standby.tokens.loaded)
+	}
+}
+
+// A user deleted on another node leaves no refresh failure record on this one once its next load
+// finds the user gone.
+func TestUserDeletedOnAnotherNodeLeavesNoRefreshRecord(t *testing.T) {
+	active, _, s, sv := twoNodes(t)
+	connectDueUser(t, active, s, sv, "driver")
+	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
+	readUserToken(t, active, s, "driver") // the refresh fails: its failure is kept for the backoff
+	sv.SetFault(standin.Fault{})
+	active.tokens.refreshes.mu.Lock()
+	kept := len(active.tokens.refreshes.byKey)
+	active.tokens.refreshes.mu.Unlock()
+	if kept != 1 {
+		t.Fatalf("%d refresh records after a failed refresh, want its failure kept", kept)
+	}
+	if err := s.Delete(t.Context(), userPrefix+"driver"); err != nil { // the delete of another node
+		t.Fatal(err)
+	}
+	active.InvalidateKey(t.Context(), userPrefix+"driver")
+	if err := active.tokens.loadAll(t.Context(), s); err != nil {
+		t.Fatal(err)
+	}
+	active.tokens.refreshes.mu.Lock()
+	left := len(active.tokens.refreshes.byKey)
+	active.tokens.refreshes.mu.Unlock()
+	if left != 0 {
+		t.Fatalf("%d refresh records left after the user's delete on another node, want none", left)
+	}
+}

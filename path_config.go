@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"net/http"
 	"slices"
 	"strings"
@@ -254,13 +255,15 @@ func (b *backend) pathConfigWrite(ctx context.Context, req *logical.Request, d *
 			return nil, err
 		}
 	}
-	if err := b.unretireClient(ctx, req.Storage, cfg.ClientID); err != nil {
+	if err := b.putConfig(ctx, req.Storage, cfg); err != nil {
 		return nil, err
 	}
-	if err := b.putConfig(ctx, req.Storage, cfg); err != nil || previous == nil || !mintsOtherwise(previous, cfg) {
-		return nil, err
+	// Only once the config holds them: a refused config write must not lose a retired client's credentials.
+	unretired := b.unretireClient(ctx, req.Storage, cfg.ClientID)
+	if previous == nil || !mintsOtherwise(previous, cfg) {
+		return nil, unretired
 	}
-	return nil, b.endSharedTokens(ctx, req.Storage)
+	return nil, errors.Join(unretired, b.endSharedTokens(ctx, req.Storage))
 }
 
 // mintsOtherwise reports whether tokens minted under cfg differ from those minted under previous:

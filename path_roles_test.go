@@ -4,6 +4,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/evenergy/vault-plugin-secrets-evenergy/internal/standin"
 	"github.com/hashicorp/vault/sdk/logical"
 )
 
@@ -44,5 +45,24 @@ func TestRoleRejectsTTLAboveMax(t *testing.T) {
 	}
 	if entry, _ := s.Get(t.Context(), "roles/bad"); entry != nil {
 		t.Fatal("a rejected role was stored")
+	}
+}
+
+func TestRoleDeleteDropsAFailedFirstMintsRecord(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
+	if _, err := request(t, b, s, logical.ReadOperation, "token/fleet", nil); err == nil {
+		t.Fatal("a read during ev.energy's failure got a token")
+	}
+	if b.tokens.refreshes.byKey[sharedTokenPrefix+"fleet"] == nil {
+		t.Fatal("the failed first mint left no failure record: nothing to test")
+	}
+	if _, err := request(t, b, s, logical.DeleteOperation, "roles/fleet", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, kept := b.tokens.refreshes.byKey[sharedTokenPrefix+"fleet"]; kept {
+		t.Fatal("the deleted role's failure record is kept")
 	}
 }

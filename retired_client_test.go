@@ -150,3 +150,25 @@ func TestRevokePathAnswersPerClient(t *testing.T) {
 		t.Fatalf("no client could send it: want the 400 %q, got %v", refused, resp)
 	}
 }
+
+// TestRefusedConfigCreateKeepsTheRetiredClient: a config write naming a retired client again, whose
+// write storage refuses, leaves that client's credentials kept, so its tokens are still revoked.
+func TestRefusedConfigCreateKeepsTheRetiredClient(t *testing.T) {
+	b, s, sw := newSwitchableUnit(t)
+	secret, tok := leasedToken(t, b, s, "token")
+	cfg, _, err := b.config(t.Context(), s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := request(t, b, s, logical.DeleteOperation, "config", nil); err != nil {
+		t.Fatal(err)
+	}
+	refusing := &refusingStorage{Storage: s}
+	refusing.refuse.Store(true)
+	if _, err := request(t, b, refusing, logical.CreateOperation, "config", map[string]any{"client_id": cfg.ClientID, "client_secret": cfg.ClientSecret, "base_url": cfg.BaseURL, "callback_url": cfg.CallbackURL}); err == nil {
+		t.Fatal("a config write storage refused answered success")
+	}
+	if err := revokeLease(t, b, s, secret); err != nil || sw.Active(tok) {
+		t.Fatalf("a lease of the retired client, after a refused config write naming it: %v (alive: %v)", err, sw.Active(tok))
+	}
+}

@@ -138,8 +138,10 @@ func (s *sim) checkOwnership() {
 }
 
 // checkMemory is (d)'s memory bound after a pass: what the active node keeps per token is of
-// tokens stored or unsaved.
-func (s *sim) checkMemory() {
+// tokens stored or unsaved. seen and writes are how many Invalidate and storage write calls came
+// before the pass began, and staleBefore the keys marked stale then, which its load reads: a mark
+// made since (a refused write, an Invalidate) waits for the next pass's load, or a read.
+func (s *sim) checkMemory(seen, writes int, staleBefore map[string]bool) {
 	stored := map[string]bool{}
 	for _, prefix := range heldPrefixes {
 		for _, key := range s.st.keys(prefix) {
@@ -149,6 +151,17 @@ func (s *sim) checkMemory() {
 	for _, key := range s.st.keys(rolePrefix) { // a shared role's failure record, before its first token is stored
 		stored[sharedTokenPrefix+strings.TrimPrefix(key, rolePrefix)] = true
 	}
+	markedSince := map[string]bool{}
+	s.mu.Lock()
+	for key, at := range s.invalidated {
+		markedSince[key] = at > seen
+	}
+	s.mu.Unlock()
+	s.st.mu.Lock()
+	for key, at := range s.st.lastWrite {
+		markedSince[key] = markedSince[key] || at > writes
+	}
+	s.st.mu.Unlock()
 	t := s.b.tokens
 	t.mu.RLock()
 	for key := range t.unsaved {
@@ -156,7 +169,7 @@ func (s *sim) checkMemory() {
 	}
 	var extra []string
 	for key := range t.stale {
-		if !stored[key] {
+		if !stored[key] && staleBefore[key] && !markedSince[key] {
 			extra = append(extra, "stale "+key)
 		}
 	}

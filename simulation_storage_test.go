@@ -26,19 +26,25 @@ type simStorage struct {
 	slowRate    int            // thousandths of calls that take 0.1 to 1 s
 	flying      int
 	written     []string
-	refused     []time.Time // when writes failed
+	refused     []time.Time    // when writes failed
+	writes      int            // write calls so far, refused ones too
+	lastWrite   map[string]int // writes at each key's last write call
 }
 
 var errSimStorage = errors.New("simulated storage failure")
 
 func newSimStorage(seed uint64) *simStorage {
-	return &simStorage{inner: &logical.InmemStorage{}, seed: seed, seen: map[string]int{}}
+	return &simStorage{inner: &logical.InmemStorage{}, seed: seed, seen: map[string]int{}, lastWrite: map[string]int{}}
 }
 
 // enter decides the call's fault and waits as it says; write says whether the call writes.
 func (s *simStorage) enter(ctx context.Context, write bool, key string) (func(), error) {
 	s.mu.Lock()
 	s.flying++
+	if write {
+		s.writes++
+		s.lastWrite[key] = s.writes
+	}
 	wait := time.Until(s.blockUntil)
 	named := key // a queued revocation's key is random: its prefix names it
 	if strings.HasPrefix(key, revocationPrefix) {

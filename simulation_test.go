@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"regexp"
@@ -238,22 +239,24 @@ type sim struct {
 	b     *backend
 	nodes int
 
-	leases     []*simLease
-	mu         sync.Mutex // guards what async operations hand back
-	done       []func()
-	inFlight   int
-	all        bool          // go on after a break
-	failure    *simFailure   // the first break
-	found      []*simFailure // the first break of each class
-	step       int
-	trace      []string
-	traceMu    sync.Mutex
-	stats      map[string]int
-	defWrites  int       // config and role writes in flight
-	defDone    time.Time // when the last one ended
-	endings    []*simEnding
-	everStored map[string]bool // token values seen in storage
-	passes     int
+	leases        []*simLease
+	mu            sync.Mutex // guards what async operations hand back
+	done          []func()
+	inFlight      int
+	all           bool          // go on after a break
+	failure       *simFailure   // the first break
+	found         []*simFailure // the first break of each class
+	step          int
+	trace         []string
+	traceMu       sync.Mutex
+	stats         map[string]int
+	defWrites     int       // config and role writes in flight
+	defDone       time.Time // when the last one ended
+	endings       []*simEnding
+	everStored    map[string]bool // token values seen in storage
+	passes        int
+	invalidations int            // Invalidate calls made here so far
+	invalidated   map[string]int // the count at each key's last Invalidate
 }
 
 // simLease is a lease as Vault's expiration manager keeps it.
@@ -274,7 +277,7 @@ type simLease struct {
 }
 
 func newSim(seed uint64) *sim {
-	s := &sim{seed: seed, rng: rand.New(rand.NewPCG(seed, 0xe7)), ev: newSimEvenergy(seed), st: newSimStorage(seed), stats: map[string]int{}, everStored: map[string]bool{}}
+	s := &sim{seed: seed, rng: rand.New(rand.NewPCG(seed, 0xe7)), ev: newSimEvenergy(seed), st: newSimStorage(seed), stats: map[string]int{}, everStored: map[string]bool{}, invalidated: map[string]int{}}
 	for id, secrets := range simSecrets {
 		s.ev.clients[id] = secrets
 	}
@@ -696,6 +699,12 @@ func (s *sim) remoteWrite(op simOp) {
 	}
 	ob.Cleanup(context.Background())
 	keys := s.st.takeWritten()
+	s.mu.Lock()
+	for _, key := range keys {
+		s.invalidations++
+		s.invalidated[key] = s.invalidations
+	}
+	s.mu.Unlock()
 	for _, key := range keys {
 		s.b.Invalidate(context.Background(), key)
 	}
@@ -903,6 +912,18 @@ func (s *sim) advance(d time.Duration) {
 
 // periodic runs the periodic pass as Vault does on the active node, timing it.
 func (s *sim) periodic(b *backend) func() {
+	s.mu.Lock()
+	seen := s.invalidations
+	s.mu.Unlock()
+	s.st.mu.Lock()
+	writes := s.st.writes
+	s.st.mu.Unlock()
+	b.tokens.mu.RLock()
+	staleBefore := maps.Clone(b.tokens.stale)
+	if !b.tokens.loaded {
+		clear(staleBefore) // the pass's load of every token may end after it: the next pass's reads the marks
+	}
+	b.tokens.mu.RUnlock()
 	start, stalled := time.Now(), &simStall{}
 	err := b.PeriodicFunc(context.WithValue(context.Background(), simPassKey{}, stalled), &logical.Request{Storage: s.st})
 	took := time.Since(start)
@@ -916,7 +937,7 @@ func (s *sim) periodic(b *backend) func() {
 			s.fail("d:pass-budget", "the periodic pass took %v: over its budget of %v, plus its longest call to ev.energy (%v), plus the %v storage stalled it", took, passBudget, call, storage)
 		}
 		if b == s.b && err == nil {
-			s.checkMemory()
+			s.checkMemory(seen, writes, staleBefore)
 		}
 	}
 }

@@ -71,7 +71,7 @@ func (t *tokenStore) get(ctx context.Context, s logical.Storage, key string) (*g
 	if err != nil {
 		return nil, err
 	}
-	load.keep(key, func() { t.set(key, g) })
+	load.keep(key, func() { t.setLoaded(key, g) })
 	return g, nil
 }
 
@@ -206,6 +206,16 @@ func (t *tokenStore) set(key string, g *grant) {
 	t.tokens[key] = g
 }
 
+// setLoaded keeps g, which a load read at key. A user storage holds no more (deleted on another
+// node) has no refresh to hold back, so its refreshes' record goes; a shared role's stays, as it
+// holds a failed first mint back. Call it with mu held.
+func (t *tokenStore) setLoaded(key string, g *grant) {
+	if g == nil && strings.HasPrefix(key, userPrefix) {
+		t.refreshes.forget(key)
+	}
+	t.set(key, g)
+}
+
 // drop forgets the token at key, as what storage holds there is unknown: it is read again when
 // asked for; call it with mu held.
 func (t *tokenStore) drop(key string) {
@@ -244,14 +254,21 @@ func (t *tokenStore) loadAllLocked(ctx context.Context, s logical.Storage) error
 	t.mu.RUnlock()
 
 	if !loaded {
-		keys = keys[:0]
+		// The stale keys are read beside the listed ones: a key listed no more is of a token
+		// deleted since, whose mark its read (none) drops.
+		stale := make(map[string]bool, len(keys))
+		for _, key := range keys {
+			stale[key] = true
+		}
 		for _, prefix := range heldPrefixes {
 			names, err := s.List(ctx, prefix)
 			if err != nil {
 				return err
 			}
 			for _, name := range names {
-				keys = append(keys, prefix+name)
+				if key := prefix + name; !stale[key] {
+					keys = append(keys, key)
+				}
 			}
 		}
 	}
@@ -263,7 +280,7 @@ func (t *tokenStore) loadAllLocked(ctx context.Context, s logical.Storage) error
 	defer t.mu.Unlock()
 	for i, key := range keys {
 		if load.unchanged(key) && !t.unsaved[key] {
-			t.set(key, tokens[i])
+			t.setLoaded(key, tokens[i])
 		}
 	}
 	// A token stored after the listing was invalidated, and so is stale: it is read when asked for;
