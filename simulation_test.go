@@ -50,7 +50,7 @@ type simRegression struct {
 	class string
 }
 
-// simRegressionSeeds are the seeds that found the defects of issue 26 (see /work/notes/sim-findings.md); each runs in make test.
+// simRegressionSeeds are the seeds that found the defects of issue 26 (docs/simulation.md); each runs in make test.
 var simRegressionSeeds = map[string]simRegression{
 	"defect1-config-recreated-serves-old-scopes":  {seed: 346, steps: 11, class: "b-current:shared"},
 	"defect3-unsaved-grant-lost-with-restart":     {seed: 103, steps: 41, class: "c:lost-grant"},
