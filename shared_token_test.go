@@ -918,3 +918,22 @@ func TestRotateRoleWhoseMarkIsRefusedRevokesNothing(t *testing.T) {
 		t.Fatal("the token a failed rotation left was not served")
 	}
 }
+
+// TestRefusedQueueMintsNoReplacementSharedToken: while storage refuses the revocation queue, the
+// background pass does not replace a due shared token: the old one's revocation is queued before the
+// mint, so no token is minted that nothing could own (seed 14), and the old one stays stored.
+func TestRefusedQueueMintsNoReplacementSharedToken(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	first := readShared(t, b, s, "fleet")
+	useFakeClock(b, storedShared(t, s, "fleet").RefreshAt)
+	requests := sv.TokenRequests()
+	runPeriodicTolerant(b, failingStorage{Storage: s, prefix: revocationPrefix})
+	if n := sv.TokenRequests() - requests; n != 0 {
+		t.Fatalf("the pass sent %d token requests while the queue refused the old token's revocation, want 0", n)
+	}
+	if st := storedShared(t, s, "fleet"); st == nil || st.AccessToken != first || !sv.Active(first) {
+		t.Fatal("the old shared token is no longer stored and alive while its revocation could not be queued")
+	}
+}
