@@ -22,15 +22,36 @@ func (b *backend) refreshDueTokens(ctx context.Context, s logical.Storage, end t
 	if loaded, loadErr := b.loadHeldTokens(ctx, s, end); !loaded || loadErr != nil {
 		return nil, errors.Join(err, loadErr) // the tokens wait for the next pass, once they are loaded
 	}
-	if _, _, cfgErr := b.config(ctx, s); cfgErr != nil || ctx.Err() != nil {
+	cfg, client, cfgErr := b.config(ctx, s)
+	if cfgErr != nil || ctx.Err() != nil {
 		return nil, err // not configured, or the pass is over: nothing to refresh now
 	}
+	err = errors.Join(err, b.setAsideUnsharedTokens(ctx, s, cfg, client))
 	if !b.refreshing.TryLock() {
 		return nil, err // running: its next round finds what came due
 	}
 	firstRound := make(chan error, 1)
 	go b.refreshInBackground(s, firstRound)
 	return firstRound, err
+}
+
+// setAsideUnsharedTokens sets aside, now rather than when due, the shared tokens whose role no
+// longer shares them (see heldTokenAt): a role write whose set-aside storage refused leaves one
+// stored, which nothing else queues before its refresh point, hours away.
+func (b *backend) setAsideUnsharedTokens(ctx context.Context, s logical.Storage, cfg *config, client *evenergyClient) error {
+	var names []string
+	b.tokens.walk(sharedTokenPrefix, func(name string, g *grant) {
+		if g != nil {
+			names = append(names, name)
+		}
+	})
+	var errs []error
+	for _, name := range names {
+		if _, err := b.heldTokenAt(ctx, s, cfg, client, sharedTokenPrefix+name); err != nil {
+			errs = append(errs, fmt.Errorf("setting aside the shared token of role %s: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // loadHeldTokens reads again the held tokens invalidated since they were cached (at most

@@ -180,13 +180,18 @@ func (r *revocation) calls() int {
 
 // queueRevocation stores rec for the periodic pass to revoke; cause is why it was not revoked now.
 func (b *backend) queueRevocation(ctx context.Context, s logical.Storage, rec revocation, cause error) error {
+	return b.queueRevocationAt(ctx, s, rand.Text(), rec, cause)
+}
+
+// queueRevocationAt is queueRevocation under key in the queue, which the caller may delete.
+func (b *backend) queueRevocationAt(ctx context.Context, s logical.Storage, key string, rec revocation, cause error) error {
 	rec.ClientID = b.recordClient(ctx, s, rec.ClientID)
 	rec.QueuedAt = time.Now().UTC()
 	if cause != nil {
 		b.revocations.failed(rec.ClientID, cause, rec.QueuedAt)
 		b.Logger().Warn("ev.energy did not confirm a revocation: queued, and retried until it does", "client_id", rec.ClientID, "reason", rec.Reason, "error", cause)
 	}
-	if err := b.revocations.put(context.WithoutCancel(ctx), s, rand.Text(), &rec); err != nil {
+	if err := b.revocations.put(context.WithoutCancel(ctx), s, key, &rec); err != nil {
 		b.Logger().Error("a token to revoke at ev.energy could not be queued", "client_id", rec.ClientID, "reason", rec.Reason, "error", err)
 		return errors.Join(cause, err)
 	}

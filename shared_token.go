@@ -2,6 +2,7 @@ package evenergy
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"net/http"
@@ -118,11 +119,28 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 		b.tokens.invalidate(t.key()) // memory found it due: read storage again next time
 		return current, nil          // replaced meanwhile
 	}
+	// The old token is queued before the mint: while storage refuses, nothing is minted that nothing
+	// could own (the old token serves until its leases end), and once it is queued the new one may
+	// replace it whenever storage takes it.
+	queued := ""
+	if old != nil {
+		queued = rand.Text()
+		if err := b.queueRevocationAt(ctx, t.s, queued, old.revocation(old.leasesEnd(cfg), reasonReplacedShared), nil); err != nil {
+			b.tokens.refreshes.failed(t.key(), current, err) // held back as a failed mint
+			return current, err
+		}
+	}
 	tok, err := client.clientCredentialsToken(ctx, r.tokenScopes(cfg))
 	if err != nil {
 		retryAt := b.tokens.refreshes.failed(t.key(), current, err)
 		if current.AccessToken == "" {
 			return current, err // no token to give: readers get this failure, with no call, until the next attempt
+		}
+		if queued != "" {
+			// Still served: not revoked where its leases end now, as the next attempt moves that end.
+			if unqueue := b.revocations.delete(context.WithoutCancel(ctx), t.s, queued); unqueue != nil {
+				return current, err // queued where its leases end: the stored point stays there
+			}
 		}
 		if retryAt.Before(current.leasesEnd(cfg)) {
 			// Made due early (check-grants): the stored point stays where its leases end, as the old token
@@ -144,14 +162,11 @@ func (t sharedRole) renew(ctx context.Context) (*grant, error) {
 	if latest := next.ExpiresAt.Add(-min(unreadLead, next.ExpiresAt.Sub(next.LastRefreshedAt)/2)); latest.Before(next.RefreshAt) {
 		next.RefreshAt = latest
 	}
-	// The old token is queued before the new one replaces it, so a refused write leaves it stored.
-	if old != nil {
-		err = b.queueRevocation(ctx, t.s, old.revocation(old.leasesEnd(cfg), reasonReplacedShared), nil)
-	}
-	if err == nil {
-		err = b.tokens.put(ctx, t.s, t.key(), next)
-	}
-	if err != nil {
+	if err = b.tokens.put(ctx, t.s, t.key(), next); err != nil {
+		if queued != "" {
+			// Still stored and served: a later failed mint moves the end of its leases.
+			_ = b.revocations.delete(context.WithoutCancel(ctx), t.s, queued) // refused too: queued where its leases end now
+		}
 		// Held back as a failed mint, or every read would mint a token while storage refuses.
 		b.tokens.refreshes.failed(t.key(), current, err)
 		return current, &unstoredSharedToken{err: err, rec: revocation{ClientID: cfg.ClientID, AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry, Reason: reasonUnowned}, b: b, s: t.s}

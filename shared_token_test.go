@@ -741,8 +741,9 @@ func TestConfigWriteDuringAFirstMintLeavesNoTokenOfTheOldScopes(t *testing.T) {
 }
 
 // TestSharedTokenLeftAfterItsRoleStopsSharingIsRevoked: a token left stored after its role stopped
-// sharing (the set-aside could not be queued) is queued by the background refresh once due, for when
-// its leases end, and forgotten; the background refresh then stops instead of a round every second.
+// sharing (the set-aside could not be queued) is queued by the next periodic pass, not only once due
+// (hours away: seed 13), for when its leases end, and forgotten; the background refresh then stops
+// instead of a round every second.
 func TestSharedTokenLeftAfterItsRoleStopsSharingIsRevoked(t *testing.T) {
 	b, s, sw := newSwitchableUnit(t)
 	writeSharedRole(t, b, s, "fleet")
@@ -753,7 +754,6 @@ func TestSharedTokenLeftAfterItsRoleStopsSharingIsRevoked(t *testing.T) {
 	}
 	sw.down.Store(false)
 	left := storedShared(t, s, "fleet")
-	useFakeClock(b, left.RefreshAt)
 	runPeriodic(t, b, s)
 	queued := pendingRevocations(t, s)
 	if storedShared(t, s, "fleet") != nil || len(queued) != 1 || queued[0].AccessToken != left.AccessToken || !queued[0].NotBefore.Equal(left.RefreshAt) {
@@ -916,5 +916,24 @@ func TestRotateRoleWhoseMarkIsRefusedRevokesNothing(t *testing.T) {
 	s.refuse.Store(false)
 	if again := readShared(t, b, s, "fleet"); again != first {
 		t.Fatal("the token a failed rotation left was not served")
+	}
+}
+
+// TestRefusedQueueMintsNoReplacementSharedToken: while storage refuses the revocation queue, the
+// background pass does not replace a due shared token: the old one's revocation is queued before the
+// mint, so no token is minted that nothing could own (seed 14), and the old one stays stored.
+func TestRefusedQueueMintsNoReplacementSharedToken(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newUnitStandin(t, b, s)
+	writeSharedRole(t, b, s, "fleet")
+	first := readShared(t, b, s, "fleet")
+	useFakeClock(b, storedShared(t, s, "fleet").RefreshAt)
+	requests := sv.TokenRequests()
+	runPeriodicTolerant(b, failingStorage{Storage: s, prefix: revocationPrefix})
+	if n := sv.TokenRequests() - requests; n != 0 {
+		t.Fatalf("the pass sent %d token requests while the queue refused the old token's revocation, want 0", n)
+	}
+	if st := storedShared(t, s, "fleet"); st == nil || st.AccessToken != first || !sv.Active(first) {
+		t.Fatal("the old shared token is no longer stored and alive while its revocation could not be queued")
 	}
 }
