@@ -115,8 +115,8 @@ func (b *backend) clientFor(ctx context.Context, s logical.Storage, clientID str
 	if err == nil && (clientID == "" || clientID == cfg.ClientID) {
 		return client, nil
 	}
-	if clientID == "" {
-		return nil, err
+	if clientID == "" || (err != nil && !errors.As(err, new(logical.HTTPCodedError))) {
+		return nil, err // a config storage could not read may name clientID: not an unknown client
 	}
 	b.retired.mu.Lock()
 	client = b.retired.clients[clientID]
