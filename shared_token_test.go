@@ -523,16 +523,20 @@ func TestFailedReplacementAfterCheckGrantsKeepsTheLeasesEnd(t *testing.T) {
 	}
 }
 
-// TestReplacementWhoseQueueWriteIsRefusedKeepsTheOldToken: when storage refuses to queue the
-// replaced shared token's revocation, the old token stays stored (owned, alive for its leases) and
-// the new one goes to the reader under a lease of its own. Before, the new token replaced it in
-// storage and the old one was revoked at once, or, when ev.energy failed that too, owned by nothing
-// (seed 256).
+// TestReplacementWhoseQueueWriteIsRefusedKeepsTheOldToken: when storage refuses to queue a due
+// shared token's revocation, a reader's read mints nothing (no owner could be recorded for its
+// successor) and answers the error; the old token stays stored and alive for its leases. Before, the
+// new token replaced it in storage and the old one was revoked at once, or, when ev.energy failed
+// that too, owned by nothing (seed 256).
 func TestReplacementWhoseQueueWriteIsRefusedKeepsTheOldToken(t *testing.T) {
 	b, s, sv, minted, _ := sharedTokenDueByCheck(t)
-	secret, tok := leasedToken(t, b, failingStorage{Storage: s, prefix: revocationPrefix}, "token/fleet")
-	if tok == minted.AccessToken || !secret.LeaseOptions.Renewable || !sv.Active(tok) {
-		t.Fatal("the read did not get the new token under a lease of its own")
+	requests := sv.TokenRequests()
+	resp, err := request(t, b, failingStorage{Storage: s, prefix: revocationPrefix}, logical.ReadOperation, "token/fleet", nil)
+	if err == nil && !resp.IsError() {
+		t.Fatal("a read that could not queue the old token's revocation got a token")
+	}
+	if n := sv.TokenRequests() - requests; n != 0 {
+		t.Fatalf("the read sent %d token requests while the queue refused the old token's revocation, want 0", n)
 	}
 	if stored := storedShared(t, s, "fleet"); stored == nil || stored.AccessToken != minted.AccessToken || !sv.Active(minted.AccessToken) {
 		t.Fatal("the old token, whose revocation storage refused to queue, is no longer stored and alive")
