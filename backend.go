@@ -53,6 +53,7 @@ type backend struct {
 	background     context.Context
 	stopBackground context.CancelFunc
 	cleaned        sync.Once
+	grantCalls     grantCalls // imports and authorizations in flight, which a step-down waits for
 
 	// loadingGrants ends the start-up load of every held token; grantsLoaded is closed when it is over.
 	loadingGrants context.Context
@@ -127,6 +128,7 @@ func (b *backend) clean(ctx context.Context) {
 		b.budget.close()
 		b.refreshing.Lock()                  // held for good: no background refresh starts again
 		b.tokens.refreshes.awaitLanding(ctx) // a reader's refresh sent before, whose rotated grant storage may refuse
+		b.grantCalls.awaitLanding(ctx)       // an import or authorization sent before stores its grant before the next node loads
 		b.settleUnsaved(ctx)
 	})
 }

@@ -154,7 +154,16 @@ func (c *evenergyClient) revoke(ctx context.Context, token, hint string) error {
 	return err
 }
 
-// withRetry runs call within request_timeout, and once more after a 429 whose Retry-After still fits in it.
+// callsUntilKey marks the context of work that sends no call after a time (a periodic pass's budget).
+type callsUntilKey struct{}
+
+// callsUntil is ctx for work that sends no call after end: a 429's retry due later waits for the next pass.
+func callsUntil(ctx context.Context, end time.Time) context.Context {
+	return context.WithValue(ctx, callsUntilKey{}, end)
+}
+
+// withRetry runs call within request_timeout, and once more after a 429 whose Retry-After still fits
+// in it and in the time the work may send calls (see callsUntil).
 func (c *evenergyClient) withRetry(ctx context.Context, op string, call func(context.Context) error) (err error) {
 	defer func() {
 		if err != nil {
@@ -169,6 +178,9 @@ func (c *evenergyClient) withRetry(ctx context.Context, op string, call func(con
 		return err
 	}
 	deadline, _ := ctx.Deadline()
+	if until, ok := ctx.Value(callsUntilKey{}).(time.Time); ok && until.Before(deadline) {
+		deadline = until
+	}
 	if upstream.RetryAfter == 0 || upstream.RetryAfter > time.Until(deadline) {
 		return err
 	}

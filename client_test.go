@@ -115,6 +115,31 @@ func TestRateLimitRetriedOnceWithinRequestTimeout(t *testing.T) {
 	}
 }
 
+// TestRateLimitNotRetriedPastTheCallsDeadline: work that sends no call after a time (a periodic
+// pass's budget) leaves a 429 whose Retry-After ends later to its next pass (simulation seed 97).
+func TestRateLimitNotRetriedPastTheCallsDeadline(t *testing.T) {
+	b, s := newUnitBackend(t)
+	sv := newTestStandin()
+	unitConfig(t, b, s, sv)
+	_, client, err := b.config(t.Context(), s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sv.SetFault(standin.Fault{Kind: standin.FaultRateLimited, RetryAfter: time.Second, Count: 1})
+	ctx := callsUntil(t.Context(), time.Now().Add(500*time.Millisecond))
+	if _, err := client.clientCredentialsToken(ctx, nil); err == nil || !strings.Contains(err.Error(), "HTTP 429") {
+		t.Fatalf("a 429 whose Retry-After ends past the calls' deadline was retried: %v", err)
+	}
+	if issued, _ := sv.Counts(); issued != 0 {
+		t.Fatalf("%d tokens issued, want none", issued)
+	}
+	sv.SetFault(standin.Fault{Kind: standin.FaultRateLimited, RetryAfter: time.Second, Count: 1})
+	ctx = callsUntil(t.Context(), time.Now().Add(time.Minute))
+	if _, err := client.clientCredentialsToken(ctx, nil); err != nil {
+		t.Fatalf("a 429 whose Retry-After ends before the calls' deadline was not retried: %v", err)
+	}
+}
+
 // TestNoRedirectIsFollowed points base_url at a stand-in that redirects every token and revocation
 // request to a second listener: each call fails naming the status and the target's host, and the
 // target never sees the client's credentials or tokens.

@@ -178,6 +178,11 @@ func (b *backend) consumeAuthRequest(ctx context.Context, s logical.Storage, wan
 func (b *backend) completeAuthorization(ctx context.Context, s logical.Storage, pending *authRequest, code string) error {
 	// Once sent, the exchange must reach storage even if the caller goes away, or its tokens are orphans.
 	ctx = context.WithoutCancel(ctx)
+	landed, err := b.grantCalls.begin()
+	if err != nil {
+		return err
+	}
+	defer landed()
 	cfg, tok, err := b.exchangeAuthorization(ctx, s, pending, code)
 	if err != nil {
 		return err

@@ -90,6 +90,11 @@ func (b *backend) pathUserWrite(ctx context.Context, req *logical.Request, d *fr
 		// Refreshing at once checks the imported token and takes it over: ev.energy rotates it, so the
 		// refresh must reach storage even if the caller goes away.
 		ctx = context.WithoutCancel(ctx)
+		landed, err := b.grantCalls.begin()
+		if err != nil {
+			return nil, err
+		}
+		defer landed()
 		tok, err := client.refresh(ctx, refreshToken)
 		if err != nil {
 			return nil, err

@@ -28,6 +28,7 @@ func (b *backend) periodic(ctx context.Context, req *logical.Request) error {
 		return nil
 	}
 	s, end := req.Storage, time.Now().Add(passBudget)
+	ctx = callsUntil(ctx, end)
 	unclaimed := b.revokeUnclaimedGrants(ctx, s, end)
 	_, revocations := b.retryRevocations(ctx, s, end, false, false)
 	firstRound, refresh := b.refreshDueTokens(ctx, s, end)

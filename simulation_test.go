@@ -64,12 +64,6 @@ var simRegressionSeeds = map[string]simRegression{
 // simFixedSeeds is the sweep make test runs beside the regression seeds.
 const simFixedSeeds = 40
 
-// simOpenSeeds are seeds of make test's sweep that break a promise no fix has reached yet: the sweep
-// passes over them, and `make sim` (or -sim.seed) still runs them. Each is an open defect of issue 26.
-var simOpenSeeds = map[uint64]string{
-	17: "c:lost-grant at step 199: a user grant of sim-client-a is lost around an import ev.energy rate-limited (not yet diagnosed)",
-}
-
 func TestSimulation(t *testing.T) {
 	if *simSeed != 0 {
 		ops := genOps(*simSeed, *simSteps)
@@ -102,10 +96,6 @@ func TestSimulation(t *testing.T) {
 			break
 		}
 		seed := *simFirst + i
-		if why, open := simOpenSeeds[seed]; open && *simSeeds == 0 && *simTime == 0 {
-			t.Logf("seed %d is an open defect, run by make sim: %s", seed, why)
-			continue
-		}
 		runs = append(runs, seedRun{"", simRegression{seed: seed, steps: *simSteps}})
 		if *simTime > 0 && len(runs) > 1<<20 {
 			break
