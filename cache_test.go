@@ -360,6 +360,26 @@ func TestStartLoadReadsGrantsConcurrently(t *testing.T) {
 	}
 }
 
+// connectWithAFailedRefresh connects user with a token already due, whose refresh then fails: its
+// failure is kept for the backoff, the one refresh record b holds.
+func connectWithAFailedRefresh(t *testing.T, b *backend, s logical.Storage, sv *standin.Server, user string) {
+	t.Helper()
+	connectDueUser(t, b, s, sv, user)
+	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
+	readUserToken(t, b, s, user)
+	sv.SetFault(standin.Fault{})
+	if kept := refreshRecords(b); kept != 1 {
+		t.Fatalf("%d refresh records after a failed refresh, want its failure kept", kept)
+	}
+}
+
+// refreshRecords is how many refresh records b keeps in memory.
+func refreshRecords(b *backend) int {
+	b.tokens.refreshes.mu.Lock()
+	defer b.tokens.refreshes.mu.Unlock()
+	return len(b.tokens.refreshes.byKey)
+}
+
 // TestDeletedUsersLeaveNothingInMemory: a deleted user's failure record goes with the grant on the
 // active node, and a standby told of many deleted users keeps a bounded set of keys to read again,
 // while a user created meanwhile is still found.
@@ -368,23 +388,11 @@ func TestDeletedUsersLeaveNothingInMemory(t *testing.T) {
 	if err := standby.tokens.loadAll(t.Context(), s); err != nil {
 		t.Fatal(err)
 	}
-	connectDueUser(t, active, s, sv, "driver")
-	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
-	readUserToken(t, active, s, "driver") // the refresh fails: its failure is kept for the backoff
-	sv.SetFault(standin.Fault{})
-	active.tokens.refreshes.mu.Lock()
-	kept := len(active.tokens.refreshes.byKey)
-	active.tokens.refreshes.mu.Unlock()
-	if kept != 1 {
-		t.Fatalf("%d refresh records after a failed refresh, want its failure kept", kept)
-	}
+	connectWithAFailedRefresh(t, active, s, sv, "driver")
 	if _, err := request(t, active, s, logical.DeleteOperation, "users/driver", nil); err != nil {
 		t.Fatal(err)
 	}
-	active.tokens.refreshes.mu.Lock()
-	left := len(active.tokens.refreshes.byKey)
-	active.tokens.refreshes.mu.Unlock()
-	if left != 0 {
+	if left := refreshRecords(active); left != 0 {
 		t.Fatalf("%d refresh records left after the user's delete, want none", left)
 	}
 
@@ -430,16 +438,7 @@ func TestLoadOfEveryTokenDropsDeletedUsersMarks(t *testing.T) {
 // finds the user gone.
 func TestUserDeletedOnAnotherNodeLeavesNoRefreshRecord(t *testing.T) {
 	active, _, s, sv := twoNodes(t)
-	connectDueUser(t, active, s, sv, "driver")
-	sv.SetFault(standin.Fault{Kind: standin.FaultServerError})
-	readUserToken(t, active, s, "driver") // the refresh fails: its failure is kept for the backoff
-	sv.SetFault(standin.Fault{})
-	active.tokens.refreshes.mu.Lock()
-	kept := len(active.tokens.refreshes.byKey)
-	active.tokens.refreshes.mu.Unlock()
-	if kept != 1 {
-		t.Fatalf("%d refresh records after a failed refresh, want its failure kept", kept)
-	}
+	connectWithAFailedRefresh(t, active, s, sv, "driver")
 	if err := s.Delete(t.Context(), userPrefix+"driver"); err != nil { // the delete of another node
 		t.Fatal(err)
 	}
@@ -447,10 +446,7 @@ func TestUserDeletedOnAnotherNodeLeavesNoRefreshRecord(t *testing.T) {
 	if err := active.tokens.loadAll(t.Context(), s); err != nil {
 		t.Fatal(err)
 	}
-	active.tokens.refreshes.mu.Lock()
-	left := len(active.tokens.refreshes.byKey)
-	active.tokens.refreshes.mu.Unlock()
-	if left != 0 {
+	if left := refreshRecords(active); left != 0 {
 		t.Fatalf("%d refresh records left after the user's delete on another node, want none", left)
 	}
 }
